@@ -1,0 +1,139 @@
+"""Tuning data for the block-sparse matmul kernels.
+
+Configs are built by named factories, filtered against the sparsity block
+(tiles must divide it) and against the device's shared memory, and looked up
+by a bucketed key so that a new token count does not trigger a re-tune.
+
+Tile names follow the kernels: ``BLOCK_M`` runs over tokens, ``BLOCK_N`` over
+the weight's output rows (``bm`` side of a block) and ``BLOCK_K`` over its
+input columns (``bk`` side). A tile never spans two sparsity blocks.
+
+Configs measured on a GPU are stored as JSON under ``kernels/tuned/`` (one file
+per device name, written by ``bench --tune``) and take precedence over
+autotuning.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import triton
+
+TUNED_DIR = Path(__file__).with_name("tuned")
+
+# Shared memory the pruning assumes when no GPU can be asked (sm_80 opt-in max).
+DEFAULT_SMEM_BYTES = 166912
+
+
+def m_bucket(m: int) -> int:
+    """Autotune key for the token count: the next power of two, at least 64.
+
+    Training loops see many token counts (last batch, packing); bucketing keeps
+    the tuned config valid across them instead of re-benchmarking each one.
+    """
+    return max(64, triton.next_power_of_2(int(m)))
+
+
+def _split_options(side: int) -> tuple[int, ...]:
+    """Tile widths worth trying for one side of a block: the side, and its half when large."""
+    return (side, side // 2) if side >= 128 else (side,)
+
+
+def gemm_configs() -> list[triton.Config]:
+    """Forward and input-gradient candidates: (tokens x block-slice) output tiles.
+
+    ``BLOCK_N``/``BLOCK_K`` are placeholders (0) filled per block size by
+    :func:`for_block`; the factory fixes the token tile, warps and stages.
+    """
+    shapes = [(64, 4, 3), (128, 4, 3), (128, 8, 3), (128, 4, 4), (256, 8, 3)]
+    return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s) for bm, w, s in shapes]
+
+
+def wgrad_configs() -> list[triton.Config]:
+    """Weight-gradient candidates: ``BLOCK_M`` is the reduction step over tokens."""
+    shapes = [(32, 4, 3), (64, 4, 3), (64, 4, 4), (128, 8, 3), (64, 8, 4)]
+    return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s) for bm, w, s in shapes]
+
+
+def for_block(base: list[triton.Config], bm: int, bk: int) -> list[triton.Config]:
+    """Expand token-tile configs with every admissible (BLOCK_N, BLOCK_K) for a block."""
+    out = []
+    for cfg in base:
+        for tn in _split_options(bm):
+            for tk in _split_options(bk):
+                kw = dict(cfg.kwargs, BLOCK_N=tn, BLOCK_K=tk)
+                out.append(triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    return out
+
+
+def smem_bytes(cfg: triton.Config, elem_bytes: int, kind: str) -> int:
+    """Shared memory a config's pipelined operand tiles need."""
+    k = cfg.kwargs
+    if kind == "wgrad":
+        per_stage = k["BLOCK_M"] * (k["BLOCK_N"] + k["BLOCK_K"])
+    elif kind == "fwd":
+        per_stage = k["BLOCK_K"] * (k["BLOCK_M"] + k["BLOCK_N"])
+    else:  # input gradient: reduction runs over BLOCK_N
+        per_stage = k["BLOCK_N"] * (k["BLOCK_M"] + k["BLOCK_K"])
+    return cfg.num_stages * per_stage * elem_bytes
+
+
+@functools.cache
+def device_smem(device_index: int) -> int:
+    try:
+        props = triton.runtime.driver.active.utils.get_device_properties(device_index)
+        return int(props["max_shared_mem"])
+    except Exception:  # no driver: offline compile or interpreter
+        return DEFAULT_SMEM_BYTES
+
+
+def prune(configs, elem_bytes: int, kind: str, smem: int) -> list[triton.Config]:
+    """Drop configs whose tiles do not fit shared memory; keep at least one."""
+    fits = [c for c in configs if smem_bytes(c, elem_bytes, kind) <= smem]
+    if fits:
+        return fits
+    return [min(configs, key=lambda c: smem_bytes(c, elem_bytes, kind))]
+
+
+def default_config(kind: str, bm: int, bk: int, elem_bytes: int) -> triton.Config:
+    """The config used without tuning (interpreter, offline check, first guess)."""
+    base = {"wgrad": triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=3)}.get(
+        kind, triton.Config({"BLOCK_M": 128}, num_warps=4, num_stages=3)
+    )
+    cands = for_block([base], bm, bk)
+    return prune(cands, elem_bytes, kind, DEFAULT_SMEM_BYTES)[0]
+
+
+# ----------------------------------------------------------- tuned records
+def tuned_path(device_name: str) -> Path:
+    safe = "".join(ch if ch.isalnum() else "_" for ch in device_name).strip("_")
+    return TUNED_DIR / f"{safe}.json"
+
+
+@functools.cache
+def load_tuned(device_name: str) -> dict[str, dict]:
+    """Tuned configs for a device: ``{key: {"kwargs": ..., "num_warps": .., "num_stages": ..}}``."""
+    if os.environ.get("SPARSEKERN_IGNORE_TUNED") == "1":
+        return {}
+    path = tuned_path(device_name)
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text())
+
+
+def tuned_key(kind: str, dtype_name: str, bm: int, bk: int, mb: int) -> str:
+    return f"{kind}:{dtype_name}:{bm}x{bk}:m{mb}"
+
+
+def lookup(device_name: str, key: str) -> triton.Config | None:
+    rec = load_tuned(device_name).get(key)
+    if rec is None:
+        return None
+    return triton.Config(rec["kwargs"], num_warps=rec["num_warps"], num_stages=rec["num_stages"])
+
+
+def to_record(cfg: triton.Config) -> dict:
+    return {"kwargs": dict(cfg.kwargs), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}

@@ -1,0 +1,14 @@
+"""sparsekern: block-sparse training kernels that skip pruned and frozen weights.
+
+Quick start::
+
+    import sparsekern
+    layer = sparsekern.SparseLinear(1024, 1024, block_size=64, mask=mask, frozen_mask=frozen)
+"""
+
+from sparsekern import functional
+from sparsekern.layout import BlockLayout
+from sparsekern.nn import SparseLinear
+
+__all__ = ["BlockLayout", "SparseLinear", "functional"]
+__version__ = "0.1.0"

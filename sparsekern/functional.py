@@ -1,0 +1,190 @@
+"""Autograd for block-sparse linear layers, registered as ``torch.library`` ops.
+
+Three custom ops wrap the launchers; the autograd formula only wires them:
+
+=================  ===========================  =================================
+gradient of        computed as                  op
+=================  ===========================  =================================
+``y``              ``x @ W.T + b``              ``sparsekern::linear``
+``x``              ``dy @ W`` (transposed walk)  ``sparsekern::linear_input_grad``
+``w_train``        ``dy.T @ x`` at trainable    ``sparsekern::linear_weight_grad``
+                   blocks, masked in mixed ones
+``bias``           ``dy.sum(0)``                plain torch
+=================  ===========================  =================================
+
+Each gradient is computed only when ``ctx.needs_input_grad`` asks for it.
+Frozen and pruned values never receive a gradient: ``w_frozen`` is a buffer.
+
+Where the work runs: CUDA tensors use the Triton kernels; CPU tensors use the
+gathered-GEMM CPU path, or the Triton kernels in Triton's interpreter when
+``SPARSEKERN_INTERPRET=1`` was set before import. Because the ops carry fake
+implementations, ``torch.compile(fullgraph=True)`` traces through them.
+
+The CPU gathered path returns its ``(M, N)`` results as transposed views (see
+``kernels.bsmm_cpu.transposed_output``); the fake implementations report the
+same strides.
+"""
+
+# No ``from __future__ import annotations`` here: torch.library infers the op
+# schemas from the runtime annotations.
+import torch
+
+from sparsekern import kernels
+from sparsekern.kernels import bsmm_cpu
+from sparsekern.layout import BlockLayout
+
+__all__ = ["sparse_linear"]
+
+
+def _meta(meta: list[torch.Tensor]):
+    from sparsekern.kernels.bsmm import Meta
+
+    return Meta(*meta)
+
+
+def _uses_transposed_output(x: torch.Tensor, meta: list[torch.Tensor]) -> bool:
+    return not kernels.use_triton(x.device) and bsmm_cpu.transposed_output(_meta(meta))
+
+
+def _new_output(like: torch.Tensor, rows: int, cols: int, meta: list[torch.Tensor]) -> torch.Tensor:
+    if _uses_transposed_output(like, meta):
+        return like.new_empty(cols, rows).t()
+    return like.new_empty(rows, cols)
+
+
+# ---------------------------------------------------------------- forward op
+@torch.library.custom_op("sparsekern::linear", mutates_args=())
+def _linear(
+    x: torch.Tensor,
+    w_train: torch.Tensor,
+    w_frozen: torch.Tensor,
+    bias: torch.Tensor | None,
+    meta: list[torch.Tensor],
+    n_out: int,
+    n_frozen: int,
+) -> torch.Tensor:
+    if kernels.use_triton(x.device):
+        return kernels.bsmm.bsmm_forward(x, w_train, w_frozen, bias, _meta(meta), n_out, n_frozen)
+    return bsmm_cpu.forward(x, w_train, w_frozen, bias, _meta(meta), n_out, n_frozen)
+
+
+@_linear.register_fake
+def _(x, w_train, w_frozen, bias, meta, n_out, n_frozen):
+    return _new_output(x, x.shape[0], n_out, meta)
+
+
+# ---------------------------------------------------------- backward ops
+@torch.library.custom_op("sparsekern::linear_input_grad", mutates_args=())
+def _linear_input_grad(
+    dy: torch.Tensor,
+    w_train: torch.Tensor,
+    w_frozen: torch.Tensor,
+    meta: list[torch.Tensor],
+    n_in: int,
+    n_frozen: int,
+) -> torch.Tensor:
+    if kernels.use_triton(dy.device):
+        return kernels.bsmm.bsmm_input_grad(dy, w_train, w_frozen, _meta(meta), n_in, n_frozen)
+    return bsmm_cpu.input_grad(dy, w_train, w_frozen, _meta(meta), n_in, n_frozen)
+
+
+@_linear_input_grad.register_fake
+def _(dy, w_train, w_frozen, meta, n_in, n_frozen):
+    return _new_output(dy, dy.shape[0], n_in, meta)
+
+
+@torch.library.custom_op("sparsekern::linear_weight_grad", mutates_args=())
+def _linear_weight_grad(dy: torch.Tensor, x: torch.Tensor, meta: list[torch.Tensor], bm: int, bk: int) -> torch.Tensor:
+    if kernels.use_triton(x.device):
+        return kernels.bsmm.bsmm_weight_grad(dy, x, _meta(meta), (bm, bk))
+    return bsmm_cpu.weight_grad(dy, x, _meta(meta), (bm, bk))
+
+
+@_linear_weight_grad.register_fake
+def _(dy, x, meta, bm, bk):
+    return x.new_empty(meta[11].shape[0], bm, bk)
+
+
+# ----------------------------------------------------------------- autograd
+def _setup_context(ctx, inputs, output):
+    x, w_train, w_frozen, bias, meta, n_out, n_frozen = inputs
+    ctx.save_for_backward(x, w_train, w_frozen, *meta)
+    ctx.has_bias = bias is not None
+    ctx.n_frozen = n_frozen
+
+
+def _backward(ctx, dy):
+    x, w_train, w_frozen, *meta = ctx.saved_tensors
+    dy = dy.to(x.dtype)
+    dx = dw = db = None
+    if ctx.needs_input_grad[0]:
+        dx = _linear_input_grad(dy, w_train, w_frozen, meta, x.shape[1], ctx.n_frozen)
+    if ctx.needs_input_grad[1]:
+        bm, bk = w_train.shape[1:]
+        dw = _linear_weight_grad(dy, x, meta, bm, bk)
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        db = dy.sum(0)
+    return dx, dw, None, db, [None] * len(meta), None, None
+
+
+_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------- public API
+def _check_operands(x, w_train, w_frozen, layout: BlockLayout, bias) -> None:
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+    n, k = layout.shape
+    bm, bk = layout.block_size
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"input has shape {tuple(x.shape)}; its last dimension must be in_features={k}")
+    for name, t in (("w_train", w_train), ("w_frozen", w_frozen), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but input has dtype {x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but input is on {x.device}")
+    if layout.device != x.device:
+        raise ValueError(f"layout is on {layout.device} but input is on {x.device}")
+    if tuple(w_train.shape) != (layout.n_train, bm, bk):
+        raise ValueError(f"w_train has shape {tuple(w_train.shape)}, layout expects {(layout.n_train, bm, bk)}")
+    if tuple(w_frozen.shape) != (layout.n_frozen_slots, bm, bk):
+        raise ValueError(
+            f"w_frozen has shape {tuple(w_frozen.shape)}, layout expects {(layout.n_frozen_slots, bm, bk)}"
+        )
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n},)")
+
+
+def sparse_linear(
+    input: torch.Tensor,
+    w_train: torch.Tensor,
+    w_frozen: torch.Tensor,
+    layout: BlockLayout,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``input @ W.T + bias`` with ``W`` stored block-sparse as in ``layout``.
+
+    Args:
+        input: ``(*, in_features)``; leading dimensions are flattened, any strides.
+        w_train: ``(layout.n_train, bm, bk)`` trainable blocks (gets gradients).
+        w_frozen: ``(layout.n_frozen_slots, bm, bk)`` frozen blocks and fixed slots.
+        layout: the :class:`~sparsekern.layout.BlockLayout` of ``W``.
+        bias: optional ``(out_features,)``.
+
+    Returns:
+        ``(*, out_features)``. Equal to ``F.linear(input, W * mask, bias)``;
+        gradients reach ``w_train`` only at trainable elements.
+
+    Example:
+        >>> lay = BlockLayout.from_masks(torch.rand(64, 96) < 0.5, block_size=32)
+        >>> w_train, w_frozen = lay.split_values(torch.randn(64, 96))
+        >>> sparse_linear(torch.randn(5, 96), w_train, w_frozen, lay).shape
+        torch.Size([5, 64])
+    """
+    _check_operands(input, w_train, w_frozen, layout, bias)
+    n, k = layout.shape
+    lead = input.shape[:-1]
+    y = _linear(input.reshape(-1, k), w_train, w_frozen, bias, layout.meta(), n, layout.n_frozen)
+    return y.reshape(*lead, n)
