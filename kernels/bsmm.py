@@ -66,6 +66,8 @@ class Meta(NamedTuple):
     block_index_t: torch.Tensor
     col_order: torch.Tensor
     train_index: torch.Tensor
+    train_rank: torch.Tensor
+    train_left: torch.Tensor
 
 
 # --------------------------------------------------------------------- helpers
@@ -141,6 +143,7 @@ def _bsmm_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SWAP_AB: tl.constexpr,
 ):
     """``y[m, r*BM + n] = sum_blocks x[m, c*BK + k] * W_rc[n, k] (+ bias)``.
 
@@ -165,7 +168,12 @@ def _bsmm_fwd_kernel(
     offs_bk = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # SWAP_AB computes the tile as y^T = W x^T: tokens then sit on the MMA's
+    # wide N side (wgmma is m64nNk16) instead of the block's narrow BLOCK_N.
+    if SWAP_AB:
+        acc = tl.full((BLOCK_N, BLOCK_M), 0.0, dtype=tl.float32)
+    else:
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
     for it in range(start * SUB_K, end * SUB_K):
         p = it // SUB_K
         kk = (it % SUB_K) * BLOCK_K
@@ -178,10 +186,17 @@ def _bsmm_fwd_kernel(
             mask=mask_m[:, None] & (offs_k < K)[None, :],
             other=0.0,
         )
-        # W_rc^T tile: (BLOCK_K, BLOCK_N) from the row-major (BM, BK) block.
-        w_offs = offs_bn[None, :] * BK + (kk + offs_bk)[:, None]
-        w = _load_w_tile(wt_ptr, wf_ptr, es_ptr, s, a, n_frozen, w_offs, BM * BK, HAS_MIXED)
-        acc = _mma(x, w, acc, DOT_PRECISION, UPCAST)
+        if SWAP_AB:
+            w_offs = offs_bn[:, None] * BK + (kk + offs_bk)[None, :]
+            w = _load_w_tile(wt_ptr, wf_ptr, es_ptr, s, a, n_frozen, w_offs, BM * BK, HAS_MIXED)
+            acc = _mma(w, tl.trans(x), acc, DOT_PRECISION, UPCAST)
+        else:
+            # W_rc^T tile: (BLOCK_K, BLOCK_N) from the row-major (BM, BK) block.
+            w_offs = offs_bn[None, :] * BK + (kk + offs_bk)[:, None]
+            w = _load_w_tile(wt_ptr, wf_ptr, es_ptr, s, a, n_frozen, w_offs, BM * BK, HAS_MIXED)
+            acc = _mma(x, w, acc, DOT_PRECISION, UPCAST)
+    if SWAP_AB:
+        acc = tl.trans(acc)
 
     offs_n = r * BM + offs_bn
     mask_n = offs_n < N
@@ -225,6 +240,7 @@ def _bsmm_dx_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SWAP_AB: tl.constexpr,
 ):
     """``dx[m, c*BK + k] = sum_blocks dy[m, r*BM + n] * W_rc[n, k]``.
 
@@ -249,7 +265,10 @@ def _bsmm_dx_kernel(
     offs_bn = tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     dy_rows = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    if SWAP_AB:  # dx^T = W^T dy^T, as in the forward kernel
+        acc = tl.full((BLOCK_K, BLOCK_M), 0.0, dtype=tl.float32)
+    else:
+        acc = tl.full((BLOCK_M, BLOCK_K), 0.0, dtype=tl.float32)
     for it in range(start * SUB_N, end * SUB_N):
         q = it // SUB_N
         nn = (it % SUB_N) * BLOCK_N
@@ -263,9 +282,16 @@ def _bsmm_dx_kernel(
             mask=mask_m[:, None] & (offs_n < N)[None, :],
             other=0.0,
         )
-        w_offs = (nn + offs_bn)[:, None] * BK + offs_bk[None, :]
-        w = _load_w_tile(wt_ptr, wf_ptr, es_ptr, s, a, n_frozen, w_offs, BM * BK, HAS_MIXED)
-        acc = _mma(dy, w, acc, DOT_PRECISION, UPCAST)
+        if SWAP_AB:
+            w_offs = (nn + offs_bn)[None, :] * BK + offs_bk[:, None]
+            w = _load_w_tile(wt_ptr, wf_ptr, es_ptr, s, a, n_frozen, w_offs, BM * BK, HAS_MIXED)
+            acc = _mma(w, tl.trans(dy), acc, DOT_PRECISION, UPCAST)
+        else:
+            w_offs = (nn + offs_bn)[:, None] * BK + offs_bk[None, :]
+            w = _load_w_tile(wt_ptr, wf_ptr, es_ptr, s, a, n_frozen, w_offs, BM * BK, HAS_MIXED)
+            acc = _mma(dy, w, acc, DOT_PRECISION, UPCAST)
+    if SWAP_AB:
+        acc = tl.trans(acc)
 
     offs_k = c * BK + offs_bk
     dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k.to(tl.int64)[None, :] * stride_dxk
@@ -281,6 +307,8 @@ def _bsmm_dw_kernel(
     dw_ptr,
     # layout
     train_index_ptr,
+    train_rank_ptr,
+    train_left_ptr,
     row_indices_ptr,
     col_indices_ptr,
     aux_ptr,
@@ -304,8 +332,15 @@ def _bsmm_dw_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
-    """``dw[t] = (dy[:, rows of r].T @ x[:, cols of c]) * trainable`` for trainable block ``t``.
+    """``dw[t] = (dy[:, rows of r].T @ x[:, cols of c]) * trainable`` for trainable blocks ``t``.
+
+    A program owns a run of up to ``GROUP`` trainable blocks of one block row:
+    ``dy`` is loaded once per token step and the blocks' ``x`` columns are
+    gathered side by side into one ``(BLOCK_M, GROUP * BLOCK_K)`` operand, so
+    the MMA is ``GROUP`` times wider than a block. Programs whose block does
+    not start a run (``train_rank % GROUP != 0``) exit at once.
 
     Grid: ``(n_train * (BM // BLOCK_N) * (BK // BLOCK_K), splits)``. Split
     ``j`` reduces tokens ``[j * rows_per_split, (j + 1) * rows_per_split)`` and
@@ -314,25 +349,36 @@ def _bsmm_dw_kernel(
     """
     tl.static_assert(BM % BLOCK_N == 0, "BLOCK_N must divide the block's rows")
     tl.static_assert(BK % BLOCK_K == 0, "BLOCK_K must divide the block's columns")
+    tl.static_assert(GROUP == 1 or BLOCK_K == BK, "grouped blocks are gathered whole")
     SUB_N: tl.constexpr = BM // BLOCK_N
     SUB_K: tl.constexpr = BK // BLOCK_K
+    WIDE: tl.constexpr = GROUP * BLOCK_K
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    t = pid // (SUB_N * SUB_K)
+    t0 = pid // (SUB_N * SUB_K)
     sub = pid % (SUB_N * SUB_K)
-    b = tl.load(train_index_ptr + t)
-    r = tl.load(row_indices_ptr + b)
-    c = tl.load(col_indices_ptr + b)
+    if tl.load(train_rank_ptr + t0) % GROUP != 0:
+        return
+    count = tl.minimum(tl.load(train_left_ptr + t0), GROUP)
+    b0 = tl.load(train_index_ptr + t0)
+    r = tl.load(row_indices_ptr + b0)
 
-    offs_bn = (sub // SUB_K) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_bk = (sub % SUB_K) * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_n = r * BM + offs_bn
+    # Column j of the wide tile is column j % BLOCK_K of group member j // BLOCK_K.
+    offs_j = tl.arange(0, WIDE)
+    member = offs_j // BLOCK_K
+    in_group = member < count
+    b = tl.load(train_index_ptr + t0 + member, mask=in_group, other=0)
+    c = tl.load(col_indices_ptr + b, mask=in_group, other=0)
+    offs_bk = (sub % SUB_K) * BLOCK_K + offs_j % BLOCK_K
     offs_k = c * BK + offs_bk
+    mask_k = in_group & (offs_k < K)
+    offs_bn = (sub // SUB_K) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = r * BM + offs_bn
     mask_n = offs_n < N
-    mask_k = offs_k < K
+
     m_start = split * rows_per_split
     m_end = tl.minimum(M, m_start + rows_per_split)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc = tl.full((BLOCK_N, WIDE), 0.0, dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < m_end
@@ -350,12 +396,12 @@ def _bsmm_dw_kernel(
 
     local = offs_bn[:, None] * BK + offs_bk[None, :]
     if HAS_MIXED:
-        a = tl.load(aux_ptr + b)
-        if a >= 0:
-            e = tl.load(es_ptr + a.to(tl.int64) * (BM * BK) + local)
-            acc = tl.where(e == 2, acc, 0.0)
-    dw_ptrs = dw_ptr + split.to(tl.int64) * stride_dws + t.to(tl.int64) * (BM * BK) + local
-    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty))
+        a = tl.load(aux_ptr + b, mask=in_group, other=-1)
+        e = tl.load(es_ptr + a.to(tl.int64)[None, :] * (BM * BK) + local, mask=(a >= 0)[None, :], other=2)
+        acc = tl.where(e == 2, acc, 0.0)
+    t = (t0 + member).to(tl.int64)
+    dw_ptrs = dw_ptr + split.to(tl.int64) * stride_dws + t[None, :] * (BM * BK) + local
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=in_group[None, :])
 
 
 # ------------------------------------------------------------------ launchers
@@ -404,7 +450,7 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "interpreter"
 
 
-def _pick_config(kind, dtype, device, bm, bk, m, run, config):
+def _pick_config(kind, dtype, device, bm, bk, m, run, config, blocks=None):
     """Explicit override, then tuned data, then (CUDA) a one-off benchmark of the candidates."""
     elem = torch.empty((), dtype=dtype).element_size()
     if config is not None:
@@ -413,6 +459,8 @@ def _pick_config(kind, dtype, device, bm, bk, m, run, config):
         return cfgs.default_config(kind, bm, bk, elem)
     mb = cfgs.m_bucket(m)
     key = cfgs.tuned_key(kind, str(dtype).removeprefix("torch."), bm, bk, mb)
+    if blocks is not None:
+        key += f":b{cfgs.count_bucket(blocks)}"
     name = _device_name(device)
     cache_key = (name, key)
     if cache_key in _tuned_cache:
@@ -526,18 +574,18 @@ def bsmm_input_grad(
     return dx
 
 
-def wgrad_splits(m: int, n_tiles: int, device: torch.device) -> int:
-    """How many token splits the weight gradient uses.
+def wgrad_splits(m: int, programs: int, device: torch.device) -> int:
+    """How many token splits the weight gradient uses for ``programs`` programs per split.
 
     Few trainable blocks cannot fill the GPU with one program each, so the
     token reduction is split until there are about four programs per SM, but
     never into chunks of fewer than 512 tokens (below that the fp32 partial
     sums cost more than they save).
     """
-    if device.type != "cuda" or n_tiles == 0:
+    if device.type != "cuda" or programs == 0:
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(4 * sms, n_tiles), m // 512))
+    return max(1, min(triton.cdiv(4 * sms, programs), m // 512))
 
 
 def bsmm_weight_grad(
@@ -567,16 +615,17 @@ def bsmm_weight_grad(
     if m == 0:
         return dw.zero_()
     has_mixed = meta.element_state.shape[0] > 0
-    nsplit = splits or wgrad_splits(m, n_train, x.device)
-    rows_per_split = triton.cdiv(triton.cdiv(m, nsplit), 128) * 128
-    nsplit = triton.cdiv(m, rows_per_split)
-    target = dw if nsplit == 1 else torch.empty(nsplit, n_train, bm, bk, device=x.device, dtype=torch.float32)
 
     def run(cfg):
-        sub = (bm // cfg.kwargs["BLOCK_N"]) * (bk // cfg.kwargs["BLOCK_K"])
+        kw = cfg.kwargs
+        sub = (bm // kw["BLOCK_N"]) * (bk // kw["BLOCK_K"])
+        nsplit = splits or wgrad_splits(m, triton.cdiv(n_train, kw.get("GROUP", 1)) * sub, x.device)
+        rows_per_split = triton.cdiv(triton.cdiv(m, nsplit), 128) * 128
+        nsplit = triton.cdiv(m, rows_per_split)
+        target = dw if nsplit == 1 else torch.empty(nsplit, n_train, bm, bk, device=x.device, dtype=torch.float32)
         _bsmm_dw_kernel[(n_train * sub, nsplit)](
             dy, x, meta.element_state, target,
-            meta.train_index, meta.row_indices, meta.col_indices, meta.aux,
+            meta.train_index, meta.train_rank, meta.train_left, meta.row_indices, meta.col_indices, meta.aux,
             m, n, k, rows_per_split,
             dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), target.stride(0) if nsplit > 1 else 0,
             BM=bm, BK=bk, HAS_MIXED=has_mixed,
@@ -584,8 +633,9 @@ def bsmm_weight_grad(
             UPCAST=INTERPRET and x.dtype == torch.bfloat16,
             **_launch_kw(cfg),
         )  # fmt: skip
+        if nsplit > 1:
+            torch.sum(target, dim=0, out=dw) if dw.dtype == torch.float32 else dw.copy_(target.sum(0))
 
-    run(_pick_config("wgrad", x.dtype, x.device, bm, bk, m, run, config))
-    if nsplit > 1:
-        torch.sum(target, dim=0, out=dw) if dw.dtype == torch.float32 else dw.copy_(target.sum(0))
+    # The best grouping and split depend on how many blocks there are, so the key carries that too.
+    run(_pick_config("wgrad", x.dtype, x.device, bm, bk, m, run, config, blocks=n_train))
     return dw

@@ -37,6 +37,11 @@ def m_bucket(m: int) -> int:
     return max(64, triton.next_power_of_2(int(m)))
 
 
+def count_bucket(n: int) -> int:
+    """Autotune key for a block count: the next power of two (a mask update rarely crosses one)."""
+    return triton.next_power_of_2(max(1, int(n)))
+
+
 def _split_options(side: int) -> tuple[int, ...]:
     """Tile widths worth trying for one side of a block: the side, and its half when large."""
     return (side, side // 2) if side >= 128 else (side,)
@@ -49,21 +54,30 @@ def gemm_configs() -> list[triton.Config]:
     :func:`for_block`; the factory fixes the token tile, warps and stages.
     """
     shapes = [(64, 4, 3), (128, 4, 3), (128, 8, 3), (128, 4, 4), (256, 8, 3)]
-    return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s) for bm, w, s in shapes]
+    plain = [triton.Config({"BLOCK_M": bm, "SWAP_AB": False}, num_warps=w, num_stages=s) for bm, w, s in shapes]
+    # Swapped operands put tokens on the MMA's N side; worth trying with wide token tiles.
+    swapped = [(128, 4, 3), (256, 8, 3), (256, 4, 4)]
+    return plain + [triton.Config({"BLOCK_M": bm, "SWAP_AB": True}, num_warps=w, num_stages=s) for bm, w, s in swapped]
 
 
 def wgrad_configs() -> list[triton.Config]:
     """Weight-gradient candidates: ``BLOCK_M`` is the reduction step over tokens."""
     shapes = [(32, 4, 3), (64, 4, 3), (64, 4, 4), (128, 8, 3), (64, 8, 4)]
-    return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s) for bm, w, s in shapes]
+    single = [triton.Config({"BLOCK_M": bm, "GROUP": 1}, num_warps=w, num_stages=s) for bm, w, s in shapes]
+    # Runs of blocks sharing dy make the MMA GROUP times wider (see the dW kernel).
+    grouped = [(2, 64, 4, 3), (4, 64, 8, 3), (4, 32, 4, 3), (2, 128, 8, 3)]
+    return single + [triton.Config({"BLOCK_M": bm, "GROUP": g}, num_warps=w, num_stages=s) for g, bm, w, s in grouped]
 
 
 def for_block(base: list[triton.Config], bm: int, bk: int) -> list[triton.Config]:
     """Expand token-tile configs with every admissible (BLOCK_N, BLOCK_K) for a block."""
     out = []
     for cfg in base:
+        group = cfg.kwargs.get("GROUP", 1)
+        if group * bk > 256:  # the wide weight-gradient operand stays within one MMA's N
+            continue
         for tn in _split_options(bm):
-            for tk in _split_options(bk):
+            for tk in _split_options(bk) if group == 1 else (bk,):
                 kw = dict(cfg.kwargs, BLOCK_N=tn, BLOCK_K=tk)
                 out.append(triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     return out
@@ -73,7 +87,7 @@ def smem_bytes(cfg: triton.Config, elem_bytes: int, kind: str) -> int:
     """Shared memory a config's pipelined operand tiles need."""
     k = cfg.kwargs
     if kind == "wgrad":
-        per_stage = k["BLOCK_M"] * (k["BLOCK_N"] + k["BLOCK_K"])
+        per_stage = k["BLOCK_M"] * (k["BLOCK_N"] + k.get("GROUP", 1) * k["BLOCK_K"])
     elif kind == "fwd":
         per_stage = k["BLOCK_K"] * (k["BLOCK_M"] + k["BLOCK_N"])
     else:  # input gradient: reduction runs over BLOCK_N
@@ -100,8 +114,8 @@ def prune(configs, elem_bytes: int, kind: str, smem: int) -> list[triton.Config]
 
 def default_config(kind: str, bm: int, bk: int, elem_bytes: int) -> triton.Config:
     """The config used without tuning (interpreter, offline check, first guess)."""
-    base = {"wgrad": triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=3)}.get(
-        kind, triton.Config({"BLOCK_M": 128}, num_warps=4, num_stages=3)
+    base = {"wgrad": triton.Config({"BLOCK_M": 64, "GROUP": 1}, num_warps=4, num_stages=3)}.get(
+        kind, triton.Config({"BLOCK_M": 128, "SWAP_AB": False}, num_warps=4, num_stages=3)
     )
     cands = for_block([base], bm, bk)
     return prune(cands, elem_bytes, kind, DEFAULT_SMEM_BYTES)[0]

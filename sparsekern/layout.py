@@ -142,6 +142,10 @@ class BlockLayout:
         col_order: ``(CB,)`` block columns, longest first.
         train_index: ``(n_train,)`` CSR position of each trainable block, in
             ``w_train`` order.
+        train_rank / train_left: ``(n_train,)`` position of a trainable block
+            among the trainable blocks of its block row, and how many of them
+            remain from it on (itself included). The weight-gradient kernel
+            uses them to give one program a run of blocks that share ``dy``.
         n_frozen: number of code-1 blocks; fixed slots start there.
     """
 
@@ -160,6 +164,8 @@ class BlockLayout:
     block_index_t: torch.Tensor
     col_order: torch.Tensor
     train_index: torch.Tensor
+    train_rank: torch.Tensor
+    train_left: torch.Tensor
     n_frozen: int
 
     # ------------------------------------------------------------------ build
@@ -266,6 +272,10 @@ class BlockLayout:
         # Column-major order of the same blocks: the transposed traversal points
         # back into CSR positions instead of moving any values.
         order = torch.argsort(col_idx * rb + row_idx, stable=True)
+        train_index = trainable.nonzero().squeeze(1)
+        t_rows = row_idx[train_index]
+        t_counts = torch.bincount(t_rows, minlength=rb)
+        train_rank = torch.arange(train_index.numel(), device=dev) - _offsets(t_counts)[t_rows]
         i32 = torch.int32
         layout = cls(
             shape=(n, k),
@@ -282,7 +292,9 @@ class BlockLayout:
             row_indices_t=row_idx[order].to(i32),
             block_index_t=order.to(i32),
             col_order=torch.argsort(col_counts, descending=True, stable=True).to(i32),
-            train_index=trainable.nonzero().squeeze(1).to(i32),
+            train_index=train_index.to(i32),
+            train_rank=train_rank.to(i32),
+            train_left=(t_counts[t_rows] - train_rank).to(i32),
             n_frozen=n_frozen,
         )
         assert layout.row_offsets.device == dev
@@ -331,6 +343,8 @@ class BlockLayout:
             self.block_index_t,
             self.col_order,
             self.train_index,
+            self.train_rank,
+            self.train_left,
         ]
 
     def to(self, device: torch.device | str) -> BlockLayout:
@@ -353,6 +367,8 @@ class BlockLayout:
             "aux": (nnzb,),
             "row_indices_t": (nnzb,),
             "block_index_t": (nnzb,),
+            "train_rank": (self.n_train,),
+            "train_left": (self.n_train,),
         }
         for name, shp in expect.items():
             got = tuple(getattr(self, name).shape)
