@@ -32,14 +32,19 @@ uses TF32 only when ``torch.backends.cuda.matmul.allow_tf32`` is set. Under
 Triton's interpreter, bf16 ``tl.dot`` is wrong, so bf16 tiles are upcast to
 fp32 there (``UPCAST``); compiled kernels never upcast.
 
+The kernels use only Triton builtins (no ``tl.cdiv``/``tl.zeros``, which are
+``@jit`` helpers): if ``triton`` was imported before the interpreter was
+switched on, those helpers stay compiled-only and fail inside interpreted
+kernels.
+
 Offsets into activations are int64, so ``M * K`` beyond 2**31 is safe; block
 indices are int32 (at most 2**31 blocks).
 """
 
 from __future__ import annotations
 
+import functools
 import os
-import warnings
 from typing import NamedTuple
 
 import torch
@@ -155,7 +160,7 @@ def _bsmm_fwd_kernel(
     SUB_N: tl.constexpr = BM // BLOCK_N
     SUB_K: tl.constexpr = BK // BLOCK_K
     pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
+    num_m = (M + BLOCK_M - 1) // BLOCK_M  # not tl.cdiv: see the module docstring
     pid_m = pid % num_m
     rest = pid // num_m
     sub_n = rest % SUB_N
@@ -252,7 +257,7 @@ def _bsmm_dx_kernel(
     SUB_N: tl.constexpr = BM // BLOCK_N
     SUB_K: tl.constexpr = BK // BLOCK_K
     pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
+    num_m = (M + BLOCK_M - 1) // BLOCK_M  # not tl.cdiv: see the module docstring
     pid_m = pid % num_m
     rest = pid // num_m
     sub_k = rest % SUB_K
@@ -407,13 +412,6 @@ def _bsmm_dw_kernel(
 # ------------------------------------------------------------------ launchers
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _tuned_cache: dict[tuple, triton.Config] = {}
-_warned: set[str] = set()
-
-
-def _warn_once(msg: str) -> None:
-    if msg not in _warned:
-        _warned.add(msg)
-        warnings.warn(msg, stacklevel=3)
 
 
 def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
@@ -446,8 +444,14 @@ def _check_values(w_train: torch.Tensor, w_frozen: torch.Tensor, dtype, device) 
     return bm, bk
 
 
+@functools.cache
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "interpreter"
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _pick_config(kind, dtype, device, bm, bk, m, run, config, blocks=None):
@@ -475,9 +479,14 @@ def _pick_config(kind, dtype, device, bm, bk, m, run, config, blocks=None):
             timings = []
             for cand in cands:
                 try:
+                    # A config that spills registers is slow by construction: never pick it.
+                    if getattr(run(cand), "n_spills", 0):
+                        continue
                     timings.append((triton.testing.do_bench(lambda c=cand: run(c), warmup=5, rep=20), cand))
                 except Exception:  # a config the compiler rejects (e.g. out of resources)
                     continue
+            if not timings:
+                raise RuntimeError(f"no {kind} kernel config compiled for {key} on {name}")
             found = min(timings, key=lambda tc: tc[0])[1]
     _tuned_cache[cache_key] = found
     return found
@@ -521,7 +530,7 @@ def bsmm_forward(
 
     def run(cfg):
         grid = (triton.cdiv(m, cfg.kwargs["BLOCK_M"]) * rb * (bm // cfg.kwargs["BLOCK_N"]),)
-        _bsmm_fwd_kernel[grid](
+        return _bsmm_fwd_kernel[grid](
             x, w_train, w_frozen, meta.element_state, bias if bias is not None else x, y,
             meta.row_offsets, meta.col_indices, meta.storage, meta.aux, meta.row_order,
             m, n_out, k, n_frozen,
@@ -558,7 +567,7 @@ def bsmm_input_grad(
 
     def run(cfg):
         grid = (triton.cdiv(m, cfg.kwargs["BLOCK_M"]) * cb * (bk // cfg.kwargs["BLOCK_K"]),)
-        _bsmm_dx_kernel[grid](
+        return _bsmm_dx_kernel[grid](
             dy, w_train, w_frozen, meta.element_state, dx,
             meta.col_offsets, meta.row_indices_t, meta.block_index_t, meta.storage, meta.aux, meta.col_order,
             m, n, n_in, n_frozen,
@@ -584,8 +593,7 @@ def wgrad_splits(m: int, programs: int, device: torch.device) -> int:
     """
     if device.type != "cuda" or programs == 0:
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(4 * sms, programs), m // 512))
+    return max(1, min(triton.cdiv(4 * _sm_count(device), programs), m // 512))
 
 
 def bsmm_weight_grad(
@@ -623,7 +631,7 @@ def bsmm_weight_grad(
         rows_per_split = triton.cdiv(triton.cdiv(m, nsplit), 128) * 128
         nsplit = triton.cdiv(m, rows_per_split)
         target = dw if nsplit == 1 else torch.empty(nsplit, n_train, bm, bk, device=x.device, dtype=torch.float32)
-        _bsmm_dw_kernel[(n_train * sub, nsplit)](
+        kernel = _bsmm_dw_kernel[(n_train * sub, nsplit)](
             dy, x, meta.element_state, target,
             meta.train_index, meta.train_rank, meta.train_left, meta.row_indices, meta.col_indices, meta.aux,
             m, n, k, rows_per_split,
@@ -635,6 +643,7 @@ def bsmm_weight_grad(
         )  # fmt: skip
         if nsplit > 1:
             torch.sum(target, dim=0, out=dw) if dw.dtype == torch.float32 else dw.copy_(target.sum(0))
+        return kernel
 
     # The best grouping and split depend on how many blocks there are, so the key carries that too.
     run(_pick_config("wgrad", x.dtype, x.device, bm, bk, m, run, config, blocks=n_train))

@@ -45,7 +45,7 @@ def use_dense(meta) -> bool:
     return meta.col_indices.numel() > DENSE_CROSSOVER * rb * cb
 
 
-def transposed_output(meta) -> bool:
+def transposed_output(meta, m: int) -> bool:
     """Whether the gathered path returns ``(M, N)`` results as a transposed view.
 
     The GEMMs run as ``(bm, L) @ (L, M)`` because that orientation is 1.8x
@@ -54,7 +54,7 @@ def transposed_output(meta) -> bool:
     (memory bandwidth is the bottleneck on this CPU, about 3 GB/s), and the
     next sparse layer's own transpose of its input then costs nothing.
     """
-    return not use_dense(meta)
+    return m > 0 and not use_dense(meta)
 
 
 class _Workspace(threading.local):
@@ -137,7 +137,7 @@ def forward(x, w_train, w_frozen, bias, meta, n_out, n_frozen) -> torch.Tensor:
     bm, bk = w_train.shape[1:]
     m, k = x.shape
     vals = effective_blocks(w_train, w_frozen, meta.storage, meta.aux, meta.element_state, n_frozen)
-    if use_dense(meta):
+    if use_dense(meta) or m == 0:
         return torch.nn.functional.linear(x, _dense_weight(vals, meta, bm, bk, n_out, k), bias)
     rb, cb = meta.row_offsets.numel() - 1, meta.col_offsets.numel() - 1
     xt = _transposed(x, cb * bk, "xt").view(cb, bk, m)
@@ -157,7 +157,7 @@ def input_grad(dy, w_train, w_frozen, meta, n_in, n_frozen) -> torch.Tensor:
     bm, bk = w_train.shape[1:]
     m, n = dy.shape
     vals = effective_blocks(w_train, w_frozen, meta.storage, meta.aux, meta.element_state, n_frozen)
-    if use_dense(meta):
+    if use_dense(meta) or m == 0:
         return dy @ _dense_weight(vals, meta, bm, bk, n, n_in)
     rb, cb = meta.row_offsets.numel() - 1, meta.col_offsets.numel() - 1
     dyt = _transposed(dy, rb * bm, "dyt").view(rb, bm, m)
@@ -182,23 +182,24 @@ def weight_grad(dy, x, meta, block_size) -> torch.Tensor:
     rb, cb = meta.row_offsets.numel() - 1, meta.col_offsets.numel() - 1
     t_rows = meta.row_indices.long()[tidx]
     t_cols = meta.col_indices.long()[tidx]
-    if use_dense(meta):
+    if use_dense(meta) or m == 0:
         g = torch.nn.functional.pad(dy.t() @ x, (0, cb * bk - k, 0, rb * bm - n))
         dw = g.view(rb, bm, cb, bk)[t_rows, :, t_cols, :]
     else:
         xt = _transposed(x, cb * bk, "xt").view(cb, bk, m)
-        dyt = _transposed(dy, rb * bm, "dyt").view(rb, bm, m)
         # train_index is in CSR order, so each block row's trainable blocks are contiguous.
         offs = torch.searchsorted(t_rows, torch.arange(rb + 1, device=x.device))
-        dw_t = x.new_empty(bm, n_train * bk)
+        dw_t = x.new_zeros(bm, n_train * bk)
         step = max(1, CHUNK_ELEMS // bk)
         buf = _ws.get("gather", (step * bk * m,), x)
         pos = offs.tolist()
         for r, (s, e) in enumerate(itertools.pairwise(pos)):
+            # dy's block-row slice is read in place (a transposed BLAS operand), no copy of dy.
+            dy_r = dy[:, r * bm : (r + 1) * bm].t()
             for j0, j1 in _chunks(s, e, step):
                 slab = buf[: (j1 - j0) * bk * m].view(j1 - j0, bk, m)
                 torch.index_select(xt, 0, t_cols[j0:j1], out=slab)
-                torch.mm(dyt[r], slab.view(-1, m).t(), out=dw_t[:, j0 * bk : j1 * bk])
+                torch.mm(dy_r, slab.view(-1, m).t(), out=dw_t[: dy_r.shape[0], j0 * bk : j1 * bk])
         dw = dw_t.view(bm, n_train, bk).transpose(0, 1).contiguous()
     aux = meta.aux.long()[tidx]
     mixed = (aux >= 0).nonzero().squeeze(1)

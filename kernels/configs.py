@@ -113,12 +113,23 @@ def prune(configs, elem_bytes: int, kind: str, smem: int) -> list[triton.Config]
 
 
 def default_config(kind: str, bm: int, bk: int, elem_bytes: int) -> triton.Config:
-    """The config used without tuning (interpreter, offline check, first guess)."""
-    base = {"wgrad": triton.Config({"BLOCK_M": 64, "GROUP": 1}, num_warps=4, num_stages=3)}.get(
-        kind, triton.Config({"BLOCK_M": 128, "SWAP_AB": False}, num_warps=4, num_stages=3)
-    )
-    cands = for_block([base], bm, bk)
-    return prune(cands, elem_bytes, kind, DEFAULT_SMEM_BYTES)[0]
+    """The config used without tuning (interpreter, offline check, first guess).
+
+    Chosen so that ``python -m sparsekern.check`` finds no spills on sm_80 or
+    sm_90 for any block size or dtype: fp32 tiles are half as deep (an fp32
+    ``tl.dot`` holds twice the operand registers, and the FMA path used
+    without TF32 unrolls the whole ``BLOCK_K``), and 128-row blocks are
+    split in two output slices (a 128x128 fp32 accumulator plus the mixed-block
+    operands exceeds 255 registers with 4 warps).
+    """
+    wide = elem_bytes >= 4
+    if kind == "wgrad":
+        kw = {"BLOCK_M": 32 if wide else 64, "GROUP": 1}
+    else:
+        kw = {"BLOCK_M": 64 if wide else 128, "SWAP_AB": False}
+    kw["BLOCK_N"] = min(bm, 64)
+    kw["BLOCK_K"] = min(bk, 32 if wide else 64)
+    return triton.Config(kw, num_warps=4, num_stages=3 if kind == "wgrad" or not wide else 2)
 
 
 # ----------------------------------------------------------- tuned records

@@ -42,12 +42,14 @@ def _meta(meta: list[torch.Tensor]):
     return Meta(*meta)
 
 
-def _uses_transposed_output(x: torch.Tensor, meta: list[torch.Tensor]) -> bool:
-    return not kernels.use_triton(x.device) and bsmm_cpu.transposed_output(_meta(meta))
-
-
 def _new_output(like: torch.Tensor, rows: int, cols: int, meta: list[torch.Tensor]) -> torch.Tensor:
-    if _uses_transposed_output(like, meta):
+    """An ``(rows, cols)`` output with the strides the op promises for this device.
+
+    On the CPU the layout depends only on the layout's density, never on
+    whether the interpreter runs, so graphs compiled in one mode stay valid
+    in the other (torch's compile cache does not know about the interpreter).
+    """
+    if like.device.type == "cpu" and bsmm_cpu.transposed_output(_meta(meta), rows):
         return like.new_empty(cols, rows).t()
     return like.new_empty(rows, cols)
 
@@ -64,7 +66,8 @@ def _linear(
     n_frozen: int,
 ) -> torch.Tensor:
     if kernels.use_triton(x.device):
-        return kernels.bsmm.bsmm_forward(x, w_train, w_frozen, bias, _meta(meta), n_out, n_frozen)
+        out = _new_output(x, x.shape[0], n_out, meta)
+        return kernels.bsmm.bsmm_forward(x, w_train, w_frozen, bias, _meta(meta), n_out, n_frozen, out=out)
     return bsmm_cpu.forward(x, w_train, w_frozen, bias, _meta(meta), n_out, n_frozen)
 
 
@@ -84,7 +87,8 @@ def _linear_input_grad(
     n_frozen: int,
 ) -> torch.Tensor:
     if kernels.use_triton(dy.device):
-        return kernels.bsmm.bsmm_input_grad(dy, w_train, w_frozen, _meta(meta), n_in, n_frozen)
+        out = _new_output(dy, dy.shape[0], n_in, meta)
+        return kernels.bsmm.bsmm_input_grad(dy, w_train, w_frozen, _meta(meta), n_in, n_frozen, out=out)
     return bsmm_cpu.input_grad(dy, w_train, w_frozen, _meta(meta), n_in, n_frozen)
 
 

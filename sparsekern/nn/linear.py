@@ -237,7 +237,14 @@ class SparseLinear(nn.Module):
         dense_key = prefix + "weight"
         code_key, es_key = prefix + "block_code", prefix + "element_state"
         layout = self._layout
-        if code_key in state_dict and es_key in state_dict:
+        if (
+            code_key in state_dict
+            and es_key in state_dict
+            and not (
+                torch.equal(state_dict[code_key].cpu(), self.block_code.cpu())
+                and torch.equal(state_dict[es_key].cpu(), self.element_state.cpu())
+            )
+        ):
             layout = BlockLayout.from_block_code(
                 state_dict[code_key].to(self.block_code.device),
                 state_dict[es_key].to(self.block_code.device),
@@ -266,8 +273,12 @@ class SparseLinear(nn.Module):
             ):
                 errors.append(f"{prefix}weight_train/weight_frozen do not match the layout in {code_key}")
                 return
-            old = self.weight_train
-            self.weight_train = nn.Parameter(torch.empty_like(wt, device=old.device), requires_grad=old.requires_grad)
-            self.weight_frozen = torch.empty_like(wf, device=self.weight_frozen.device)
+            # The masks differ, so the stores change shape: new tensors in this module's dtype/device
+            # (the checkpoint's values are copied in by the default loader below, cast as nn.Linear would).
+            old, fz = self.weight_train, self.weight_frozen
+            self.weight_train = nn.Parameter(
+                torch.empty(wt.shape, dtype=old.dtype, device=old.device), requires_grad=old.requires_grad
+            )
+            self.weight_frozen = torch.empty(wf.shape, dtype=fz.dtype, device=fz.device)
             self._install_layout(layout)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)

@@ -1,0 +1,420 @@
+"""Linear suite: one ``SparseLinear`` training step against the ways people run pruned layers today.
+
+Providers, timed in the same run on the same weight, input and ``dy``:
+
+* ``dense``: ``nn.Linear``, the baseline every speedup is measured against.
+* ``masked``: ``F.linear(x, w * mask, b)`` each step, what mask libraries
+  (``torch.nn.utils.prune`` and the like) do; it computes everything.
+* ``sparsekern``: ``SparseLinear.from_dense(base, mask=mask, block_size=block)``.
+* ``sparsekern_frozen`` (freezing case only): the same mask with a random half
+  of the kept blocks frozen.
+* ``torch_bsr``: forward only, no autograd, on a ``torch.sparse`` BSR weight
+  (CPU: ``torch.sparse.mm``; CUDA: ``torch.sparse._triton_ops.bsr_dense_mm``);
+  recorded as ``unavailable`` when torch cannot run it. The CPU default skips
+  it at density 1.0 (pure overhead there, about 20 s of the run).
+
+Modes: ``forward`` and ``backward`` (dX, dW and db) are the two phases of one
+timed training step, ``step`` their sum per step (``x`` requires grad, as in
+the middle of a network). ``weight_grad`` (freezing case) is the backward with
+``x`` not requiring grad, so only dW and db are computed.
+
+Masks are block-aware random masks with exactly ``round(density * blocks)``
+kept blocks (``sparsekern.testing.random_block_mask``); ``masked``,
+``sparsekern`` and ``torch_bsr`` share one mask per (block, density).
+``flop_fraction`` counts the FLOPs of the blocks a provider computes
+(``BlockLayout.flops``) against dense; ``masked`` and ``dense`` compute 1.0.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.common import Laps, dtype_name, markdown_table, progress, time_fn, time_phases
+from sparsekern import SparseLinear
+from sparsekern.testing import random_block_mask
+
+PROVIDERS = ("dense", "masked", "sparsekern", "torch_bsr")
+TRAIN_MODES = ("forward", "backward", "step")
+
+
+@dataclass
+class SuiteConfig:
+    """What one run of the suite measures."""
+
+    out_features: int
+    in_features: int
+    tokens: int
+    dtype: torch.dtype
+    blocks: tuple[int, ...]
+    densities: tuple[float, ...]
+    warmup: int
+    repeats: int
+    # (block, density) cases measured once more with half the kept blocks frozen.
+    freeze: tuple[tuple[int, float], ...] = ()
+    # torch_bsr at density 1.0 only measures BSR overhead (about 4x dense on the CPU, ~20 s of the run).
+    bsr_at_full_density: bool = True
+    seed: int = 0
+
+    @property
+    def shape(self) -> str:
+        return f"{self.tokens}x{self.out_features}x{self.in_features}"
+
+
+def default_config(device: torch.device, dtype: torch.dtype | None = None, quick: bool = False) -> SuiteConfig:
+    """The suite's configuration for a device.
+
+    * CPU: fp32, 4096x4096 weight, 2048 tokens, blocks 32/64; 1 warmup + 3 timed
+      steps (a dense step is about 1.2 s on 2 cores, so the run stays under 3 min).
+    * CUDA: bf16, 4096x4096 weight, 16384 tokens, blocks 32/64/128; the first
+      warmup step of each block size also autotunes the kernels.
+    * ``quick``: 256x256, 64 tokens, one block and density (for tests).
+    """
+    cuda = device.type == "cuda"
+    if dtype is None:
+        dtype = torch.bfloat16 if cuda else torch.float32
+    densities = (1.0, 0.5, 0.25, 0.1)
+    if quick:
+        return SuiteConfig(256, 256, 64, dtype, (32,), (0.5,), warmup=1, repeats=3, freeze=((32, 0.5),))
+    if cuda:
+        blocks = (32, 64, 128)
+        return SuiteConfig(
+            4096, 4096, 16384, dtype, blocks, densities, warmup=3, repeats=20, freeze=tuple((b, 0.5) for b in blocks)
+        )
+    cpu = SuiteConfig(4096, 4096, 2048, dtype, (32, 64), densities, warmup=1, repeats=3, freeze=((64, 0.5),))
+    cpu.bsr_at_full_density = False
+    return cpu
+
+
+# ---------------------------------------------------------------- providers
+class MaskedLinear(nn.Module):
+    """Dense compute on ``weight * mask`` every step, as pruning libraries run it."""
+
+    def __init__(self, base: nn.Linear, mask: torch.Tensor):
+        super().__init__()
+        self.weight = base.weight
+        self.bias = base.bias
+        self.register_buffer("mask", mask.to(base.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+
+def half_frozen_mask(layer: SparseLinear, generator: torch.Generator) -> torch.Tensor:
+    """A frozen mask covering a random half of ``layer``'s kept blocks."""
+    lay = layer.layout
+    (n, k), (bm, bk) = lay.shape, lay.block_size
+    kept = (lay.block_code > 0).flatten().nonzero().squeeze(1).cpu()
+    pick = kept[torch.randperm(kept.numel(), generator=generator)[: kept.numel() // 2]]
+    grid = torch.zeros(lay.block_code.numel(), dtype=torch.bool)
+    grid[pick] = True
+    dense = grid.view(lay.grid).repeat_interleave(bm, 0).repeat_interleave(bk, 1)[:n, :k]
+    return dense.to(lay.device) & layer.mask
+
+
+def bsr_forward(base: nn.Linear, mask: torch.Tensor, block: int):
+    """A forward-only callable ``x -> y`` on a BSR copy of ``base.weight * mask``.
+
+    Raises whatever torch raises when BSR is not supported for this device/dtype.
+    """
+    with torch.no_grad():
+        wb = (base.weight * mask).to_sparse_bsr((block, block))
+        bias = base.bias.detach() if base.bias is not None else None
+    if base.weight.device.type == "cuda":
+        from torch.sparse._triton_ops import bsr_dense_mm
+
+        def fwd(x):
+            y = bsr_dense_mm(wb, x.t()).t()
+            return y if bias is None else y + bias
+
+    else:
+
+        def fwd(x):
+            y = torch.sparse.mm(wb, x.t()).t()
+            return y if bias is None else y + bias
+
+    return fwd
+
+
+def make_base(cfg: SuiteConfig, device: torch.device) -> tuple[nn.Linear, torch.Tensor, torch.Tensor]:
+    """The shared dense layer, input and output gradient of one shape."""
+    torch.manual_seed(cfg.seed)
+    base = nn.Linear(cfg.in_features, cfg.out_features, device=device, dtype=cfg.dtype)
+    x = torch.randn(cfg.tokens, cfg.in_features, device=device, dtype=cfg.dtype)
+    dy = torch.randn(cfg.tokens, cfg.out_features, device=device, dtype=cfg.dtype)
+    return base, x, dy
+
+
+def train_step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, laps: Laps, weight_grad_only: bool = False):
+    """One forward + backward; laps ``forward``/``backward`` (or only ``weight_grad``)."""
+    for p in module.parameters():
+        p.grad = None
+    x.grad = None
+    laps.start()
+    y = module(x)
+    if weight_grad_only:
+        laps.start()  # the forward is setup here, not measured
+        y.backward(dy)
+        laps.lap("weight_grad")
+    else:
+        laps.lap("forward")
+        y.backward(dy)
+        laps.lap("backward")
+
+
+# ------------------------------------------------------------------- FLOPs
+def flop_fractions(layer: SparseLinear, tokens: int) -> dict[str, float]:
+    """Computed-block FLOPs over dense FLOPs, per mode."""
+    f = layer.layout.flops(tokens)
+    fwd, dx, dw = (f[p]["block"] for p in ("forward", "input_grad", "weight_grad"))
+    dense = f["forward"]["dense"]
+    return {
+        "forward": fwd / dense,
+        "backward": (dx + dw) / (2 * dense),
+        "step": (fwd + dx + dw) / (3 * dense),
+        "weight_grad": dw / dense,
+    }
+
+
+# --------------------------------------------------------------------- run
+def run(cfg: SuiteConfig, device: torch.device, env: dict[str, object]) -> list[dict[str, object]]:
+    """Measure every provider and mode; return long-format rows."""
+    base, x0, dy = make_base(cfg, device)
+    x = x0.detach().requires_grad_(True)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    common = {
+        "device": env["device"],
+        "torch": env["torch"],
+        "triton": env["triton"],
+        "git_sha": env["git_sha"],
+        "date": env["date"],
+        "dtype": dtype_name(cfg.dtype),
+        "shape": cfg.shape,
+        "tokens": cfg.tokens,
+        "warmup": cfg.warmup,
+        "repeats": cfg.repeats,
+    }
+    rows: list[dict[str, object]] = []
+    timing = {"device": device, "warmup": cfg.warmup, "repeats": cfg.repeats}
+    wgrad_blocks = {b for b, _ in cfg.freeze}
+
+    def add(provider, block, density, stats, fractions, frozen=0.0, note=""):
+        for mode, st in stats.items():
+            rows.append(
+                {
+                    **common,
+                    "block": block,
+                    "density": density,
+                    "provider": provider,
+                    "mode": mode,
+                    **st,
+                    "flop_fraction": fractions.get(mode, math.nan) if isinstance(fractions, dict) else fractions,
+                    "frozen_fraction": frozen,
+                    "note": note,
+                }
+            )
+        if stats:
+            summary = ", ".join(f"{m} {st['p50']:.2f}" for m, st in stats.items())
+            progress(f"  {provider:<18} block={block or '-':<4} density={density:<5} p50 ms: {summary}")
+
+    progress(f"linear suite on {env['device']}: shape {cfg.shape} (tokens x out x in), {dtype_name(cfg.dtype)}")
+    # Dense runs once per shape: its cost does not depend on the mask.
+    stats = time_phases(lambda laps: train_step(base, x, dy, laps), **timing)
+    if wgrad_blocks:
+        stats.update(time_phases(lambda laps: train_step(base, x0, dy, laps, True), total=None, **timing))
+    add("dense", "", 1.0, stats, 1.0)
+
+    for block in cfg.blocks:
+        for density in cfg.densities:
+            mask = random_block_mask((cfg.out_features, cfg.in_features), block, density, generator=gen).to(device)
+            masked = MaskedLinear(base, mask)
+            add("masked", block, density, time_phases(lambda laps, m=masked: train_step(m, x, dy, laps), **timing), 1.0)
+            del masked
+
+            layer = SparseLinear.from_dense(base, mask=mask, block_size=block)
+            fractions = flop_fractions(layer, cfg.tokens)
+            stats = time_phases(lambda laps, m=layer: train_step(m, x, dy, laps), **timing)
+            freeze_here = (block, density) in cfg.freeze
+            if freeze_here:
+                stats.update(time_phases(lambda laps, m=layer: train_step(m, x0, dy, laps, True), total=None, **timing))
+            add("sparsekern", block, density, stats, fractions)
+
+            if freeze_here:
+                frozen = SparseLinear.from_dense(
+                    base, mask=mask, frozen_mask=half_frozen_mask(layer, gen), block_size=block
+                )
+                share = 1.0 - frozen.layout.n_train / max(1, frozen.layout.nnz_blocks)
+                stats = time_phases(lambda laps, m=frozen: train_step(m, x, dy, laps), **timing)
+                stats.update(
+                    time_phases(lambda laps, m=frozen: train_step(m, x0, dy, laps, True), total=None, **timing)
+                )
+                add("sparsekern_frozen", block, density, stats, flop_fractions(frozen, cfg.tokens), frozen=share)
+                del frozen
+
+            if density < 1.0 or cfg.bsr_at_full_density:
+                st, note = time_bsr(base, mask, block, x0, timing)
+                add("torch_bsr", block, density, {"forward": st}, {"forward": fractions["forward"]}, note=note)
+            del layer, mask
+            gc.collect()
+    return rows
+
+
+def time_bsr(base: nn.Linear, mask: torch.Tensor, block: int, x: torch.Tensor, timing: dict):
+    """``(stats, note)`` for the torch BSR forward; NaN stats and an ``unavailable: ...`` note when it fails."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "BSR support is in beta", untuned-GPU warnings
+            fwd = bsr_forward(base, mask, block)
+            with torch.no_grad():
+                fwd(x)  # fail here, not inside the timing loop
+                return time_fn(lambda: fwd(x), **timing), ""
+    except Exception as exc:  # any failure means "torch cannot do this here"
+        first = str(exc).splitlines()[0][:120] if str(exc) else ""
+        note = f"unavailable: {type(exc).__name__}: {first}"
+        progress(f"  torch_bsr {note}")
+        return {"p20": math.nan, "p50": math.nan, "p80": math.nan}, note
+
+
+# ------------------------------------------------------------------ tables
+def _fmt_ms(v: float) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    return f"{v:.3f}" if v < 1 else f"{v:.1f}" if v >= 100 else f"{v:.2f}"
+
+
+def _fmt_x(v: float | None) -> str:
+    return "—" if v is None or math.isnan(v) else f"{v:.2f}x"
+
+
+def tables(rows: list[dict[str, object]]) -> str:
+    """Markdown: main table (forward/backward/step) and, when measured, the weight-gradient table."""
+    by = {(r["provider"], r["block"], r["density"], r["mode"]): r for r in rows}
+    dense = {m: by.get(("dense", "", 1.0, m)) for m in (*TRAIN_MODES, "weight_grad")}
+
+    def speedup(r, mode):
+        d = dense.get(mode)
+        if r is None or d is None or not r["p50"] or math.isnan(r["p50"]) or math.isnan(d["p50"]):
+            return math.nan
+        return d["p50"] / r["p50"]
+
+    configs = []
+    for r in rows:
+        key = (r["provider"], r["block"], r["density"])
+        if key not in configs:
+            configs.append(key)
+    head = ["block", "density", "provider", *(f"{m} ms" for m in TRAIN_MODES)]
+    head += [f"{m} speedup" for m in TRAIN_MODES] + ["FLOP fraction"]
+    body = []
+    for prov, block, density in configs:
+        got = {m: by.get((prov, block, density, m)) for m in TRAIN_MODES}
+        present = [r for r in got.values() if r is not None]
+        if not present:
+            continue
+        note = next((r["note"] for r in present if r.get("note")), "")
+        frac_row = got["step"] or got["forward"]
+        cells = [block or "—", f"{density:g}", prov]
+        if note:
+            cells += [note.split(":")[0], "—", "—", "—", "—", "—"]
+        else:
+            cells += [_fmt_ms(got[m]["p50"]) if got[m] else "—" for m in TRAIN_MODES]
+            cells += [_fmt_x(speedup(got[m], m)) if got[m] else "—" for m in TRAIN_MODES]
+        cells.append(f"{frac_row['flop_fraction']:.3f}")
+        body.append(cells)
+    text = markdown_table(head, body, align="rrl" + "r" * (len(head) - 3))
+    text += "\n\nTimes are p50 ms; speedup = dense time / provider time (same mode); "
+    text += "FLOP fraction = computed FLOPs / dense FLOPs for a full step (forward for forward-only providers)."
+
+    wg = [r for r in rows if r["mode"] == "weight_grad"]
+    if wg:
+        all_train = {(r["block"], r["density"]): r for r in wg if r["provider"] == "sparsekern"}
+        head = ["block", "density", "provider", "frozen blocks", "weight_grad ms", "vs dense", "vs all-trainable"]
+        head.append("dW FLOP fraction")
+        body = []
+        for r in wg:
+            ref = all_train.get((r["block"], r["density"]))
+            vs_train = ref["p50"] / r["p50"] if ref is not None and r["provider"] != "dense" else math.nan
+            body.append(
+                [
+                    r["block"] or "—",
+                    f"{r['density']:g}",
+                    r["provider"],
+                    f"{r['frozen_fraction']:.2f}",
+                    _fmt_ms(r["p50"]),
+                    _fmt_x(speedup(r, "weight_grad")),
+                    _fmt_x(vs_train),
+                    f"{r['flop_fraction']:.3f}",
+                ]
+            )
+        text += "\n\nWeight gradient only (backward with x not requiring grad), all-trainable vs half the kept "
+        text += "blocks frozen:\n\n" + markdown_table(head, body, align="rrl" + "r" * (len(head) - 3))
+    return text
+
+
+def headline(rows: list[dict[str, object]]) -> str | None:
+    """The project's headline figures, when this run measured them (stated, never judged)."""
+    by = {(r["provider"], r["block"], r["density"], r["mode"]): r["p50"] for r in rows}
+    dense = by.get(("dense", "", 1.0, "step"))
+    parts = []
+    for density in (0.1, 0.5):
+        sk = by.get(("sparsekern", 64, density, "step"))
+        if dense and sk and not math.isnan(sk):
+            parts.append(f"density {density:g}: {dense / sk:.2f}x dense")
+    if not parts:
+        return None
+    return "Headline, sparsekern full step (fwd+bwd), 64x64 blocks: " + "; ".join(parts) + "."
+
+
+# ------------------------------------------------------------------ tuning
+def tune(cfg: SuiteConfig, device: torch.device) -> dict[str, dict]:
+    """Autotune the kernels for every block size of ``cfg`` (ignoring stored configs).
+
+    Runs one forward + backward per block size at density 0.5 with the suite's
+    token count, which makes ``kernels/bsmm.py`` benchmark its candidates for
+    the forward, input-gradient and weight-gradient kernels. Returns
+    ``bsmm.tuned_records()``; the suite run afterwards uses these configs.
+    """
+    import os
+
+    from sparsekern.kernels import bsmm
+    from sparsekern.kernels import configs as kcfg
+
+    os.environ["SPARSEKERN_IGNORE_TUNED"] = "1"
+    os.environ["SPARSEKERN_AUTOTUNE"] = "1"
+    kcfg.load_tuned.cache_clear()
+    bsmm._tuned_cache.clear()
+    base, x0, dy = make_base(cfg, device)
+    x = x0.detach().requires_grad_(True)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for block in cfg.blocks:
+        progress(f"tuning block {block} ({dtype_name(cfg.dtype)}, {cfg.tokens} tokens)")
+        mask = random_block_mask((cfg.out_features, cfg.in_features), block, 0.5, generator=gen).to(device)
+        layer = SparseLinear.from_dense(base, mask=mask, block_size=block)
+        layer(x).backward(dy)
+        torch.cuda.synchronize(device)
+    os.environ.pop("SPARSEKERN_IGNORE_TUNED")
+    kcfg.load_tuned.cache_clear()
+    return bsmm.tuned_records()
+
+
+def write_tuned(records: dict[str, dict]) -> list[str]:
+    """Merge ``records`` into ``kernels/tuned/<device>.json`` files; return the paths written."""
+    import json
+
+    from sparsekern.kernels import configs as kcfg
+
+    written = []
+    for name, recs in records.items():
+        path = kcfg.tuned_path(name)
+        old = json.loads(path.read_text()) if path.exists() else {}
+        merged = {**old, **recs}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(dict(sorted(merged.items())), indent=1) + "\n")
+        kcfg.load_tuned.cache_clear()
+        written.append(f"{path} ({len(recs)} tuned, {len(merged)} total)")
+    return written
