@@ -22,9 +22,11 @@ import torch
 
 # Above this block density the gathered path loses to one dense GEMM on the
 # masked weight. Measured on this project's 2-core CPU (fp32, 4096x4096 weight,
-# 2048 tokens, 64x64 blocks): gathered forward+backward is 0.73x dense time at
-# density 0.5 and 1.1x at density 1.0; the crossover sits near 0.8.
-DENSE_CROSSOVER = 0.8
+# 2048 tokens, 64x64 blocks, SparseLinear forward+backward, idle machine):
+# gathered 0.62 s vs dense path 0.93 s at block density 0.24, but 1.10 s vs
+# 0.83 s at 0.36 (nn.Linear: 0.70 s). The per-block-row GEMMs have only bm
+# output rows, which MKL runs at about half its dense rate here.
+DENSE_CROSSOVER = 0.3
 
 
 def effective_blocks(w_train, w_frozen, storage, aux, element_state, n_frozen) -> torch.Tensor:
@@ -92,10 +94,32 @@ def _transposed(t: torch.Tensor, rows: int, slot: str) -> torch.Tensor:
     return out
 
 
-def _dense_weight(vals, meta, bm, bk, n, k) -> torch.Tensor:
+def _dense_weight(w_train, w_frozen, meta, n_frozen, n, k) -> torch.Tensor:
+    """The effective weight as a dense ``(n, k)`` tensor, written straight from the two stores.
+
+    Skips the zero fill when every block is computed (each element is then
+    written once): at full density that is a 64 MB pass saved on a 4096^2 weight.
+    """
+    bm, bk = w_train.shape[1:]
     rb, cb = meta.row_offsets.numel() - 1, meta.col_offsets.numel() - 1
-    w = vals.new_zeros(rb, bm, cb, bk)
-    w[meta.row_indices.long(), :, meta.col_indices.long(), :] = vals
+    full = meta.col_indices.numel() == rb * cb
+    if full and w_train.shape[0] == rb * cb and meta.element_state.shape[0] == 0:
+        # Every block computed and trainable: the CSR store is the weight with its blocks
+        # in row-major order, so one permuted copy replaces the indexed scatter.
+        return w_train.view(rb, cb, bm, bk).transpose(1, 2).reshape(rb * bm, cb * bk)[:n, :k]
+    w = w_train.new_empty(rb, bm, cb, bk) if full else w_train.new_zeros(rb, bm, cb, bk)
+    rows, cols, s = meta.row_indices.long(), meta.col_indices.long(), meta.storage.long()
+    trainable = (s >= 0).nonzero().squeeze(1)
+    # Trainable blocks are stored in CSR order, so w_train needs no gather.
+    w[rows[trainable], :, cols[trainable], :] = w_train
+    fixed = (s < 0).nonzero().squeeze(1)
+    if fixed.numel():
+        w[rows[fixed], :, cols[fixed], :] = w_frozen[-s[fixed] - 1]
+    a = meta.aux.long()
+    mixed = (a >= 0).nonzero().squeeze(1)
+    if mixed.numel():
+        r, c, slot = rows[mixed], cols[mixed], a[mixed]
+        w[r, :, c, :] = torch.where(meta.element_state[slot] == 2, w[r, :, c, :], w_frozen[n_frozen + slot])
     return w.view(rb * bm, cb * bk)[:n, :k]
 
 
@@ -136,9 +160,9 @@ def _gathered_mm(lhs_of, src, index, offsets, width, out):
 def forward(x, w_train, w_frozen, bias, meta, n_out, n_frozen) -> torch.Tensor:
     bm, bk = w_train.shape[1:]
     m, k = x.shape
-    vals = effective_blocks(w_train, w_frozen, meta.storage, meta.aux, meta.element_state, n_frozen)
     if use_dense(meta) or m == 0:
-        return torch.nn.functional.linear(x, _dense_weight(vals, meta, bm, bk, n_out, k), bias)
+        return torch.nn.functional.linear(x, _dense_weight(w_train, w_frozen, meta, n_frozen, n_out, k), bias)
+    vals = effective_blocks(w_train, w_frozen, meta.storage, meta.aux, meta.element_state, n_frozen)
     rb, cb = meta.row_offsets.numel() - 1, meta.col_offsets.numel() - 1
     xt = _transposed(x, cb * bk, "xt").view(cb, bk, m)
     # (bm, nnzb, bk): a block row's blocks side by side are then a (bm, L) view.
@@ -156,9 +180,9 @@ def forward(x, w_train, w_frozen, bias, meta, n_out, n_frozen) -> torch.Tensor:
 def input_grad(dy, w_train, w_frozen, meta, n_in, n_frozen) -> torch.Tensor:
     bm, bk = w_train.shape[1:]
     m, n = dy.shape
-    vals = effective_blocks(w_train, w_frozen, meta.storage, meta.aux, meta.element_state, n_frozen)
     if use_dense(meta) or m == 0:
-        return dy @ _dense_weight(vals, meta, bm, bk, n, n_in)
+        return dy @ _dense_weight(w_train, w_frozen, meta, n_frozen, n, n_in)
+    vals = effective_blocks(w_train, w_frozen, meta.storage, meta.aux, meta.element_state, n_frozen)
     rb, cb = meta.row_offsets.numel() - 1, meta.col_offsets.numel() - 1
     dyt = _transposed(dy, rb * bm, "dyt").view(rb, bm, m)
     # Column order, each block transposed: a column's blocks stack into (bk, L).
@@ -183,8 +207,13 @@ def weight_grad(dy, x, meta, block_size) -> torch.Tensor:
     t_rows = meta.row_indices.long()[tidx]
     t_cols = meta.col_indices.long()[tidx]
     if use_dense(meta) or m == 0:
-        g = torch.nn.functional.pad(dy.t() @ x, (0, cb * bk - k, 0, rb * bm - n))
-        dw = g.view(rb, bm, cb, bk)[t_rows, :, t_cols, :]
+        g = dy.t() @ x
+        if (rb * bm, cb * bk) != (n, k):
+            g = torch.nn.functional.pad(g, (0, cb * bk - k, 0, rb * bm - n))
+        if n_train == rb * cb:  # every block trainable: a permuted copy, no indexed gather
+            dw = g.view(rb, bm, cb, bk).transpose(1, 2).reshape(n_train, bm, bk)
+        else:
+            dw = g.view(rb, bm, cb, bk)[t_rows, :, t_cols, :]
     else:
         xt = _transposed(x, cb * bk, "xt").view(cb, bk, m)
         # train_index is in CSR order, so each block row's trainable blocks are contiguous.

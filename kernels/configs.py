@@ -116,20 +116,24 @@ def default_config(kind: str, bm: int, bk: int, elem_bytes: int) -> triton.Confi
     """The config used without tuning (interpreter, offline check, first guess).
 
     Chosen so that ``python -m sparsekern.check`` finds no spills on sm_80 or
-    sm_90 for any block size or dtype: fp32 tiles are half as deep (an fp32
-    ``tl.dot`` holds twice the operand registers, and the FMA path used
-    without TF32 unrolls the whole ``BLOCK_K``), and 128-row blocks are
-    split in two output slices (a 128x128 fp32 accumulator plus the mixed-block
-    operands exceeds 255 registers with 4 warps).
+    sm_90 for any block size or dtype. fp32 needs smaller tiles: without TF32
+    ``tl.dot`` becomes FMAs that keep the whole reduction slice of both
+    operands in registers, so the reduction step is 16 (``BLOCK_K`` in the
+    forward, ``BLOCK_N`` in the input gradient) and the output slice at most
+    32 wide. With 16-bit operands, 128-row blocks are still split into two
+    64-row output slices to stay under 255 registers in mixed blocks.
     """
     wide = elem_bytes >= 4
     if kind == "wgrad":
-        kw = {"BLOCK_M": 32 if wide else 64, "GROUP": 1}
+        kw = {"BLOCK_M": 32 if wide else 64, "GROUP": 1, "BLOCK_N": min(bm, 64), "BLOCK_K": min(bk, 32 if wide else 64)}
+        return triton.Config(kw, num_warps=4, num_stages=3)
+    reduce_side, out_side = (16, 32) if wide else (64, 64)
+    if kind == "fwd":
+        tiles = {"BLOCK_N": min(bm, out_side), "BLOCK_K": min(bk, reduce_side)}
     else:
-        kw = {"BLOCK_M": 64 if wide else 128, "SWAP_AB": False}
-    kw["BLOCK_N"] = min(bm, 64)
-    kw["BLOCK_K"] = min(bk, 32 if wide else 64)
-    return triton.Config(kw, num_warps=4, num_stages=3 if kind == "wgrad" or not wide else 2)
+        tiles = {"BLOCK_N": min(bm, reduce_side), "BLOCK_K": min(bk, out_side)}
+    kw = {"BLOCK_M": 64 if wide else 128, "SWAP_AB": False, **tiles}
+    return triton.Config(kw, num_warps=4, num_stages=2 if wide else 3)
 
 
 # ----------------------------------------------------------- tuned records

@@ -42,3 +42,17 @@ def _seed(request):
     print(f"seed={seed} (SPARSEKERN_TEST_SEED={base}, node {request.node.nodeid})")
     torch.manual_seed(seed)
     return seed
+
+
+@pytest.fixture(autouse=True)
+def _pin_cpu_dense_crossover(monkeypatch):
+    """Pin the CPU path's dense crossover to the value the test cases were laid out for.
+
+    Cases pick densities on either side of ``bsmm_cpu.DENSE_CROSSOVER`` to run
+    both the gathered path and the dense fallback (guard tests assert both are
+    hit). The shipped value is a tuning choice measured on one machine; pinning
+    it here keeps a retune from silently moving cases between the two paths.
+    """
+    from sparsekern.kernels import bsmm_cpu
+
+    monkeypatch.setattr(bsmm_cpu, "DENSE_CROSSOVER", 0.8)
