@@ -20,13 +20,15 @@ import threading
 
 import torch
 
-# Above this block density the gathered path loses to one dense GEMM on the
-# masked weight. Measured on this project's 2-core CPU (fp32, 4096x4096 weight,
-# 2048 tokens, 64x64 blocks, SparseLinear forward+backward, idle machine):
-# gathered 0.62 s vs dense path 0.93 s at block density 0.24, but 1.10 s vs
-# 0.83 s at 0.36 (nn.Linear: 0.70 s). The per-block-row GEMMs have only bm
-# output rows, which MKL runs at about half its dense rate here.
-DENSE_CROSSOVER = 0.3
+# Above this block density (keyed by the block's smaller side) the gathered
+# path loses to one dense GEMM on the masked weight: the per-block-row GEMMs
+# have only bm output rows, which MKL runs well below its dense rate. Measured
+# on this project's 2-core CPU (fp32, 4096x4096 weight, 2048 tokens, full
+# SparseLinear step, `python -m bench`): 64x64 gathered is 1.25x dense at
+# density 0.25 but slower at 0.36; 32x32 is 1.9x at 0.1 but 0.81x at 0.25.
+# The 16 and 128 entries are not measured: 16 extrapolates the trend, 128
+# reuses 64's value.
+DENSE_CROSSOVER = {16: 0.05, 32: 0.15, 64: 0.3, 128: 0.3}
 
 
 def effective_blocks(w_train, w_frozen, storage, aux, element_state, n_frozen) -> torch.Tensor:
@@ -43,8 +45,10 @@ def effective_blocks(w_train, w_frozen, storage, aux, element_state, n_frozen) -
 
 
 def use_dense(meta) -> bool:
+    """Whether this layout runs as one dense GEMM on the masked weight (see ``DENSE_CROSSOVER``)."""
     rb, cb = meta.row_offsets.numel() - 1, meta.col_offsets.numel() - 1
-    return meta.col_indices.numel() > DENSE_CROSSOVER * rb * cb
+    side = min(meta.element_state.shape[1:])  # (n_mixed, bm, bk) even when n_mixed == 0
+    return meta.col_indices.numel() > DENSE_CROSSOVER.get(side, 0.3) * rb * cb
 
 
 def transposed_output(meta, m: int) -> bool:

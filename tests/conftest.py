@@ -55,4 +55,4 @@ def _pin_cpu_dense_crossover(monkeypatch):
     """
     from sparsekern.kernels import bsmm_cpu
 
-    monkeypatch.setattr(bsmm_cpu, "DENSE_CROSSOVER", 0.8)
+    monkeypatch.setattr(bsmm_cpu, "DENSE_CROSSOVER", dict.fromkeys((16, 32, 64, 128), 0.8))
