@@ -56,3 +56,63 @@ def _pin_cpu_dense_crossover(monkeypatch):
     from sparsekern.kernels import bsmm_cpu
 
     monkeypatch.setattr(bsmm_cpu, "DENSE_CROSSOVER", dict.fromkeys((16, 32, 64, 128), 0.8))
+
+
+# ------------------------------------------------ backend routing, launch counts
+PASSES = ("forward", "input_grad", "weight_grad")
+LAUNCHER_NAMES = {
+    "triton": ("bsmm_forward", "bsmm_input_grad", "bsmm_weight_grad"),
+    "cpu": ("forward", "input_grad", "weight_grad"),
+}
+
+
+@pytest.fixture(params=["triton", "cpu"])
+def backend(request, monkeypatch):
+    """Select the kernels ``sparse_linear`` dispatches to for CPU tensors.
+
+    ``kernels.use_triton`` reads the module global ``sparsekern.kernels.INTERPRET``
+    at call time, so patching it routes CPU tensors to the CPU path. The interpreter
+    itself cannot be switched on after import: the ``triton`` backend is skipped
+    when the process was not started with ``SPARSEKERN_INTERPRET=1``.
+    """
+    import sparsekern.kernels as sk
+
+    if request.param == "triton":
+        if not (sk.HAS_TRITON and sk.INTERPRET):
+            pytest.skip("Triton's interpreter is off in this process (SPARSEKERN_INTERPRET != 1)")
+    else:
+        monkeypatch.setattr(sk, "INTERPRET", False)
+    assert sk.use_triton(torch.device("cpu")) == (request.param == "triton")
+    return request.param
+
+
+class LaunchCounts(dict):
+    """Calls of every launcher, keyed ``(backend, pass)``."""
+
+    def assert_counts(self, backend, forward, input_grad, weight_grad):
+        expected = {(backend, "forward"): forward, (backend, "input_grad"): input_grad}
+        expected[(backend, "weight_grad")] = weight_grad
+        for key, n in self.items():
+            assert n == expected.get(key, 0), f"launcher {key} ran {n} times, expected {expected.get(key, 0)}: {self}"
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Count launcher calls; ``functional.py`` looks launchers up at call time, so wrapping sees every launch."""
+    import sparsekern.kernels as sk
+    from sparsekern.kernels import bsmm_cpu
+
+    counts = LaunchCounts()
+    for name, module in {"triton": sk.bsmm, "cpu": bsmm_cpu}.items():
+        if module is None:
+            continue
+        for pass_, attr in zip(PASSES, LAUNCHER_NAMES[name], strict=True):
+            counts[(name, pass_)] = 0
+            original = getattr(module, attr)
+
+            def counted(*args, _original=original, _key=(name, pass_), **kwargs):
+                counts[_key] += 1
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(module, attr, counted)
+    return counts

@@ -31,61 +31,6 @@ NAN = float("nan")
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 DTYPES = [F32, F16, BF16]
 DT_NAME = {F32: "fp32", F16: "fp16", BF16: "bf16"}
-PASSES = ("forward", "input_grad", "weight_grad")
-LAUNCHER_NAMES = {
-    "triton": ("bsmm_forward", "bsmm_input_grad", "bsmm_weight_grad"),
-    "cpu": ("forward", "input_grad", "weight_grad"),
-}
-
-
-# ------------------------------------------------------------------ fixtures
-@pytest.fixture(params=["triton", "cpu"])
-def backend(request, monkeypatch):
-    """Select the kernels ``sparse_linear`` dispatches to for CPU tensors.
-
-    ``kernels.use_triton`` reads the module global ``sparsekern.kernels.INTERPRET``
-    at call time, so patching it routes CPU tensors to the CPU path. The interpreter
-    itself cannot be switched on after import: the ``triton`` backend is skipped
-    when the process was not started with ``SPARSEKERN_INTERPRET=1``.
-    """
-    if request.param == "triton":
-        if not (sk.HAS_TRITON and sk.INTERPRET):
-            pytest.skip("Triton's interpreter is off in this process (SPARSEKERN_INTERPRET != 1)")
-    else:
-        monkeypatch.setattr(sk, "INTERPRET", False)
-    assert sk.use_triton(torch.device("cpu")) == (request.param == "triton")
-    return request.param
-
-
-@pytest.fixture
-def launches(monkeypatch):
-    """Count calls of every launcher, keyed ``(backend, pass)``.
-
-    ``functional.py`` looks the launchers up as module attributes at call time,
-    so wrapping the attributes sees every launch.
-    """
-    counts = {}
-    modules = {"triton": sk.bsmm, "cpu": bsmm_cpu}
-    for name, module in modules.items():
-        if module is None:
-            continue
-        for pass_, attr in zip(PASSES, LAUNCHER_NAMES[name], strict=True):
-            counts[(name, pass_)] = 0
-            original = getattr(module, attr)
-
-            def counted(*args, _original=original, _key=(name, pass_), **kwargs):
-                counts[_key] += 1
-                return _original(*args, **kwargs)
-
-            monkeypatch.setattr(module, attr, counted)
-    return counts
-
-
-def assert_launches(counts, backend, forward, input_grad, weight_grad):
-    expected = {(backend, "forward"): forward, (backend, "input_grad"): input_grad}
-    expected[(backend, "weight_grad")] = weight_grad
-    for key, n in counts.items():
-        assert n == expected.get(key, 0), f"launcher {key} ran {n} times, expected {expected.get(key, 0)}: {counts}"
 
 
 # ------------------------------------------------------------------- problems
@@ -194,7 +139,7 @@ def test_forward_and_all_grads(backend, launches, case, dtype):
     y.backward(p.dy)
     assert p.wf.grad is None and not p.wf.requires_grad
     check_all(p, y, x.grad, wt.grad, b.grad)
-    assert_launches(launches, backend, forward=1, input_grad=1, weight_grad=1)
+    launches.assert_counts(backend, forward=1, input_grad=1, weight_grad=1)
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=DT_NAME.get)
@@ -266,9 +211,9 @@ def test_only_requested_grads_are_computed(backend, launches, wants):
     p = Problem(17, 48, 80, 16, F32, 0.5, "mixed")
     x, wt, b = p.x.requires_grad_(want_x), p.wt.requires_grad_(want_w), p.bias.requires_grad_(want_b)
     y = sparse_linear(x, wt, p.wf, p.lay, b)
-    assert_launches(launches, backend, forward=1, input_grad=0, weight_grad=0)
+    launches.assert_counts(backend, forward=1, input_grad=0, weight_grad=0)
     y.backward(p.dy)
-    assert_launches(launches, backend, forward=1, input_grad=int(want_x), weight_grad=int(want_w))
+    launches.assert_counts(backend, forward=1, input_grad=int(want_x), weight_grad=int(want_w))
     for t, wanted in ((x, want_x), (wt, want_w), (b, want_b)):
         assert (t.grad is not None) == wanted
     check_all(p, y, x.grad, wt.grad, b.grad)
@@ -283,7 +228,7 @@ def test_no_grad_anywhere_builds_no_graph(backend, launches):
     assert y2.grad_fn is None
     assert torch.equal(y, y2)
     check_all(p, y, None, None, None)
-    assert_launches(launches, backend, forward=2, input_grad=0, weight_grad=0)
+    launches.assert_counts(backend, forward=2, input_grad=0, weight_grad=0)
 
 
 def test_double_backward_through_graph_with_retain(backend):

@@ -15,59 +15,11 @@ import pytest
 import torch
 from torch import nn
 
-import sparsekern.kernels as sk
-from sparsekern.kernels import bsmm_cpu
 from sparsekern.nn import SparseLinear
 from sparsekern.testing import assert_close, random_block_mask, reference_grads, reference_linear
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 DT_NAME = {F32: "fp32", F16: "fp16", BF16: "bf16"}
-PASSES = ("forward", "input_grad", "weight_grad")
-LAUNCHER_NAMES = {
-    "triton": ("bsmm_forward", "bsmm_input_grad", "bsmm_weight_grad"),
-    "cpu": ("forward", "input_grad", "weight_grad"),
-}
-
-
-# ------------------------------------------------------------------ fixtures
-@pytest.fixture(params=["triton", "cpu"])
-def backend(request, monkeypatch):
-    """Route CPU tensors to the Triton interpreter or to the CPU path (see test_functional.py)."""
-    if request.param == "triton":
-        if not (sk.HAS_TRITON and sk.INTERPRET):
-            pytest.skip("Triton's interpreter is off in this process (SPARSEKERN_INTERPRET != 1)")
-    else:
-        monkeypatch.setattr(sk, "INTERPRET", False)
-    assert sk.use_triton(torch.device("cpu")) == (request.param == "triton")
-    return request.param
-
-
-@pytest.fixture
-def launches(monkeypatch):
-    """Call counts of every launcher, keyed ``(backend, pass)``."""
-    counts = {}
-    for name, module in {"triton": sk.bsmm, "cpu": bsmm_cpu}.items():
-        if module is None:
-            continue
-        for pass_, attr in zip(PASSES, LAUNCHER_NAMES[name], strict=True):
-            counts[(name, pass_)] = 0
-            original = getattr(module, attr)
-
-            def counted(*args, _original=original, _key=(name, pass_), **kwargs):
-                counts[_key] += 1
-                return _original(*args, **kwargs)
-
-            monkeypatch.setattr(module, attr, counted)
-    return counts
-
-
-def assert_launches(counts, backend, forward, input_grad, weight_grad):
-    expected = {(backend, "forward"): forward, (backend, "input_grad"): input_grad}
-    expected[(backend, "weight_grad")] = weight_grad
-    for key, n in counts.items():
-        assert n == expected.get(key, 0), f"launcher {key} ran {n} times, expected {expected.get(key, 0)}: {counts}"
-
-
 # --------------------------------------------------------------------- masks
 # One letter per element state in a block: P pruned, F frozen, T trainable.
 PLAN = [
@@ -194,7 +146,7 @@ def test_frozen_weight_launches_no_weight_grad(backend, launches, frozen_by):
     x = torch.randn(9, 61, requires_grad=True)
     dy = torch.randn(9, 45)
     layer(x).backward(dy)
-    assert_launches(launches, backend, forward=1, input_grad=1, weight_grad=0)
+    launches.assert_counts(backend, forward=1, input_grad=1, weight_grad=0)
     assert layer.weight_train.grad is None
     assert (layer.bias.grad is None) == (frozen_by == "module")
     assert_close(x.grad, reference_grads(x, lin.weight, mask, frozen, dy)[0], F32, 45, "x.grad")
@@ -205,7 +157,7 @@ def test_input_without_grad_launches_no_input_grad(backend, launches):
     layer, lin = make_layer(61, 45, 16, mask, frozen)
     x, dy = torch.randn(9, 61), torch.randn(9, 45)
     layer(x).backward(dy)
-    assert_launches(launches, backend, forward=1, input_grad=0, weight_grad=1)
+    launches.assert_counts(backend, forward=1, input_grad=0, weight_grad=1)
     dw = reference_grads(x, lin.weight, mask, frozen, dy)[1]
     assert_close(dense_state(layer.layout, layer.weight_train.grad), dw, F32, 9, "weight grad")
 
