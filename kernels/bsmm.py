@@ -45,34 +45,15 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from . import configs as cfgs
+from .meta import Meta
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-class Meta(NamedTuple):
-    """Layout index tensors (int32, ``element_state`` int8), in launcher order."""
-
-    row_offsets: torch.Tensor
-    col_indices: torch.Tensor
-    row_indices: torch.Tensor
-    storage: torch.Tensor
-    aux: torch.Tensor
-    element_state: torch.Tensor
-    row_order: torch.Tensor
-    col_offsets: torch.Tensor
-    row_indices_t: torch.Tensor
-    block_index_t: torch.Tensor
-    col_order: torch.Tensor
-    train_index: torch.Tensor
-    train_rank: torch.Tensor
-    train_left: torch.Tensor
 
 
 # --------------------------------------------------------------------- helpers

@@ -31,14 +31,13 @@ import torch
 
 from sparsekern import kernels
 from sparsekern.kernels import bsmm_cpu
+from sparsekern.kernels.meta import Meta
 from sparsekern.layout import BlockLayout
 
 __all__ = ["sparse_linear"]
 
 
-def _meta(meta: list[torch.Tensor]):
-    from sparsekern.kernels.bsmm import Meta
-
+def _meta(meta: list[torch.Tensor]) -> Meta:
     return Meta(*meta)
 
 

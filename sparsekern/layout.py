@@ -329,7 +329,7 @@ class BlockLayout:
         return self.n_frozen + self.n_mixed
 
     def meta(self) -> list[torch.Tensor]:
-        """Index tensors in the order the kernel launchers take them (see ``kernels.bsmm.Meta``)."""
+        """Index tensors in the order the kernel launchers take them (see ``kernels.meta.Meta``)."""
         return [
             self.row_offsets,
             self.col_indices,
