@@ -4,11 +4,13 @@ Quick start::
 
     import sparsekern
     layer = sparsekern.SparseLinear(1024, 1024, block_size=64, mask=mask, frozen_mask=frozen)
+    print(sparsekern.report(model, example_input).table())
 """
 
 from sparsekern import functional
+from sparsekern.flops import FlopReport, report
 from sparsekern.layout import BlockLayout
 from sparsekern.nn import SparseLinear
 
-__all__ = ["BlockLayout", "SparseLinear", "functional"]
+__all__ = ["BlockLayout", "FlopReport", "SparseLinear", "functional", "report"]
 __version__ = "0.1.0"

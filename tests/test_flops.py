@@ -1,0 +1,107 @@
+"""``sparsekern.report``: FLOP and memory accounting against hand-counted cases."""
+
+import pytest
+import torch
+from torch import nn
+
+import sparsekern
+from sparsekern import SparseLinear
+from sparsekern.layout import BlockLayout
+
+PASSES = ("forward", "input_grad", "weight_grad")
+
+
+def _one_layer(mask, frozen=None, block=16, bias=True):
+    n, k = mask.shape
+    return SparseLinear(k, n, bias=bias, block_size=block, mask=mask, frozen_mask=frozen)
+
+
+def test_dense_layer_counts_every_level_the_same():
+    m, n, k = 5, 48, 40
+    layer = _one_layer(torch.ones(n, k, dtype=torch.bool))
+    rep = sparsekern.report(layer, torch.randn(m, k, requires_grad=True))
+    expect = 2 * m * n * k
+    for level in ("dense", "element", "block"):
+        assert rep.total[level] == dict.fromkeys(PASSES, expect), level
+
+
+def test_all_pruned_counts_zero_but_dense():
+    m, n, k = 3, 32, 32
+    layer = _one_layer(torch.zeros(n, k, dtype=torch.bool))
+    rep = sparsekern.report(layer, torch.randn(m, k, requires_grad=True))
+    assert rep.total["block"] == dict.fromkeys(PASSES, 0)
+    assert rep.total["element"] == dict.fromkeys(PASSES, 0)
+    assert rep.total["dense"]["forward"] == 2 * m * n * k
+    assert rep.total["memory"]["grads"] == 4 * n  # only the bias trains
+
+
+def test_one_partial_edge_block():
+    """One kept element in the overhanging corner block: element counts 1, block counts the in-matrix area."""
+    m, n, k, bs = 7, 40, 36, 16  # corner block covers rows 32..39, cols 32..35 -> 8 x 4 in the matrix
+    mask = torch.zeros(n, k, dtype=torch.bool)
+    mask[39, 35] = True
+    rep = sparsekern.report(_one_layer(mask, block=bs), torch.randn(m, k, requires_grad=True))
+    for p in PASSES:
+        assert rep.total["element"][p] == 2 * m * 1
+        assert rep.total["block"][p] == 2 * m * 8 * 4
+
+
+def test_frozen_only_layer_has_no_weight_gradient():
+    m, n, k = 4, 32, 48
+    keep = torch.ones(n, k, dtype=torch.bool)
+    rep = sparsekern.report(_one_layer(keep, frozen=keep, bias=False), torch.randn(m, k, requires_grad=True))
+    dense = 2 * m * n * k
+    assert rep.total["block"] == {"forward": dense, "input_grad": dense, "weight_grad": 0}
+    assert rep.total["element"]["weight_grad"] == 0
+    mem = rep.total["memory"]
+    assert mem["params"] == 0 and mem["grads"] == 0 and mem["optimizer"] == 0
+    assert mem["frozen"] == 4 * n * k
+
+
+def test_first_layer_input_grad_is_not_counted_and_totals_add_up():
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), _one_layer(torch.rand(32, 64) < 0.5))
+    m = 6
+    rep = sparsekern.report(model, torch.randn(m, 20))
+    first, second = rep.layers
+    assert first["flops"]["dense"]["input_grad"] == 0  # model input does not require grad
+    assert second["flops"]["dense"]["input_grad"] == 2 * m * 32 * 64
+    for level in ("dense", "element", "block"):
+        for p in PASSES:
+            assert rep.total[level][p] == first["flops"][level][p] + second["flops"][level][p]
+    assert "| total |" in rep.table()
+
+
+def test_block_flops_match_a_brute_force_recount_of_the_layout():
+    """The block level must be exactly the in-matrix area of the blocks the kernels visit."""
+    n, k, bm, bk, m = 70, 90, 32, 16, 11
+    mask = torch.rand(n, k) < 0.03
+    frozen = mask & (torch.rand(n, k) < 0.5)
+    lay = BlockLayout.from_masks(mask, frozen, (bm, bk))
+    computed = trained = 0
+    for r in range(-(-n // bm)):  # brute force over blocks, on purpose: an independent count
+        for c in range(-(-k // bk)):
+            blk = (slice(r * bm, (r + 1) * bm), slice(c * bk, (c + 1) * bk))
+            area = mask[blk].numel()
+            computed += area * bool(mask[blk].any())
+            trained += area * bool((mask & ~frozen)[blk].any())
+    f = lay.flops(m)
+    assert f["forward"]["block"] == f["input_grad"]["block"] == 2 * m * computed
+    assert f["weight_grad"]["block"] == 2 * m * trained
+    assert lay.n_train == int((lay.storage >= 0).sum())
+
+
+def test_optimizer_state_memory_scales_with_trainable_blocks():
+    n = k = 256
+    bs = 32
+    blocks = torch.rand(n // bs, k // bs) < 0.1
+    mask = blocks.repeat_interleave(bs, 0).repeat_interleave(bs, 1)
+    layer = _one_layer(mask, block=bs, bias=False)
+    rep = sparsekern.report(layer, torch.randn(2, k), optimizer="adamw")
+    mem = rep.total["memory"]
+    assert mem["optimizer"] == 2 * 4 * int(blocks.sum()) * bs * bs
+    assert mem["dense_total"] == 4 * n * k * 4  # params + grads + two AdamW states
+
+
+def test_bad_optimizer_name():
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        sparsekern.report(nn.Linear(4, 4), torch.randn(1, 4), optimizer="lion")
