@@ -93,6 +93,23 @@ def _load_w_tile(
     return w
 
 
+@triton.jit
+def _line_program(order_ptr, offsets_ptr, M, BLOCK_M: tl.constexpr, SUB: tl.constexpr):
+    """Decode a forward/input-gradient program id into its token tile and weight line.
+
+    A *line* is a block row (forward) or block column (input gradient); lines
+    are visited in ``order`` (longest first), each split into ``SUB`` output
+    slices, with token tiles fastest so that a line's programs launch together.
+    Returns ``(pid_m, sub, line, start, end)``, ``[start, end)`` being the
+    line's positions in the traversal.
+    """
+    pid = tl.program_id(0)
+    num_m = (M + BLOCK_M - 1) // BLOCK_M  # not tl.cdiv: see the module docstring
+    rest = pid // num_m
+    line = tl.load(order_ptr + rest // SUB)
+    return pid % num_m, rest % SUB, line, tl.load(offsets_ptr + line), tl.load(offsets_ptr + line + 1)
+
+
 # --------------------------------------------------------------------- kernels
 @triton.jit
 def _bsmm_fwd_kernel(
@@ -140,14 +157,7 @@ def _bsmm_fwd_kernel(
     tl.static_assert(BK % BLOCK_K == 0, "BLOCK_K must divide the block's columns")
     SUB_N: tl.constexpr = BM // BLOCK_N
     SUB_K: tl.constexpr = BK // BLOCK_K
-    pid = tl.program_id(0)
-    num_m = (M + BLOCK_M - 1) // BLOCK_M  # not tl.cdiv: see the module docstring
-    pid_m = pid % num_m
-    rest = pid // num_m
-    sub_n = rest % SUB_N
-    r = tl.load(row_order_ptr + rest // SUB_N)
-    start = tl.load(row_offsets_ptr + r)
-    end = tl.load(row_offsets_ptr + r + 1)
+    pid_m, sub_n, r, start, end = _line_program(row_order_ptr, row_offsets_ptr, M, BLOCK_M, SUB_N)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_bn = sub_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -237,14 +247,7 @@ def _bsmm_dx_kernel(
     tl.static_assert(BK % BLOCK_K == 0, "BLOCK_K must divide the block's columns")
     SUB_N: tl.constexpr = BM // BLOCK_N
     SUB_K: tl.constexpr = BK // BLOCK_K
-    pid = tl.program_id(0)
-    num_m = (M + BLOCK_M - 1) // BLOCK_M  # not tl.cdiv: see the module docstring
-    pid_m = pid % num_m
-    rest = pid // num_m
-    sub_k = rest % SUB_K
-    c = tl.load(col_order_ptr + rest // SUB_K)
-    start = tl.load(col_offsets_ptr + c)
-    end = tl.load(col_offsets_ptr + c + 1)
+    pid_m, sub_k, c, start, end = _line_program(col_order_ptr, col_offsets_ptr, M, BLOCK_M, SUB_K)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_bk = sub_k * BLOCK_K + tl.arange(0, BLOCK_K)
