@@ -3,6 +3,7 @@
 Examples::
 
     python -m bench                          # linear suite, GPU if present else CPU
+    python -m bench --suite layout           # layout build and set_masks cost against training steps
     python -m bench --quick --out /tmp/b     # tiny config (seconds), e.g. for tests
     python -m bench --device cuda --tune     # GPU: autotune, store configs, then benchmark
 
@@ -13,6 +14,7 @@ Results go to ``bench/results/<suite>_<device>_<date>.{csv,json,md}`` unless
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -21,14 +23,18 @@ import torch
 
 from bench import common
 
-SUITES = ("linear",)
+SUITES = ("linear", "layout")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--suite", choices=SUITES, default="linear", help="which suite to run (default: linear)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if present")
-    p.add_argument("--quick", action="store_true", help="tiny configuration (256x256, 64 tokens), for tests")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny configuration, for tests (linear: 256x256, 64 tokens; layout: 512x512, 16 tokens)",
+    )
     p.add_argument("--out", type=Path, default=common.DEFAULT_OUT, help="results folder (default: bench/results)")
     p.add_argument("--dtype", default=None, help="float32|float16|bfloat16 (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default: per device)")
@@ -37,8 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--tune",
         action="store_true",
-        help="GPU only: autotune the kernels for the suite's shapes and merge the chosen configs into "
-        "kernels/tuned/<device>.json before benchmarking",
+        help="GPU only, linear suite: autotune the kernels for the suite's shapes and merge the chosen configs "
+        "into kernels/tuned/<device>.json before benchmarking",
     )
     return p.parse_args(argv)
 
@@ -49,12 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.tune and device.type != "cuda":
         print("--tune needs a CUDA device: there is nothing to tune on the CPU", file=sys.stderr)
         return 2
+    if args.tune and args.suite != "linear":
+        print("--tune belongs to the linear suite (it tunes the kernels for its shapes)", file=sys.stderr)
+        return 2
     dtype = common.parse_dtype(args.dtype) if args.dtype else None
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
-    from bench import linear as suite
-
+    # A suite module has default_config(device, dtype, quick), run(cfg, device, env), tables(rows),
+    # headline(rows) and optionally describe(cfg), the header's configuration sentence.
+    suite = importlib.import_module(f"bench.{args.suite}")
     cfg = suite.default_config(device, dtype, quick=args.quick)
     if args.repeats is not None:
         cfg.repeats = args.repeats
@@ -71,8 +81,12 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = suite.run(cfg, device, env)
     text = f"## {args.suite}: {env['device']}\n\n"
-    text += f"shape {cfg.shape} (tokens x out x in), {common.dtype_name(cfg.dtype)}, "
-    text += f"{cfg.warmup} warmup + {cfg.repeats} timed steps; torch {env['torch']}, triton {env['triton']}, "
+    if hasattr(suite, "describe"):
+        text += suite.describe(cfg)
+    else:
+        text += f"shape {cfg.shape} (tokens x out x in), {common.dtype_name(cfg.dtype)}, "
+        text += f"{cfg.warmup} warmup + {cfg.repeats} timed steps"
+    text += f"; torch {env['torch']}, triton {env['triton']}, "
     text += f"git {env['git_sha']}, {env['date']}, load average {env['loadavg_1min']} "
     text += f"on {os.cpu_count()} cores"
     if env["omp_wait_policy"]:
@@ -89,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
             if not torch.cuda.is_available()
             else "this run was on the CPU (--device cpu)."
         )
-        text += " Run `make bench-gpu` on a GPU machine for them."
+        if args.suite == "linear":
+            text += " Run `make bench-gpu` on a GPU machine for them."
+        else:
+            text += f" Run `python -m bench --suite {args.suite} --device cuda` on a GPU machine for them."
     print(text, flush=True)
 
     paths = common.write_results(rows, env, args.out, common.result_stem(args.suite, env), text)

@@ -103,3 +103,52 @@ def test_plot_writes_png(quick_run, tmp_path):
     png = tmp_path / (csv_path.stem + ".png")
     assert png.exists(), f"no {png.name}; plot printed {proc.stdout!r}"
     assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.fixture(scope="module")
+def layout_quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_layout")
+    proc = _run(["-m", "bench", "--suite", "layout", "--quick", "--device", "cpu", "--out", str(out)])
+    return out, proc
+
+
+def test_layout_quick_run_writes_csv_json_markdown(layout_quick_run):
+    out, proc = layout_quick_run
+    csv_path, json_path, md_path = (_one(out, f"layout_cpu_*.{ext}") for ext in ("csv", "json", "md"))
+
+    with csv_path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in REQUIRED if c not in reader.fieldnames]
+        assert not missing, f"CSV lacks columns {missing}; has {reader.fieldnames}"
+        rows = list(reader)
+    assert {r["provider"] for r in rows} == {"sparsekern"}
+    by_mode = {}
+    for r in rows:
+        by_mode.setdefault(r["mode"], []).append(r)
+    assert set(by_mode) == {"build", "set_masks", "train_step"}, sorted(by_mode)
+    for r in rows:
+        assert r["device"] and r["torch"] and r["git_sha"] and r["block"] and r["density"], r
+        p20, p50, p80 = float(r["p20"]), float(r["p50"]), float(r["p80"])
+        assert 0 < p20 <= p50 <= p80, r
+
+    builds = by_mode["build"]
+    assert {r["shape"] for r in builds} == {"512x512"}
+    assert sorted(float(r["frozen_fraction"]) for r in builds) == [0.0, 0.5], "one build without, one half frozen"
+    (step,), (update,) = by_mode["train_step"], by_mode["set_masks"]
+    assert step["shape"] == "16x512x512" and step["tokens"] == "16" and step["dtype"] == "float32", step
+    assert 0 < float(step["flop_fraction"]) <= 1, step
+    assert update["shape"] == "512x512" and (update["block"], update["density"]) == ("64", "0.1"), update
+    # The note states set_masks as a share of 100 steps: it must be the ratio of the two p50s.
+    pct = float(update["note"].split("%")[0])
+    expected = 100 * float(update["p50"]) / (100 * float(step["p50"]))
+    assert pct == pytest.approx(expected, rel=0.02, abs=0.01), update["note"]
+
+    doc = json.loads(json_path.read_text())
+    assert len(doc["rows"]) == len(rows)
+    assert doc["environment"]["device_type"] == "cpu"
+    assert doc["environment"]["interpret"] is False
+    assert {r["mode"] for r in doc["rows"]} == set(by_mode)
+
+    md = md_path.read_text()
+    assert "| weight" in md and "set_masks / 100 train steps" in md
+    assert "| weight" in proc.stdout and "set_masks / 100 train steps" in proc.stdout, "the table is printed"
