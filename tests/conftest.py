@@ -116,3 +116,25 @@ def launches(monkeypatch):
 
             monkeypatch.setattr(module, attr, counted)
     return counts
+
+
+@pytest.fixture
+def xfail_cpu_dense_nan(request):
+    """Mark the running test as a strict xfail when it exercises the CPU dense fallback.
+
+    Above the dense crossover the CPU path multiplies the dense masked weight, so
+    NaN * 0 from wholly pruned regions reaches the result, exactly as dense
+    ``W * mask`` does. The skip proofs record that limitation instead of hiding it.
+    """
+
+    def apply(backend: str, dense: bool) -> None:
+        if backend == "cpu" and dense:
+            request.applymarker(
+                pytest.mark.xfail(
+                    strict=True,
+                    reason="CPU dense fallback (bsmm_cpu.use_dense) multiplies the dense masked weight, "
+                    "so NaN * 0 from wholly pruned regions reaches the result",
+                )
+            )
+
+    return apply

@@ -243,22 +243,10 @@ def test_double_backward_through_graph_with_retain(backend):
 
 
 # --------------------------------------------------------------- skip proofs
-def _cpu_densepath_xfail(request, backend, regime):
-    # Same limitation test_kernels.py records for the launchers, seen through autograd.
-    if backend == "cpu" and regime == "densepath":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="CPU dense fallback (bsmm_cpu.use_dense, block density > 0.8) multiplies the dense "
-                "masked weight, so NaN * 0 from wholly pruned regions reaches the result",
-            )
-        )
-
-
 @pytest.mark.parametrize("regime", ["gathered", "densepath"])
-def test_nan_in_pruned_input_features_never_reaches_y(request, backend, regime):
+def test_nan_in_pruned_input_features_never_reaches_y(xfail_cpu_dense_nan, backend, regime):
     """Input features whose block column is wholly pruned are never read, forward or backward."""
-    _cpu_densepath_xfail(request, backend, regime)
+    xfail_cpu_dense_nan(backend, regime == "densepath")
     n, k, bs = 64, 96, 16  # 4 x 6 blocks
     mask, frozen = make_masks((n, k), bs, 1.0 if regime == "densepath" else 0.5, "mixed")
     dead = [4] if regime == "densepath" else [1, 4]
@@ -282,9 +270,9 @@ def test_nan_in_pruned_input_features_never_reaches_y(request, backend, regime):
 
 
 @pytest.mark.parametrize("regime", ["gathered", "densepath"])
-def test_nan_in_dy_of_pruned_output_features_never_reaches_x_grad(request, backend, regime):
+def test_nan_in_dy_of_pruned_output_features_never_reaches_x_grad(xfail_cpu_dense_nan, backend, regime):
     """Columns of ``dy`` (output features) whose block row is wholly pruned are never read by dX or dW."""
-    _cpu_densepath_xfail(request, backend, regime)
+    xfail_cpu_dense_nan(backend, regime == "densepath")
     n, k, bs = 96, 64, (16, 32)  # 6 x 2 blocks
     mask, frozen = make_masks((n, k), bs, 1.0 if regime == "densepath" else 0.5, "mixed")
     dead = [2] if regime == "densepath" else [0, 5]

@@ -327,22 +327,11 @@ def test_every_tuning_candidate(kind, bs, index, cfg):
 
 
 # -------------------------------------------------------------- skip proofs
-def _cpu_dense_xfail(request, backend, regime):
-    if backend == "cpu" and regime == "dense":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="CPU dense fallback (block density > DENSITY_CROSSOVER) multiplies the "
-                "dense masked weight, so NaN * 0 from skipped regions reaches the output",
-            )
-        )
-
-
 @pytest.mark.parametrize("regime", ["sparse", "dense"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_forward_never_reads_x_of_pruned_block_columns(request, backend, regime):
+def test_forward_never_reads_x_of_pruned_block_columns(xfail_cpu_dense_nan, backend, regime):
     dev = _need(backend)
-    _cpu_dense_xfail(request, backend, regime)
+    xfail_cpu_dense_nan(backend, regime == "dense")
     n, k, bs = 64, 96, 16  # 4 x 6 blocks
     mask, frozen = make_masks((n, k), bs, 1.0 if regime == "dense" else 0.5, "mixed")
     dead = [4] if regime == "dense" else [1, 4]
@@ -360,9 +349,9 @@ def test_forward_never_reads_x_of_pruned_block_columns(request, backend, regime)
 
 @pytest.mark.parametrize("regime", ["sparse", "dense"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_input_grad_never_reads_dy_of_pruned_block_rows(request, backend, regime):
+def test_input_grad_never_reads_dy_of_pruned_block_rows(xfail_cpu_dense_nan, backend, regime):
     dev = _need(backend)
-    _cpu_dense_xfail(request, backend, regime)
+    xfail_cpu_dense_nan(backend, regime == "dense")
     n, k, bs = 96, 64, (16, 32)  # 6 x 2 blocks
     mask, frozen = make_masks((n, k), bs, 1.0 if regime == "dense" else 0.5, "mixed")
     dead = [2] if regime == "dense" else [0, 5]
