@@ -25,3 +25,32 @@ class Meta(NamedTuple):
     train_index: torch.Tensor
     train_rank: torch.Tensor
     train_left: torch.Tensor
+
+
+class ConvGeom(NamedTuple):
+    """The geometry of one 2-D convolution, as the conv launchers read it.
+
+    Activations are ``(n, c_in, h, w)`` logically, in any memory format. Padding
+    is given as the top/left amounts only: ``h_out``/``w_out`` already account
+    for the bottom/right side (which may differ, as with ``padding='same'`` and
+    an even kernel). ``c_pad`` is ``c_in`` rounded up to the block's ``bk`` so
+    that a block column of the weight matrix never straddles two filter taps
+    (see ``sparsekern/convview.py``).
+    """
+
+    n: int
+    c_in: int
+    h: int
+    w: int
+    c_out: int
+    h_out: int
+    w_out: int
+    kh: int
+    kw: int
+    stride_h: int
+    stride_w: int
+    pad_h: int
+    pad_w: int
+    dil_h: int
+    dil_w: int
+    c_pad: int
