@@ -36,7 +36,15 @@ import torch
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-__all__ = ["reference_linear", "reference_grads", "random_block_mask", "tolerance", "assert_close"]
+__all__ = [
+    "assert_close",
+    "random_block_mask",
+    "reference_conv2d",
+    "reference_conv_grads",
+    "reference_grads",
+    "reference_linear",
+    "tolerance",
+]
 
 _EPS32 = torch.finfo(torch.float32).eps
 
@@ -78,6 +86,48 @@ def reference_grads(
         trainable = trainable & ~frozen_mask.to(torch.bool)
     dw = torch.where(trainable, dy64.T @ _f64(x), 0.0)
     return dx, dw, None if bias is None else dy64.sum(0)
+
+
+def reference_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+) -> torch.Tensor:
+    """Float64 ``F.conv2d(x, W * mask, bias, ...)``; ``padding`` may be ``'same'``/``'valid'``."""
+    return torch.nn.functional.conv2d(
+        _f64(x), _effective_weight(weight, mask), _f64(bias), stride=stride, padding=padding, dilation=dilation
+    )
+
+
+def reference_conv_grads(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    frozen_mask: torch.Tensor | None,
+    dy: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Float64 ``(dx, dW, dbias)`` of :func:`reference_conv2d` for upstream ``dy``.
+
+    ``dW`` is zero outside the trainable elements (``mask & ~frozen_mask``).
+    """
+    x64 = _f64(x).requires_grad_(True)
+    w64 = _effective_weight(weight, mask).requires_grad_(True)
+    b64 = None if bias is None else _f64(bias).requires_grad_(True)
+    with torch.enable_grad():
+        y = torch.nn.functional.conv2d(x64, w64, b64, stride=stride, padding=padding, dilation=dilation)
+        grads = torch.autograd.grad(y, [x64, w64] + ([] if b64 is None else [b64]), _f64(dy))
+    trainable = mask.to(torch.bool)
+    if frozen_mask is not None:
+        trainable = trainable & ~frozen_mask.to(torch.bool)
+    return grads[0], torch.where(trainable, grads[1], 0.0), None if b64 is None else grads[2]
 
 
 def random_block_mask(
