@@ -1,0 +1,309 @@
+"""Dynamic sparse training: SET and RigL at constant density, by whole blocks or by elements.
+
+Every ``delta_t`` optimizer steps (until ``end_step``) each sparse layer drops
+a fraction of its trainable kept weights, the ones of lowest magnitude, and
+grows as many pruned ones: at random (SET, Mocanu et al. 2018) or where the
+dense gradient is largest (RigL, Evci et al. 2020). The fraction decays with a
+cosine from ``drop_fraction`` to 0 at ``end_step``.
+
+Granularity:
+
+* ``"block"``: scores are pooled per block (``sparsekern.methods.blocks``) and
+  whole blocks are dropped and grown, so the layer keeps exactly as many
+  computed and trainable blocks and the kernels keep skipping the rest. With
+  block-aligned masks (every kept block full) the element count is constant
+  too; a dropped partly kept block is replaced by a full one.
+* ``"element"``: the published element-level methods; the element count is
+  constant exactly. The layer still runs, but blocks end up mixed, so little
+  work is skipped.
+
+Frozen weights are never dropped or grown: a block holding any frozen element
+is never dropped, and only blocks (elements) with nothing kept are grown.
+Masks change through ``layer.set_masks(mask, frozen_mask, optimizer=...)``: no
+kernel recompiles, grown weights start at zero with zero optimizer state,
+dropped weights lose theirs. A weight dropped and grown again in the same
+update restarts at zero as well (the published behaviour).
+
+RigL's dense gradient is computed only on update steps. After the optimizer
+step that precedes an update step, the scheduler arms a forward hook on each
+sparse layer; the hook keeps the layer input ``x`` and registers a hook on the
+output that receives ``dy`` in backward and adds the dense ``dW = dy^T x`` (for
+a convolution, ``torch.nn.grad.conv2d_weight``) to a buffer. The optimizer
+step of the update step uses it to grow, then the hooks are removed. On every
+other step the weight gradient stays block-sparse. ``dense_grad_count``
+counts the dense weight-gradient products computed.
+
+Supported layers: any submodule with ``set_masks``, ``mask``, ``frozen_mask``,
+``weight`` and ``block_size`` (``SparseLinear``, and the conv layer, whose
+weights are 4-D and are pooled in their matrix view).
+
+Known limits: other holders of a layer's trainable Parameter (a second
+optimizer, an EMA copy, a list of parameters for gradient clipping made
+before training) see the old Parameter after an update and must be
+refreshed; a RigL update step needs a forward and backward through the
+model with gradients enabled (otherwise that layer skips the update, with a
+warning).
+
+Example:
+    >>> opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    >>> sched = DSTScheduler(model, opt, method="rigl", delta_t=100, end_step=3000, drop_fraction=0.3)
+    >>> for x, t in loader:  # the ordinary loop: the scheduler acts inside opt.step()
+    ...     opt.zero_grad()
+    ...     loss_fn(model(x), t).backward()
+    ...     opt.step()
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsekern import convview
+from sparsekern.methods.blocks import REDUCTIONS, expand_blocks, keep_top_blocks, pool_blocks
+
+__all__ = ["DSTScheduler", "METHODS", "GRANULARITIES"]
+
+METHODS = ("rigl", "set")
+GRANULARITIES = ("block", "element")
+DECAYS = ("cosine", "constant")
+
+
+def _is_sparse_layer(mod: nn.Module) -> bool:
+    return callable(getattr(mod, "set_masks", None)) and hasattr(mod, "frozen_mask") and hasattr(mod, "block_size")
+
+
+def _weight_shape(mod: nn.Module) -> tuple[int, ...]:
+    if hasattr(mod, "in_features"):
+        return (mod.out_features, mod.in_features)
+    if hasattr(mod, "kernel_size"):
+        return (mod.out_channels, mod.in_channels // getattr(mod, "groups", 1), *convview._pair(mod.kernel_size, "k"))
+    return tuple(mod.mask.shape)
+
+
+def _dense_weight_grad(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, weight_shape) -> torch.Tensor:
+    """The dense ``dL/dW`` of one call, weight-shaped (2-D linear or 4-D conv)."""
+    if len(weight_shape) == 2:
+        n, k = weight_shape
+        return dy.reshape(-1, n).T.to(x.dtype) @ x.reshape(-1, k)
+    kh, kw = weight_shape[2:]
+    stride = convview._pair(getattr(layer, "stride", 1), "stride")
+    dilation = convview._pair(getattr(layer, "dilation", 1), "dilation")
+    top, bottom, left, right = convview.resolve_padding(getattr(layer, "padding", 0), (kh, kw), dilation, stride)
+    x = F.pad(x, (left, right, top, bottom))
+    groups = getattr(layer, "groups", 1)
+    return torch.nn.grad.conv2d_weight(x, weight_shape, dy.to(x.dtype), stride, 0, dilation, groups)
+
+
+class DSTScheduler:
+    """SET or RigL mask updates, run from the optimizer's step.
+
+    Args:
+        model: the module holding the sparse layers (every submodule with
+            ``set_masks``; see the module docstring).
+        optimizer: the optimizer holding their parameters; the scheduler
+            registers a step post-hook on it and passes it to ``set_masks``.
+        method: ``"rigl"`` (grow by dense gradient magnitude) or ``"set"``
+            (grow at random).
+        delta_t: optimizer steps between mask updates.
+        end_step: no updates from this step on; the drop fraction reaches 0 there.
+        drop_fraction: fraction of the trainable kept weights (blocks) swapped
+            at step 0, in ``(0, 1]``.
+        granularity: ``"block"`` or ``"element"``.
+        reduce: how block scores are pooled: ``"l1"``, ``"l2"`` or ``"max"``.
+        decay: ``"cosine"`` (default) or ``"constant"`` drop fraction.
+        seed: seed of SET's random growth.
+
+    Attributes:
+        step_count: optimizer steps seen.
+        dense_grad_count: dense weight-gradient products computed (one per
+            layer per backward of an armed step).
+        last_update: per-layer ``{"step", "dropped", "grown", "regrown"}`` of
+            the latest update (counts in blocks or elements).
+
+    Example:
+        >>> sched = DSTScheduler(model, opt, method="set", delta_t=50, end_step=1000, granularity="block")
+        >>> # train as usual; after the loop, sched.remove() detaches the hook
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        method: str = "rigl",
+        delta_t: int = 100,
+        end_step: int | None = None,
+        drop_fraction: float = 0.3,
+        granularity: str = "block",
+        reduce: str = "l1",
+        decay: str = "cosine",
+        seed: int = 0,
+    ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if reduce not in REDUCTIONS:
+            raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
+        if decay not in DECAYS:
+            raise ValueError(f"decay must be one of {DECAYS}, got {decay!r}")
+        if isinstance(delta_t, bool) or not isinstance(delta_t, int) or delta_t < 1:
+            raise ValueError(f"delta_t must be a positive int, got {delta_t!r}")
+        if end_step is None or isinstance(end_step, bool) or not isinstance(end_step, int) or end_step < 1:
+            raise ValueError(f"end_step must be a positive int (the step where updates stop), got {end_step!r}")
+        if not 0.0 < float(drop_fraction) <= 1.0:
+            raise ValueError(f"drop_fraction must lie in (0, 1], got {drop_fraction!r}")
+        self.layers = [(name, mod) for name, mod in model.named_modules() if _is_sparse_layer(mod)]
+        if not self.layers:
+            raise ValueError("model has no sparse layers (modules with set_masks, e.g. SparseLinear)")
+        in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for name, mod in self.layers:
+            missing = [n for n, p in mod.named_parameters(recurse=False) if p.requires_grad and id(p) not in in_opt]
+            if missing:
+                raise ValueError(f"layer {name!r} has trainable parameters {missing} that the optimizer does not hold")
+        self.optimizer = optimizer
+        self.method, self.granularity, self.reduce, self.decay = method, granularity, reduce, decay
+        self.delta_t, self.end_step, self.drop_fraction = delta_t, end_step, float(drop_fraction)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.step_count = 0
+        self.dense_grad_count = 0
+        self.last_update: list[dict] = []
+        self._grads: dict[str, torch.Tensor] = {}
+        self._armed: list = []
+        self._step_hook = optimizer.register_step_post_hook(self._after_step)
+        self._arm_if_next_updates()
+
+    # --------------------------------------------------------------- schedule
+    def is_update_step(self, step: int) -> bool:
+        """Whether the optimizer step that brings ``step_count`` to ``step`` updates the masks."""
+        return 0 < step < self.end_step and step % self.delta_t == 0
+
+    def current_drop_fraction(self, step: int | None = None) -> float:
+        """The drop fraction at ``step`` (default: the current step)."""
+        step = self.step_count if step is None else step
+        if step >= self.end_step:
+            return 0.0
+        if self.decay == "constant":
+            return self.drop_fraction
+        return self.drop_fraction * 0.5 * (1.0 + math.cos(math.pi * step / self.end_step))
+
+    def wants_dense_grad(self) -> bool:
+        """True while the hooks that capture RigL's dense gradient are armed (the next step updates)."""
+        return bool(self._armed)
+
+    # ------------------------------------------------------------------ hooks
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        self.step_count += 1
+        if self.is_update_step(self.step_count):
+            try:
+                self.update()
+            finally:
+                self._disarm()
+        self._arm_if_next_updates()
+
+    def _arm_if_next_updates(self) -> None:
+        if self.method == "rigl" and not self._armed and self.is_update_step(self.step_count + 1):
+            for name, mod in self.layers:
+                self._armed.append(mod.register_forward_hook(self._capture(name)))
+
+    def _disarm(self) -> None:
+        for handle in self._armed:
+            handle.remove()
+        self._armed = []
+        self._grads = {}
+
+    def _capture(self, name: str):
+        def forward_hook(mod, args, out):
+            if not (torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad):
+                return
+            x, shape = args[0].detach(), _weight_shape(mod)
+
+            def grad_hook(dy):
+                with torch.no_grad():
+                    dw = _dense_weight_grad(mod, x, dy, shape).float()
+                self.dense_grad_count += 1
+                self._grads[name] = dw if name not in self._grads else self._grads[name] + dw
+
+            out.register_hook(grad_hook)
+
+        return forward_hook
+
+    def remove(self) -> None:
+        """Detach the scheduler from the optimizer and the model; masks stay as they are."""
+        self._step_hook.remove()
+        self._disarm()
+
+    def state_dict(self) -> dict:
+        return {"step_count": self.step_count, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step_count"])
+        self.generator.set_state(state["generator"])
+        self._disarm()
+        self._arm_if_next_updates()
+
+    # ----------------------------------------------------------------- update
+    def update(self) -> list[dict]:
+        """Drop and grow in every layer now (called from the optimizer hook on update steps).
+
+        Returns:
+            ``last_update``: per layer, the step and the number of blocks (or
+            elements) dropped, grown, and dropped-then-grown.
+        """
+        frac = self.current_drop_fraction()
+        report = []
+        for name, layer in self.layers:
+            grad = self._grads.get(name)
+            if self.method == "rigl" and grad is None:
+                warnings.warn(
+                    f"DSTScheduler: no dense gradient was captured for layer {name!r} on update step "
+                    f"{self.step_count} (no forward/backward with grad since the last step); layer not updated",
+                    stacklevel=3,
+                )
+                continue
+            report.append({"layer": name, "step": self.step_count, **self._update_layer(layer, frac, grad)})
+        self.last_update = report
+        return report
+
+    def _grow_scores(self, grad: torch.Tensor | None, like: torch.Tensor, block_size) -> torch.Tensor:
+        if self.method == "set":
+            return torch.rand(like.shape, generator=self.generator).to(like.device)
+        if self.granularity == "block":
+            return pool_blocks(grad, block_size, self.reduce)
+        return grad.abs()
+
+    def _update_layer(self, layer: nn.Module, frac: float, grad: torch.Tensor | None) -> dict:
+        with torch.no_grad():
+            mask, frozen = layer.mask, layer.frozen_mask
+            weight = layer.weight
+            trainable = mask & ~frozen
+            if self.granularity == "block":
+                bs = layer.block_size
+                kept = pool_blocks(mask, bs, "max") > 0
+                candidates = kept & ~(pool_blocks(frozen, bs, "max") > 0)
+                magnitude = pool_blocks(torch.where(trainable, weight, 0), bs, self.reduce)
+            else:
+                kept, candidates, magnitude = mask, trainable, weight.abs().float()
+            n_swap = int(frac * int(candidates.sum()))
+            if n_swap == 0:
+                return {"dropped": 0, "grown": 0, "regrown": 0}
+            neg_inf = torch.tensor(-math.inf, device=magnitude.device)
+            drop = keep_top_blocks(torch.where(candidates, -magnitude, neg_inf), n_swap)
+            open_ = ~(kept & ~drop)
+            grow_score = self._grow_scores(grad, open_, getattr(layer, "block_size", None)).to(open_.device)
+            grow = keep_top_blocks(torch.where(open_, grow_score, neg_inf), n_swap)
+            regrown = drop & grow
+            if self.granularity == "block":
+                shape = tuple(mask.shape)
+                drop_e, grow_e = expand_blocks(drop, shape, bs), expand_blocks(grow, shape, bs)
+            else:
+                drop_e, grow_e = drop, grow
+            after_drop = mask & ~drop_e
+            if bool(regrown.any()):
+                # Dropped and grown again: drop first, so the weight and its optimizer state restart at zero.
+                layer.set_masks(after_drop, frozen, optimizer=self.optimizer)
+            layer.set_masks(after_drop | grow_e, frozen, optimizer=self.optimizer)
+        return {"dropped": n_swap, "grown": n_swap, "regrown": int(regrown.sum())}
