@@ -5,11 +5,11 @@ setup(
     version="0.1.0",
     description="Block-sparse training kernels for pruned and frozen networks",
     python_requires=">=3.10",
-    packages=["sparsekern", "sparsekern.nn", "sparsekern.methods", "sparsekern.kernels"],
+    packages=["sparsekern", "sparsekern.nn", "sparsekern.methods", "sparsekern.adapters", "sparsekern.kernels"],
     # The Triton kernels live in top-level kernels/ but install only as
     # sparsekern.kernels: a bare "kernels" package already exists on PyPI.
     package_dir={"sparsekern.kernels": "kernels"},
     package_data={"sparsekern.kernels": ["tuned/*.json"]},
     install_requires=["torch>=2.4", "triton>=3.0; platform_system=='Linux'", "numpy"],
-    extras_require={"dev": ["pytest", "pytest-benchmark", "ruff"]},
+    extras_require={"dev": ["pytest", "pytest-benchmark", "ruff"], "examples": ["scikit-learn"]},
 )

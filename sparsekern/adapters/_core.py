@@ -1,0 +1,190 @@
+"""Shared machinery of the adapters: choose the masks, build the sparse layers, swap them in, report.
+
+Every adapter finds *targets* (a dense layer, its effective weight and bias,
+and an element mask) and hands them to :func:`convert_targets`, which
+
+1. picks the mask to build: ``granularity="exact"`` keeps the element mask as
+   it is (every block holding a kept element is computed, outputs and
+   gradients are unchanged); ``granularity="block"`` pools ``|W * mask|`` per
+   block and keeps the best ``round(density * n_blocks)`` whole blocks, so the
+   layer keeps its element density and the kernels skip the other blocks;
+2. builds every sparse layer (``SparseLinear.from_dense``, or the conv layer's)
+   from a plain copy of the dense layer, before touching the model;
+3. swaps them in only when all were built (nothing changes on failure);
+4. reports, per layer, the FLOP fractions both choices would compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.utils import skip_init
+
+import sparsekern.nn as sknn
+from sparsekern.layout import BlockLayout, normalize_block_size
+from sparsekern.methods.blocks import REDUCTIONS, block_grid, expand_blocks, keep_top_blocks, pool_blocks, to_matrix
+
+__all__ = ["ConversionReport", "GRANULARITIES", "Target", "convert_targets", "sparse_class"]
+
+GRANULARITIES = ("exact", "block")
+PASSES = ("forward", "input_grad", "weight_grad")
+
+
+@dataclass
+class Target:
+    """One dense layer to convert: effective (masked) ``weight`` and ``bias``, and the bool element ``mask``."""
+
+    name: str
+    module: nn.Module
+    weight: torch.Tensor
+    mask: torch.Tensor
+    bias: torch.Tensor | None
+    requires_grad: bool = True
+
+
+@dataclass
+class ConversionReport:
+    """What an adapter did, per converted layer.
+
+    ``layers[i]`` holds ``name``, ``type``, ``shape``, ``density`` (kept
+    elements of the source mask), ``applied`` (the granularity used) and, for
+    both ``"exact"`` and ``"block"``, the layout summary
+    (``block_density``, ``element_density``, ``forward_flop_fraction``,
+    ``input_grad_flop_fraction``, ``weight_grad_flop_fraction``: computed FLOPs
+    over dense; one minus these is what the choice saves).
+    """
+
+    granularity: str
+    block_size: tuple[int, int]
+    layers: list[dict] = field(default_factory=list)
+
+    def table(self) -> str:
+        """A markdown table of the FLOPs each choice saves, per layer and pass."""
+        head = "| layer | shape | density | applied | " + " | ".join(
+            f"{g} {p} saved" for g in GRANULARITIES for p in ("fwd", "dX", "dW")
+        )
+        lines = [head + " |", "|" + "---|" * (4 + 2 * len(PASSES))]
+        for row in self.layers:
+            saved = " | ".join(f"{1 - row[g][p + '_flop_fraction']:.3f}" for g in GRANULARITIES for p in PASSES)
+            shape = "x".join(str(s) for s in row["shape"])
+            lines.append(f"| {row['name']} | {shape} | {row['density']:.3f} | {row['applied']} | {saved} |")
+        return "\n".join(lines)
+
+
+def sparse_class(module: nn.Module):
+    """The sparse layer class that replaces ``module``, or ``None`` when there is none."""
+    if isinstance(module, nn.Linear):
+        return sknn.SparseLinear
+    if isinstance(module, nn.Conv2d):
+        return getattr(sknn, "SparseConv2d", None)
+    return None
+
+
+def check_supported(targets: list[Target]) -> None:
+    bad = [f"{t.name or '<model>'} ({type(t.module).__name__})" for t in targets if sparse_class(t.module) is None]
+    if bad:
+        raise TypeError(f"no sparse layer replaces these masked modules: {', '.join(bad)}")
+
+
+def check_options(granularity: str, block_size, reduce: str) -> tuple[int, int]:
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
+    return normalize_block_size(block_size)
+
+
+def block_mask(weight: torch.Tensor, mask: torch.Tensor, block_size, reduce: str = "l1") -> torch.Tensor:
+    """Whole blocks of highest pooled ``|W * mask|`` at ``mask``'s element density (weight-shaped bool)."""
+    rb, cb = block_grid(weight.shape, block_size)
+    density = float(mask.float().mean()) if mask.numel() else 0.0
+    n_keep = round(density * rb * cb)
+    if density > 0:
+        n_keep = max(n_keep, 1)
+    scores = pool_blocks(torch.where(mask, weight, 0), block_size, reduce)
+    return expand_blocks(keep_top_blocks(scores, n_keep), tuple(weight.shape), block_size)
+
+
+def _summary(mask: torch.Tensor, block_size) -> dict[str, float]:
+    bk = block_size[1]
+    return BlockLayout.from_masks(to_matrix(mask, bk, fill=False), block_size=block_size).summary()
+
+
+def _plain_copy(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A hook-free, parametrization-free dense copy of ``module`` holding ``weight`` and ``bias``."""
+    factory = {"device": weight.device, "dtype": weight.dtype}
+    if isinstance(module, nn.Linear):
+        out = skip_init(nn.Linear, module.in_features, module.out_features, bias=bias is not None, **factory)
+    else:
+        out = skip_init(
+            nn.Conv2d,
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            bias=bias is not None,
+            padding_mode=module.padding_mode,
+            **factory,
+        )
+    with torch.no_grad():
+        out.weight.copy_(weight)
+        if bias is not None:
+            out.bias.copy_(bias)
+    return out
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    if not name:
+        return new
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
+    return model
+
+
+def convert_targets(
+    model: nn.Module, targets: list[Target], granularity: str, block_size, reduce: str
+) -> tuple[nn.Module, ConversionReport]:
+    """Build a sparse layer for every target, then swap them all into ``model``.
+
+    Returns:
+        ``(model, report)``; ``model`` is the same object unless a target is
+        the model itself.
+    """
+    block_size = check_options(granularity, block_size, reduce)
+    check_supported(targets)
+    report = ConversionReport(granularity, block_size)
+    built = []
+    for t in targets:
+        if tuple(t.mask.shape) != tuple(t.weight.shape):
+            raise ValueError(f"mask for {t.name!r} has shape {tuple(t.mask.shape)}, weight {tuple(t.weight.shape)}")
+        exact = t.mask.to(device=t.weight.device, dtype=torch.bool)
+        blocky = block_mask(t.weight, exact, block_size, reduce)
+        chosen = exact if granularity == "exact" else blocky
+        new = sparse_class(t.module).from_dense(
+            _plain_copy(t.module, t.weight, t.bias), mask=chosen, block_size=block_size
+        )
+        new.train(t.module.training)
+        if not t.requires_grad:
+            for p in new.parameters():
+                p.requires_grad_(False)
+        built.append((t.name, new))
+        report.layers.append(
+            {
+                "name": t.name,
+                "type": type(new).__name__,
+                "shape": tuple(t.weight.shape),
+                "density": float(exact.float().mean()),
+                "applied": granularity,
+                "exact": _summary(exact, block_size),
+                "block": _summary(blocky, block_size),
+            }
+        )
+    # Nothing below can fail: the model changes only once every layer was built.
+    for name, new in built:
+        model = _replace(model, name, new)
+    return model, report

@@ -1,0 +1,329 @@
+"""Adapters: torch prune, torch.ao, mask dicts and files, checkpoints; ``nn._ingest``.
+
+``granularity="exact"`` must keep outputs and gradients (float64 references from
+``sparsekern.testing``, gradients only at trainable elements); ``"block"`` must keep
+each layer's density in whole blocks. Tiny layers: 48x40 and 32x48 in 16x16 blocks.
+"""
+
+import pytest
+import torch
+from torch import nn
+from torch.ao.pruning import WeightNormSparsifier
+from torch.nn.utils import parametrize, prune
+
+from sparsekern.adapters import from_checkpoint, from_mask_dict, from_torch_ao, from_torch_prune
+from sparsekern.nn import SparseLinear
+from sparsekern.nn._ingest import dense_weight_and_mask, has_foreign_mask
+from sparsekern.testing import assert_close, random_block_mask, reference_grads, reference_linear
+
+F32, BS = torch.float32, 16
+
+
+def make_model():
+    return nn.Sequential(nn.Linear(40, 48), nn.ReLU(), nn.Linear(48, 32))
+
+
+def source_masks():
+    """Layer 0: an unstructured mask; layer 2: a block mask (so exact conversion skips blocks)."""
+    return {"0": torch.rand(48, 40) < 0.3, "2": random_block_mask((32, 48), BS, 0.5)}
+
+
+def dense_grad(layer):
+    lay = layer.layout
+    return lay.to_dense(layer.weight_train.grad, torch.zeros(lay.n_frozen_slots, *lay.block_size))
+
+
+def assert_no_foreign_masks(model):
+    for name, mod in model.named_modules():
+        assert not has_foreign_mask(mod), f"{name} still carries a mask"
+        assert not any(isinstance(h, prune.BasePruningMethod) for h in mod._forward_pre_hooks.values())
+        assert not parametrize.is_parametrized(mod)
+        assert not hasattr(mod, "weight_orig")
+
+
+def check_exact(model, converted, refs):
+    """Converted layers against float64 references, then the whole model before and after.
+
+    ``refs``: ``{name: (effective weight, mask, bias)}`` taken before conversion.
+    """
+    for name, (weight, mask, bias) in refs.items():
+        layer = converted.get_submodule(name)
+        assert isinstance(layer, SparseLinear)
+        assert torch.equal(layer.mask, mask)
+        x = torch.randn(6, layer.in_features, requires_grad=True)
+        y = layer(x)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        k, n = layer.in_features, layer.out_features
+        assert_close(y, reference_linear(x, weight, mask, bias), F32, k, f"{name}: y")
+        dx, dw, db = reference_grads(x, weight, mask, None, dy, bias)
+        assert_close(x.grad, dx, F32, n, f"{name}: dx")
+        assert_close(dense_grad(layer), dw, F32, 6, f"{name}: dW (zero off the mask)")
+        assert_close(layer.bias.grad, db, F32, 6, f"{name}: dbias")
+
+
+def model_io(model, x):
+    """Output and the input gradient of a fixed loss."""
+    x = x.clone().requires_grad_()
+    y = model(x)
+    y.square().sum().backward()
+    return y.detach(), x.grad
+
+
+def compare_models(before, after, x):
+    y0, dx0 = before
+    y1, dx1 = model_io(after, x)
+    assert_close(y1, y0.double(), F32, 48, "model output before/after")
+    assert_close(dx1, dx0.double(), F32, 48, "model input gradient before/after")
+
+
+def refs_of(model, masks):
+    return {
+        name: (torch.where(m, model.get_submodule(name).weight.detach(), 0), m, model.get_submodule(name).bias.detach())
+        for name, m in masks.items()
+    }
+
+
+# --------------------------------------------------------------- torch prune
+def test_torch_prune_exact():
+    model, masks = make_model(), source_masks()
+    for name, m in masks.items():
+        prune.custom_from_mask(model.get_submodule(name), "weight", m)
+    refs = {n: (*dense_weight_and_mask(model.get_submodule(n)), model.get_submodule(n).bias.detach()) for n in masks}
+    x = torch.randn(5, 40)
+    before = model_io(model, x)
+    out, rep = from_torch_prune(model, granularity="exact", block_size=BS)
+    assert out is model
+    assert_no_foreign_masks(model)
+    check_exact(model, model, refs)
+    compare_models(before, model, x)
+    assert [row["name"] for row in rep.layers] == ["0", "2"]
+    row = rep.layers[1]
+    assert row["exact"]["block_density"] == pytest.approx(model[2].layout.block_density)
+    assert row["exact"]["forward_flop_fraction"] < 0.75  # the block mask skips about half
+    assert rep.layers[0]["exact"]["forward_flop_fraction"] == pytest.approx(1.0)  # unstructured: nothing empty
+    assert "saved" in rep.table()
+
+
+def test_torch_prune_block_keeps_density():
+    model = make_model()
+    prune.l1_unstructured(model[0], "weight", amount=0.75)
+    prune.random_unstructured(model[2], "weight", amount=0.5)
+    out, rep = from_torch_prune(model, granularity="block", block_size=BS)
+    assert_no_foreign_masks(out)
+    for name, density, grid in (("0", 0.25, (3, 3)), ("2", 0.5, (2, 3))):
+        layer = out.get_submodule(name)
+        assert layer.layout.nnz_blocks == round(density * grid[0] * grid[1])
+        assert layer.layout.n_mixed == 0
+        row = next(r for r in rep.layers if r["name"] == name)
+        assert row["density"] == pytest.approx(density, abs=1e-6) and row["applied"] == "block"
+        assert row["block"]["block_density"] == pytest.approx(layer.layout.block_density)
+        assert row["block"]["forward_flop_fraction"] < row["exact"]["forward_flop_fraction"]
+    # The kept blocks are those of largest pooled |W * mask|; pruned weights inside them start at zero.
+    assert out[0].weight[out[0].mask].count_nonzero() <= int(0.25 * 48 * 40) + 1
+
+
+def test_torch_prune_bias_and_frozen_weight():
+    model = make_model()
+    prune.random_unstructured(model[0], "weight", amount=0.5)
+    prune.random_unstructured(model[0], "bias", amount=0.5)
+    model[0].weight_orig.requires_grad_(False)
+    bias = torch.where(model[0].bias_mask.bool(), model[0].bias_orig, 0).detach()
+    out, _ = from_torch_prune(model, block_size=BS)
+    assert torch.equal(out[0].bias.detach(), bias)
+    assert not out[0].weight_train.requires_grad
+    assert_no_foreign_masks(out)
+
+
+# ---------------------------------------------------------------- torch.ao
+def ao_model():
+    model = make_model()
+    sparsifier = WeightNormSparsifier(sparsity_level=0.7, sparse_block_shape=(1, 4), zeros_per_block=4)
+    sparsifier.prepare(model, config=[{"tensor_fqn": "0.weight"}, {"tensor_fqn": "2.weight"}])
+    sparsifier.step()
+    return model, sparsifier
+
+
+def test_torch_ao_exact():
+    model, _ = ao_model()
+    masks = {n: model.get_submodule(n).parametrizations.weight[0].mask.bool() for n in ("0", "2")}
+    refs = refs_of(model, masks)
+    x = torch.randn(5, 40)
+    before = model_io(model, x)
+    out, rep = from_torch_ao(model, granularity="exact", block_size=BS)
+    assert_no_foreign_masks(out)
+    check_exact(model, out, refs)
+    compare_models(before, out, x)
+    assert len(rep.layers) == 2
+
+
+def test_torch_ao_block():
+    model, _ = ao_model()
+    out, rep = from_torch_ao(model, granularity="block", block_size=BS)
+    assert_no_foreign_masks(out)
+    assert out[0].layout.nnz_blocks == round(rep.layers[0]["density"] * 9)
+
+
+def test_sparsifier_convert_with_ingest_keeps_exact_mask(monkeypatch):
+    """What ``from_dense`` does once it reads masks through ``_ingest`` (patched in here)."""
+    model, sparsifier = ao_model()
+    fake = model[0].parametrizations.weight[0]
+    kept = fake.mask.nonzero()[0]
+    with torch.no_grad():
+        model[0].parametrizations.weight.original[tuple(kept)] = 0.0  # a kept weight that is zero
+    expected = fake.mask.bool().clone()
+    original = SparseLinear.from_dense.__func__
+
+    def from_dense(cls, linear, mask=None, frozen_mask=None, block_size=32):
+        weight, ingested = dense_weight_and_mask(linear)
+        if mask is None:
+            mask = ingested if ingested is not None else weight != 0
+        plain = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        with torch.no_grad():
+            plain.weight.copy_(weight)
+            if linear.bias is not None:
+                plain.bias.copy_(linear.bias)
+        return original(cls, plain, mask=mask, frozen_mask=frozen_mask, block_size=block_size)
+
+    monkeypatch.setattr(SparseLinear, "from_dense", classmethod(from_dense))
+    converted = sparsifier.convert(model, mapping={nn.Linear: SparseLinear})
+    assert isinstance(converted[0], SparseLinear) and isinstance(converted[2], SparseLinear)
+    assert torch.equal(converted[0].mask, expected)
+    assert_no_foreign_masks(converted)
+
+
+# ------------------------------------------------------------------- _ingest
+def test_ingest_forms():
+    lin = nn.Linear(40, 48)
+    w, m = dense_weight_and_mask(lin)
+    assert m is None and torch.equal(w, lin.weight) and not w.requires_grad
+    mask = torch.rand(48, 40) < 0.5
+    prune.custom_from_mask(lin, "weight", mask)
+    with torch.no_grad():
+        lin.weight_orig.add_(1.0)  # stale lin.weight: the ingest reads weight_orig and weight_mask
+    w, m = dense_weight_and_mask(lin)
+    assert torch.equal(m, mask) and torch.equal(w, torch.where(mask, lin.weight_orig, 0))
+    model, _ = ao_model()
+    w, m = dense_weight_and_mask(model[0])
+    assert torch.equal(m, model[0].parametrizations.weight[0].mask.bool()) and torch.equal(w, model[0].weight)
+
+
+# --------------------------------------------------------------- mask dicts
+@pytest.mark.parametrize("form", ["nni", "nni_file", "param_names", "list"])
+def test_mask_dict_exact(form, tmp_path):
+    model, masks = make_model(), source_masks()
+    refs = refs_of(model, masks)
+    x = torch.randn(5, 40)
+    with torch.no_grad():
+        for name, m in masks.items():
+            model.get_submodule(name).weight.mul_(m)
+    before = model_io(model, x)
+    if form == "nni":
+        src = {n: {"weight": m.float()} for n, m in masks.items()}
+    elif form == "nni_file":
+        src = tmp_path / "masks.pth"
+        torch.save({n: {"weight": m} for n, m in masks.items()}, src)
+    elif form == "param_names":
+        src = {f"{n}.weight": m for n, m in masks.items()}
+    else:
+        src = [masks["0"], masks["2"]]
+    out, rep = from_mask_dict(model, src, granularity="exact", block_size=BS)
+    check_exact(model, out, refs)
+    compare_models(before, out, x)
+    assert [r["name"] for r in rep.layers] == ["0", "2"]
+
+
+def test_mask_dict_block_and_bias_mask():
+    model = make_model()
+    bias_mask = torch.arange(48) % 2 == 0
+    out, rep = from_mask_dict(
+        model, {"0": {"weight": torch.rand(48, 40) < 0.4, "bias": bias_mask}}, granularity="block", block_size=BS
+    )
+    assert out[0].layout.nnz_blocks == round(rep.layers[0]["density"] * 9)
+    assert not out[0].bias[~bias_mask].any()
+    assert isinstance(out[2], nn.Linear)
+
+
+@pytest.mark.parametrize(
+    "masks, error, match",
+    [
+        ({"fc9": {"weight": torch.ones(48, 40)}}, ValueError, "does not have"),
+        ({"0": {"weight": torch.ones(40, 48)}}, ValueError, "shape"),
+        ({"0.weight": torch.ones(48, 40), "2.weight": torch.ones(3, 3)}, ValueError, "shape"),
+        ({"0": {"gamma": torch.ones(48, 40)}}, ValueError, "weight"),
+        ([torch.ones(48, 40)], ValueError, "align"),
+        ({"1": {"weight": torch.ones(2)}}, TypeError, "ReLU"),
+        ({"0": {"weight": [[1]]}}, TypeError, "tensor"),
+        (42, TypeError, "dict"),
+    ],
+)
+def test_mask_dict_bad_input_leaves_model_unchanged(masks, error, match):
+    model = make_model()
+    if match == "ReLU":  # a mask on a module with no weight: ingest fails before any conversion
+        model[1].weight = nn.Parameter(torch.ones(2))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=match):
+        from_mask_dict(model, masks, block_size=BS)
+    assert isinstance(model[0], nn.Linear) and isinstance(model[2], nn.Linear)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="granularity"):
+        from_mask_dict(make_model(), {}, granularity="row")
+    with pytest.raises(ValueError, match="reduce"):
+        from_torch_prune(make_model(), reduce="mean")
+    with pytest.raises(ValueError, match="block_size"):
+        from_torch_prune(make_model(), block_size=24)
+
+
+# ---------------------------------------------------------------- checkpoints
+def pruned_state_dict():
+    src, masks = make_model(), source_masks()
+    with torch.no_grad():
+        src[0].weight.mul_(masks["0"])
+        src[2].weight.mul_(masks["2"])
+    return src.state_dict(), masks
+
+
+@pytest.mark.parametrize("as_file", [False, True])
+def test_checkpoint_exact(as_file, tmp_path):
+    sd, masks = pruned_state_dict()
+    ref = make_model()
+    ref.load_state_dict(sd)
+    x = torch.randn(5, 40)
+    before = model_io(ref, x)
+    refs = refs_of(ref, masks)
+    if as_file:
+        torch.save({"state_dict": sd, "epoch": 3}, tmp_path / "ckpt.pt")
+    model = make_model()
+    out, rep = from_checkpoint(model, tmp_path / "ckpt.pt" if as_file else sd, block_size=BS)
+    check_exact(model, out, refs)
+    compare_models(before, out, x)
+
+
+def test_checkpoint_layer_selection():
+    sd, masks = pruned_state_dict()  # layer 0 is 70% zeros, layer 2 50%
+    out, rep = from_checkpoint(make_model(), sd, block_size=BS, min_sparsity=0.6)
+    assert isinstance(out[0], SparseLinear) and isinstance(out[2], nn.Linear)
+    out, rep = from_checkpoint(make_model(), sd, block_size=BS, modules=["2"], granularity="block")
+    assert isinstance(out[0], nn.Linear) and isinstance(out[2], SparseLinear)
+    assert out[2].layout.nnz_blocks == round(rep.layers[0]["density"] * 6)
+
+
+def test_checkpoint_bad_input_leaves_model_unchanged():
+    sd, _ = pruned_state_dict()
+    model = make_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = {**sd, "0.weight": torch.zeros(3, 3)}
+    with pytest.raises(ValueError, match="shape"):
+        from_checkpoint(model, bad)
+    with pytest.raises(ValueError, match="missing"):
+        from_checkpoint(model, {k: v for k, v in sd.items() if k != "2.bias"})
+    with pytest.raises(ValueError, match="unknown"):
+        from_checkpoint(model, sd, modules=["7"])
+    with pytest.raises(ValueError, match="supported"):
+        from_checkpoint(model, sd, modules=["1"])
+    with pytest.raises(ValueError, match="min_sparsity"):
+        from_checkpoint(model, sd, min_sparsity=2)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
