@@ -220,21 +220,37 @@ def weight_grad(dy, x, meta, block_size) -> torch.Tensor:
             dw = g.view(rb, bm, cb, bk)[t_rows, :, t_cols, :]
     else:
         xt = _transposed(x, cb * bk, "xt").view(cb, bk, m)
-        # train_index is in CSR order, so each block row's trainable blocks are contiguous.
-        offs = torch.searchsorted(t_rows, torch.arange(rb + 1, device=x.device))
-        dw_t = x.new_zeros(bm, n_train * bk)
-        step = max(1, CHUNK_ELEMS // bk)
-        buf = _ws.get("gather", (step * bk * m,), x)
-        pos = offs.tolist()
-        for r, (s, e) in enumerate(itertools.pairwise(pos)):
-            # dy's block-row slice is read in place (a transposed BLAS operand), no copy of dy.
-            dy_r = dy[:, r * bm : (r + 1) * bm].t()
-            for j0, j1 in _chunks(s, e, step):
-                slab = buf[: (j1 - j0) * bk * m].view(j1 - j0, bk, m)
-                torch.index_select(xt, 0, t_cols[j0:j1], out=slab)
-                torch.mm(dy_r, slab.view(-1, m).t(), out=dw_t[: dy_r.shape[0], j0 * bk : j1 * bk])
-        dw = dw_t.view(bm, n_train, bk).transpose(0, 1).contiguous()
-    aux = meta.aux.long()[tidx]
+        dw = gathered_weight_grad(dy.t(), xt, t_rows, t_cols, rb, bm)
+    return mask_mixed_grad_(dw, meta)
+
+
+def gathered_weight_grad(dyt, xt, t_rows, t_cols, rb, bm) -> torch.Tensor:
+    """``dW_b = dyt[rows of b] @ xt[t_cols[b]].T`` for the trainable blocks, ``(n_train, bm, bk)``.
+
+    ``dyt`` is ``(>= rb*bm or N, M)`` (any strides; block-row slices are read in
+    place as BLAS operands), ``xt`` is ``(G, bk, M)`` contiguous; ``t_rows`` and
+    ``t_cols`` give each trainable block's block row and its slab in ``xt``,
+    in CSR order so a block row's blocks are contiguous.
+    """
+    _, bk, m = xt.shape
+    n_train = t_rows.numel()
+    offs = torch.searchsorted(t_rows, torch.arange(rb + 1, device=xt.device))
+    dw_t = xt.new_zeros(bm, n_train * bk)
+    step = max(1, CHUNK_ELEMS // bk)
+    buf = _ws.get("gather", (step * bk * m,), xt)
+    pos = offs.tolist()
+    for r, (s, e) in enumerate(itertools.pairwise(pos)):
+        dy_r = dyt[r * bm : (r + 1) * bm]
+        for j0, j1 in _chunks(s, e, step):
+            slab = buf[: (j1 - j0) * bk * m].view(j1 - j0, bk, m)
+            torch.index_select(xt, 0, t_cols[j0:j1], out=slab)
+            torch.mm(dy_r, slab.view(-1, m).t(), out=dw_t[: dy_r.shape[0], j0 * bk : j1 * bk])
+    return dw_t.view(bm, n_train, bk).transpose(0, 1).contiguous()
+
+
+def mask_mixed_grad_(dw: torch.Tensor, meta) -> torch.Tensor:
+    """Zero, in place, the non-trainable elements of trainable mixed blocks in ``dw`` (``train_index`` order)."""
+    aux = meta.aux.long()[meta.train_index.long()]
     mixed = (aux >= 0).nonzero().squeeze(1)
     if mixed.numel():
         dw[mixed] = torch.where(meta.element_state[aux[mixed]] == 2, dw[mixed], 0)
