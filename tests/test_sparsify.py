@@ -8,9 +8,15 @@ import torch
 from torch import nn
 
 import sparsekern
-from sparsekern import SparseLinear
+from sparsekern import SparseConv2d, SparseLinear
 from sparsekern.methods import apply_masks, imp, masks
-from sparsekern.testing import assert_close, reference_grads, reference_linear
+from sparsekern.testing import (
+    assert_close,
+    reference_conv2d,
+    reference_conv_grads,
+    reference_grads,
+    reference_linear,
+)
 
 BS = 16
 
@@ -170,15 +176,46 @@ def test_apply_masks_checks_every_layer_before_changing_any():
     assert torch.equal(model[0].mask, m0)
 
 
-def test_conv_layers_follow_the_available_modules():
-    model = nn.Sequential(nn.Conv2d(16, 32, 3), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 4, 32))
-    rep = sparsekern.sparsify(model, "magnitude", 0.5, block_size=BS)
-    if hasattr(sparsekern.nn, "SparseConv2d"):
-        assert rep["0"].sparse and type(model[0]).__name__ == "SparseConv2d"
-    else:
-        assert not rep["0"].sparse and "no sparse module for Conv2d" in rep["0"].reason
-        assert isinstance(model[0], nn.Conv2d)
+@pytest.mark.parametrize("granularity", ["block", "element"])
+def test_sparsify_converts_conv_layers(granularity, backend):
+    import sparsekern.kernels as sk
+
+    if backend == "triton" and not hasattr(sk, "bsconv"):
+        pytest.skip("the Triton conv kernels are not in this version (SparseConv2d runs the CPU path)")
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 9, 32))
+    w = model[0].weight.detach().clone()
+    b = model[0].bias.detach().clone()
+    data = [(torch.randn(2, 16, 3, 3), torch.randint(0, 32, (2,)))]
+    rep = sparsekern.sparsify(model, "snip", 0.5, 0.5, block_size=BS, data=data, granularity=granularity, seed=0)
+    conv = model[0]
+    assert isinstance(conv, SparseConv2d) and rep["0"].kind == "conv2d" and rep["0"].sparse
     assert rep["3"].sparse and isinstance(model[3], SparseLinear)
+    mask, frozen = conv.mask, conv.frozen_mask
+    if granularity == "element":
+        assert int(mask.sum()) == round(0.5 * mask.numel())
+        assert rep["0"].element_density == 0.5
+    else:
+        assert conv.layout.nnz_blocks == round(0.5 * 2 * 9)  # 32 out x (9 taps x 16 in) in 16x16 blocks
+        assert conv.layout.n_mixed == 0
+    x = torch.randn(2, 16, 3, 3, requires_grad=True)
+    y = conv(x)
+    assert_close(y, reference_conv2d(x, w, mask, b, padding=1), torch.float32, 16 * 9, "y")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    dx, dw, _ = reference_conv_grads(x, w, mask, frozen, dy, b, padding=1)
+    assert_close(x.grad, dx, torch.float32, 32 * 9, "dx")
+    got_dw = conv._from_matrix(conv.layout.to_dense(conv.weight_train.grad, torch.zeros_like(conv.weight_frozen)))
+    assert_close(got_dw, dw, torch.float32, 18, "dW")
+    assert not got_dw[~(mask & ~frozen)].any()
+
+
+def test_layers_that_cannot_be_converted_stay_dense_with_a_reason():
+    model = nn.Sequential(nn.Conv2d(32, 32, 3, groups=2), nn.Conv2d(32, 32, 3, padding=1, padding_mode="circular"))
+    model.add_module("attn", nn.MultiheadAttention(32, 2))
+    rep = sparsekern.sparsify(model, "magnitude", 0.5, block_size=BS, min_blocks=1)
+    assert "groups=2" in rep["0"].reason and "padding_mode" in rep["1"].reason
+    assert "subclasses a torch layer" in rep["attn.out_proj"].reason
+    assert not any(r.sparse for r in rep) and all(type(m) is not SparseConv2d for m in model.modules())
 
 
 # ----------------------------------------------------------- lottery tickets

@@ -17,8 +17,7 @@ Pipeline of :func:`masks`:
    frozen, so they skip the weight-gradient GEMM.
 
 Known limits: data-driven scores need the model's layers dense (score first,
-then convert); ``nn.Conv2d`` is only converted when ``sparsekern.nn`` has
-``SparseConv2d``, otherwise it is reported as left dense.
+then convert).
 """
 
 from __future__ import annotations
@@ -175,7 +174,6 @@ def _plan(
     example_input,
     temperature,
     min_blocks,
-    convertible_only,
     prior=None,
 ) -> _Plan:
     if method not in METHODS:
@@ -198,10 +196,6 @@ def _plan(
     unknown = [n for n in freeze_layers if n not in names]
     if unknown:
         raise ValueError(f"freeze_layers names unknown layer(s) {unknown}; candidate layers are {sorted(names)}")
-    if convertible_only:
-        for t in targets:
-            if t.skip is None and current_masks(t.module) is None and sparse_class(t.module) is None:
-                t.skip = f"no sparse module for {type(t.module).__name__} in this sparsekern version"
     active = [t for t in targets if t.skip is None]
     opts = {"iterations": iterations, "temperature": temperature}
     if prior is not None:
@@ -302,7 +296,7 @@ def masks(
     plan = _plan(
         model, method, density, trainable, block_size, distribution, granularity, data, loss_fn, exclude,
         exclude_first, exclude_last, reduce, layers, seed, freeze, freeze_layers, iterations, example_input,
-        temperature, min_blocks, convertible_only=False,
+        temperature, min_blocks,
     )  # fmt: skip
     return plan.masks
 
@@ -465,13 +459,15 @@ def _layer_report(t: Target, mod: nn.Module, reason: str | None) -> LayerReport:
         lay = mod.layout
         counts = lay.element_counts()
         f = lay.flops(1)
+        # A conv matrix view pads input channels up to the block: dense counts real weights only.
+        for p in PASSES:
+            f[p]["dense"] = 2 * math.prod(t.shape)
         return LayerReport(
             name=t.name,
             kind=kind,
             shape=t.shape,
             sparse=True,
             reason=None,
-            # The conv matrix view pads channels; densities count real weights only.
             element_density=counts["kept"] / max(1, math.prod(t.shape)),
             trainable_fraction=counts["trainable"] / max(1, counts["kept"]),
             block_fraction=lay.block_density,
@@ -549,7 +545,7 @@ def sparsify(
     plan = _plan(
         model, method, density, trainable, block_size, distribution, granularity, data, loss_fn, exclude,
         exclude_first, exclude_last, reduce, layers, seed, freeze, freeze_layers, iterations, example_input,
-        temperature, min_blocks, convertible_only=True,
+        temperature, min_blocks,
     )  # fmt: skip
     apply_masks(model, plan.masks, block_size)
     for name in plan.frozen_dense:

@@ -179,7 +179,7 @@ def imp(
         plan = _plan(
             model, "magnitude", density, 1.0, block_size, distribution, granularity, None, None, exclude,
             exclude_first, exclude_last, reduce, layers, 0, "random", (), None, None, 200.0, min_blocks,
-            convertible_only=True, prior=kept,
+            prior=kept,
         )  # fmt: skip
         new = {n: (m & kept[n] if kept is not None else m) for n, (m, _) in plan.masks.items()}
         apply_masks(model, {n: (m, None) for n, m in new.items()}, block_size)

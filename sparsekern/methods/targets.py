@@ -1,7 +1,7 @@
 """Which layers a method works on, and how their weights are read and replaced.
 
 A *target* is a ``nn.Linear`` or ``nn.Conv2d`` (dense, before conversion) or a
-``SparseLinear`` (after conversion, e.g. in later rounds of IMP). Its weight is
+``SparseLinear``/``SparseConv2d`` (after conversion, e.g. in later rounds of IMP). Its weight is
 read as a dense tensor (2-D linear, 4-D conv). Layers are chosen in
 ``named_modules()`` order; "first" and "last" mean the first and last of them.
 
@@ -9,8 +9,12 @@ A layer is *left dense* when sparse blocks could not pay off: a dimension of
 its matrix view smaller than the block, or fewer than ``min_blocks`` blocks.
 The reason is reported, never silently dropped.
 
-Known limits: ``nn.Conv2d`` is scored and masked, but only replaced when
-``sparsekern.nn`` has a ``SparseConv2d``; grouped convolutions are left dense.
+Subclasses of ``nn.Linear``/``nn.Conv2d`` are left dense: their forward (or
+their owner, as ``nn.MultiheadAttention`` does with ``out_proj.weight``) may
+not go through the module's ``forward``.
+
+Known limits: grouped convolutions and ``padding_mode`` other than
+``'zeros'`` are left dense (``SparseConv2d`` does not support them).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch import nn
 from sparsekern import nn as sknn
 from sparsekern.layout import normalize_block_size
 from sparsekern.methods.blocks import block_grid
+from sparsekern.nn._base import BlockSparseWeight
 
 __all__ = ["Target", "find_targets", "dense_weight", "sparse_class", "replace_module"]
 
@@ -45,7 +50,7 @@ class Target:
 
 
 def _is_target(mod: nn.Module) -> bool:
-    return isinstance(mod, (nn.Linear, nn.Conv2d, sknn.SparseLinear)) or type(mod).__name__ == "SparseConv2d"
+    return isinstance(mod, (nn.Linear, nn.Conv2d, BlockSparseWeight))
 
 
 def dense_weight(mod: nn.Module) -> torch.Tensor:
@@ -55,18 +60,14 @@ def dense_weight(mod: nn.Module) -> torch.Tensor:
 
 def current_masks(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(mask, frozen_mask)`` of a sparse module, ``None`` for a dense one."""
-    if hasattr(mod, "frozen_mask") and hasattr(mod, "layout"):
+    if isinstance(mod, BlockSparseWeight):
         return mod.mask, mod.frozen_mask
     return None
 
 
 def sparse_class(mod: nn.Module):
     """The sparsekern module that replaces ``mod``, or ``None`` when this version has none."""
-    if isinstance(mod, nn.Linear):
-        return sknn.SparseLinear
-    if isinstance(mod, nn.Conv2d):
-        return getattr(sknn, "SparseConv2d", None)
-    return None
+    return {nn.Linear: sknn.SparseLinear, nn.Conv2d: sknn.SparseConv2d}.get(type(mod))
 
 
 def find_targets(
@@ -119,8 +120,13 @@ def find_targets(
             t.skip = "excluded (first layer)"
         elif exclude_last and i == len(names) - 1:
             t.skip = "excluded (last layer)"
+        elif not isinstance(mod, BlockSparseWeight) and sparse_class(mod) is None:
+            # e.g. MultiheadAttention's out_proj, whose weight is read directly, never through forward.
+            t.skip = f"{type(mod).__name__} subclasses a torch layer; only nn.Linear and nn.Conv2d are converted"
         elif isinstance(mod, nn.Conv2d) and mod.groups != 1:
             t.skip = f"grouped convolution (groups={mod.groups}) is not supported"
+        elif isinstance(mod, nn.Conv2d) and mod.padding_mode != "zeros":
+            t.skip = f"padding_mode={mod.padding_mode!r} is not supported"
         elif shape[0] < bm or (shape[1] if len(shape) == 2 else shape[1]) < bk:
             t.skip = f"weight {shape} is smaller than a {bm}x{bk} block"
         elif rb * cb < min_blocks:
