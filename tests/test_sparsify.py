@@ -288,3 +288,51 @@ def test_imp_needs_the_checkpoint_call():
         imp(mlp(), lambda m, info: None, rounds=1, rewind_step=5, block_size=BS)
     with pytest.raises(ValueError, match="rewind"):
         imp(mlp(), lambda m, info: None, rounds=1, rewind="init", block_size=BS)
+
+
+def test_sparsify_again_updates_sparse_layers_in_place():
+    model = nn.Sequential(nn.Linear(64, 64))
+    sparsekern.sparsify(model, "magnitude", 0.5, block_size=BS)
+    layer = model[0]
+    before = layer.weight
+    rep = sparsekern.sparsify(model, "magnitude", 0.25, block_size=BS)
+    assert model[0] is layer, "already sparse layers get set_masks, not a new module"
+    assert layer.layout.nnz_blocks == 4 and rep["0"].block_fraction == 0.25
+    mask = layer.mask
+    assert torch.equal(layer.weight[mask], before[mask]) and not (mask & (before == 0)).any()
+    with pytest.raises(ValueError, match="scores a dense model"):
+        sparsekern.sparsify(model, "snip", 0.1, block_size=BS, data=data())
+
+
+def test_global_freezenet_ranks_saliency_over_all_layers():
+    model = mlp()
+    out = masks(model, "magnitude", 1.0, 0.3, block_size=BS, granularity="element", freeze="freezenet",
+                distribution="global", data=data())  # fmt: skip
+    kept = sum(int(m.sum()) for m, f in out.values())
+    train = sum(int((m & ~f).sum()) for m, f in out.values())
+    assert train == round(0.3 * kept)
+    per_layer = {n: (m & ~f).float().mean().item() for n, (m, f) in out.items()}
+    assert len({round(v, 2) for v in per_layer.values()}) > 1, "a global ranking does not give every layer 0.3"
+
+
+def test_imp_global_with_conv_layers(backend):
+    import sparsekern.kernels as sk
+
+    if backend == "triton" and not hasattr(sk, "bsconv"):
+        pytest.skip("the Triton conv kernels are not in this version (SparseConv2d runs the CPU path)")
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 4, 32))
+    x = torch.randn(2, 16, 2, 2)
+
+    def train(m, info):
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.05)
+        m(x).square().mean().backward()
+        opt.step()
+
+    res = imp(model, train, rounds=2, prune_fraction=0.5, block_size=BS, distribution="global")
+    assert isinstance(model[0], SparseConv2d) and isinstance(model[3], SparseLinear)
+    blocks = [model[0].layout, model[3].layout]
+    kept = sum(lay.nnz_blocks for lay in blocks)
+    total = sum(lay.grid[0] * lay.grid[1] for lay in blocks)
+    assert kept == round(0.25 * total)
+    assert [r.sparse_layers for r in res.history] == [["0", "3"], ["0", "3"]]
+    assert torch.equal(res.masks["0"], model[0].mask)

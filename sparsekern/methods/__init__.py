@@ -4,7 +4,9 @@
   (for dynamic sparse training, adapters and benchmarks);
 * :func:`apply_masks` converts layers (or calls ``set_masks`` on sparse ones);
 * :func:`sparsify` does both and returns a :class:`SparsifyReport`;
-* :func:`imp` finds lottery tickets by iterative magnitude pruning with rewinding.
+* :func:`imp` finds lottery tickets by iterative magnitude pruning with rewinding;
+* :func:`select`, :func:`layer_densities` and :func:`find_targets` are the building
+  blocks, for code that brings its own scores (dynamic sparse training).
 
 ``blocks.py`` pools per-element scores per block, ``select.py`` turns scores into
 masks (densities, distributions, granularity), ``scores.py`` holds the scores,
@@ -13,7 +15,15 @@ masks (densities, distributions, granularity), ``scores.py`` holds the scores,
 
 from sparsekern.methods.api import FREEZE, METHODS, LayerReport, SparsifyReport, apply_masks, masks, sparsify
 from sparsekern.methods.lottery import ImpResult, ImpRound, imp
-from sparsekern.methods.select import DISTRIBUTIONS, GRANULARITIES, check_fraction, erk_densities
+from sparsekern.methods.select import (
+    DISTRIBUTIONS,
+    GRANULARITIES,
+    check_fraction,
+    erk_densities,
+    layer_densities,
+    select,
+)
+from sparsekern.methods.targets import find_targets
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -27,7 +37,10 @@ __all__ = [
     "apply_masks",
     "check_fraction",
     "erk_densities",
+    "find_targets",
     "imp",
+    "layer_densities",
     "masks",
+    "select",
     "sparsify",
 ]

@@ -36,12 +36,34 @@ __all__ = ["force_scores", "grasp_scores", "magnitude_scores", "random_scores", 
 
 
 def magnitude_scores(targets: list[Target]) -> dict[str, torch.Tensor]:
-    """``|w|`` per layer."""
+    """``|w|`` per layer.
+
+    Args:
+        targets: the layers (dense or sparse; a sparse layer's pruned weights score 0).
+
+    Returns:
+        ``{name: float32 weight-shaped scores}``.
+
+    Example:
+        >>> magnitude_scores(find_targets(nn.Sequential(nn.Linear(64, 64)), 16))["0"].shape
+        torch.Size([64, 64])
+    """
     return {t.name: dense_weight(t.module).abs().float() for t in targets}
 
 
 def random_scores(targets: list[Target], seed: int) -> dict[str, torch.Tensor]:
-    """Uniform noise per layer, from a generator seeded by ``seed`` and the layer's name."""
+    """Uniform noise per layer, from a generator seeded by ``seed`` and the layer's name.
+
+    Args:
+        targets: the layers.
+        seed: the same seed gives the same scores; the global RNG is not used.
+
+    Returns:
+        ``{name: weight-shaped scores in [0, 1)}`` on each weight's device.
+
+    Example:
+        >>> s = random_scores(find_targets(model, 16), seed=0)
+    """
     out = {}
     for t in targets:
         gen = torch.Generator().manual_seed((seed + zlib.crc32(t.name.encode())) % 2**63)
@@ -106,7 +128,20 @@ def _leaf(t: Target, mask: torch.Tensor | None = None) -> torch.Tensor:
 
 
 def snip_scores(model: nn.Module, targets: list[Target], batches, loss_fn) -> dict[str, torch.Tensor]:
-    """SNIP's connection sensitivity ``|g * w|`` (Lee et al., 2019), gradients summed over ``batches``."""
+    """SNIP's connection sensitivity ``|g * w|`` (Lee et al., 2019), gradients summed over ``batches``.
+
+    Args:
+        model: the dense model.
+        targets: its layers to score.
+        batches: a list of ``(inputs, targets)``; ``inputs`` may be a tuple of arguments.
+        loss_fn: ``loss_fn(outputs, targets)``.
+
+    Returns:
+        ``{name: float32 weight-shaped scores}``.
+
+    Example:
+        >>> s = snip_scores(model, find_targets(model, 16), [(x, y)], F.cross_entropy)
+    """
     _dense_only(targets, "snip")
     with torch.enable_grad():
         w = {t.name: _leaf(t) for t in targets}
@@ -117,7 +152,18 @@ def snip_scores(model: nn.Module, targets: list[Target], batches, loss_fn) -> di
 def force_scores(
     model: nn.Module, targets: list[Target], batches, loss_fn, masks: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """FORCE's sensitivity (de Jorge et al., 2021) at ``masks``: ``|w * dL/d(w*m)|`` for every weight."""
+    """FORCE's sensitivity (de Jorge et al., 2021) at ``masks``: ``|w * dL/d(w*m)|`` for every weight.
+
+    Args:
+        model, targets, batches, loss_fn: as for :func:`snip_scores`.
+        masks: the current kept masks; the loss is taken on ``w * m``.
+
+    Returns:
+        ``{name: float32 weight-shaped scores}`` (pruned weights score too, so they may return).
+
+    Example:
+        >>> s = force_scores(model, targets, [(x, y)], F.cross_entropy, {t.name: t.module.weight != 0 for t in targets})
+    """
     _dense_only(targets, "force")
     with torch.enable_grad():
         eff = {t.name: _leaf(t, masks[t.name]) for t in targets}
@@ -128,7 +174,21 @@ def force_scores(
 def grasp_scores(
     model: nn.Module, targets: list[Target], batches, loss_fn, temperature: float = 200.0
 ) -> dict[str, torch.Tensor]:
-    """GraSP's keep score ``w * Hg`` (Wang et al., 2020), by double backward; logits divided by ``temperature``."""
+    """GraSP's keep score ``w * Hg`` (Wang et al., 2020), by double backward; logits divided by ``temperature``.
+
+    ``g`` is the loss gradient summed over ``batches``; ``Hg`` is the Hessian
+    times that (fixed) vector, summed over the batches.
+
+    Args:
+        model, targets, batches, loss_fn: as for :func:`snip_scores`.
+        temperature: divides the outputs before ``loss_fn`` (200 in the paper).
+
+    Returns:
+        ``{name: float32 signed scores}``: GraSP removes the lowest.
+
+    Example:
+        >>> s = grasp_scores(model, targets, [(x, y)], F.cross_entropy)
+    """
     _dense_only(targets, "grasp")
     with torch.enable_grad():
         w = {t.name: _leaf(t) for t in targets}
@@ -151,6 +211,17 @@ def synflow_scores(
     """One SynFlow round (Tanaka et al., 2020): ``w' * dR/dw'``, ``w' = |w| * m``, ``R = sum(f(ones))``.
 
     Runs in float64 in eval mode, with every parameter replaced by its absolute value.
+
+    Args:
+        model, targets: the dense model and its layers to score.
+        masks: the current kept masks.
+        example_input: a tensor of the input's shape (its values are not used).
+
+    Returns:
+        ``{name: float32 non-negative scores}``; pruned weights score 0.
+
+    Example:
+        >>> s = synflow_scores(model, targets, {t.name: torch.ones(t.shape, dtype=torch.bool) for t in targets}, x)
     """
     _dense_only(targets, "synflow")
     names = {f"{t.name}.weight" for t in targets}

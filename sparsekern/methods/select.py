@@ -95,7 +95,20 @@ def erk_densities(shapes: dict[str, tuple[int, ...]], density: float) -> dict[st
 
 
 def layer_densities(shapes: dict[str, tuple[int, ...]], density: float, distribution: str) -> dict[str, float] | None:
-    """Per-layer densities for ``"uniform"`` and ``"erk"``; ``None`` for ``"global"`` (one ranking decides)."""
+    """Per-layer densities for ``"uniform"`` and ``"erk"``; ``None`` for ``"global"`` (one ranking decides).
+
+    Args:
+        shapes: weight shape per layer.
+        density: the global density.
+        distribution: one of ``DISTRIBUTIONS``.
+
+    Returns:
+        ``{name: density}``, or ``None`` for ``"global"``.
+
+    Example:
+        >>> layer_densities({"a": (64, 64)}, 0.1, "uniform")
+        {'a': 0.1}
+    """
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
     if distribution == "global":

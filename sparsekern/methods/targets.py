@@ -29,7 +29,7 @@ from sparsekern.layout import normalize_block_size
 from sparsekern.methods.blocks import block_grid
 from sparsekern.nn._base import BlockSparseWeight
 
-__all__ = ["Target", "find_targets", "dense_weight", "sparse_class", "replace_module"]
+__all__ = ["Target", "current_masks", "dense_weight", "find_targets", "replace_module", "sparse_class"]
 
 
 @dataclass
@@ -54,19 +54,34 @@ def _is_target(mod: nn.Module) -> bool:
 
 
 def dense_weight(mod: nn.Module) -> torch.Tensor:
-    """The layer's dense weight (effective ``W * mask`` for sparse modules), detached."""
+    """The layer's dense weight (effective ``W * mask`` for sparse modules), detached.
+
+    Example:
+        >>> dense_weight(nn.Linear(4, 3)).shape
+        torch.Size([3, 4])
+    """
     return mod.weight.detach()
 
 
 def current_masks(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(mask, frozen_mask)`` of a sparse module, ``None`` for a dense one."""
+    """``(mask, frozen_mask)`` of a sparse module, ``None`` for a dense one.
+
+    Example:
+        >>> current_masks(nn.Linear(4, 3)) is None
+        True
+    """
     if isinstance(mod, BlockSparseWeight):
         return mod.mask, mod.frozen_mask
     return None
 
 
 def sparse_class(mod: nn.Module):
-    """The sparsekern module that replaces ``mod``, or ``None`` when this version has none."""
+    """The sparsekern module class that replaces ``mod``, or ``None`` (subclasses and other layers).
+
+    Example:
+        >>> sparse_class(nn.Linear(4, 3)).__name__
+        'SparseLinear'
+    """
     return {nn.Linear: sknn.SparseLinear, nn.Conv2d: sknn.SparseConv2d}.get(type(mod))
 
 
@@ -141,7 +156,11 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put ``new`` where ``model``'s submodule ``name`` is; return the old module."""
+    """Put ``new`` where ``model``'s submodule ``name`` is; return the old module.
+
+    Example:
+        >>> old = replace_module(model, "encoder.fc1", SparseLinear.from_dense(model.encoder.fc1, mask))
+    """
     parent, attr = _parent(model, name)
     old = getattr(parent, attr)
     setattr(parent, attr, new)
