@@ -352,3 +352,18 @@ def test_density_zero_and_one():
     assert all(not m.any() for m, _ in out.values())
     out = masks(mlp(), "magnitude", 1.0, block_size=BS)
     assert all(m.all() for m, _ in out.values())
+
+
+def test_synflow_is_scale_invariant_beyond_float32_range():
+    # R is homogeneous of degree L in the weights, so scaling every weight by c scales all
+    # scores by c**L and must not change the masks; at c=100, L=16 the scores exceed float32.
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(48, 48, bias=False) for _ in range(16)])
+    big = nn.Sequential(*[nn.Linear(48, 48, bias=False) for _ in range(16)])
+    with torch.no_grad():
+        for a, b in zip(model, big, strict=True):
+            b.weight.copy_(a.weight * 100)
+    kw = {"block_size": BS, "example_input": torch.zeros(1, 48), "iterations": 2, "distribution": "global"}
+    a = masks(model, "synflow", 0.3, granularity="element", **kw)
+    b = masks(big, "synflow", 0.3, granularity="element", **kw)
+    assert all(torch.equal(a[n][0], b[n][0]) for n in a)

@@ -108,7 +108,8 @@ def _score_and_select(model, active, method, density, distribution, granularity,
     if method == "magnitude":
         return select(S.magnitude_scores(active), spec, **kw)
     if method == "snip":
-        return select(S.snip_scores(model, active, *opts["batches"]), spec, **kw)
+        opts["snip"] = S.snip_scores(model, active, *opts["batches"])  # FreezeNet reuses them
+        return select(opts["snip"], spec, **kw)
     if method == "grasp":
         return select(S.grasp_scores(model, active, *opts["batches"], opts["temperature"]), spec, signed=True, **kw)
     n_iter = opts["iterations"] or ITERATIONS[method]
@@ -118,8 +119,9 @@ def _score_and_select(model, active, method, density, distribution, granularity,
     for it in range(1, n_iter + 1):
         if method == "synflow":
             sc = S.synflow_scores(model, active, cur, opts["example_input"])
+            # float64 scores of deep nets can exceed float32: one common scale keeps every ranking.
             top = max((float(s.max()) for s in sc.values()), default=0.0)
-            sc = {n: s / top for n, s in sc.items()} if top > 0 and math.isfinite(top) else sc
+            sc = {n: (s / top if top > 0 and math.isfinite(top) else s).float() for n, s in sc.items()}
         else:
             sc = S.force_scores(model, active, *opts["batches"], cur)
         cur = select(sc, at(it / n_iter), **kw)
@@ -131,7 +133,7 @@ def _choose_frozen(model, active, kept, trainable, freeze, distribution, granula
     if trainable >= 1.0 or not active:
         return {t.name: torch.zeros_like(kept[t.name]) for t in active}
     if freeze == "freezenet":
-        saliency = opts.get("snip") or S.snip_scores(model, active, *opts["batches"])
+        saliency = opts["snip"] if "snip" in opts else S.snip_scores(model, active, *opts["batches"])
     else:
         saliency = S.random_scores(active, seed + 1)
 

@@ -218,7 +218,7 @@ def synflow_scores(
         example_input: a tensor of the input's shape (its values are not used).
 
     Returns:
-        ``{name: float32 non-negative scores}``; pruned weights score 0.
+        ``{name: float64 non-negative scores}`` (they can exceed float32's range); pruned weights score 0.
 
     Example:
         >>> s = synflow_scores(model, targets, {t.name: torch.ones(t.shape, dtype=torch.bool) for t in targets}, x)
@@ -235,4 +235,4 @@ def synflow_scores(
         ones = torch.ones_like(example_input, dtype=torch.float64)
         r = _call(model, tensors, ones).sum()
         grads = torch.autograd.grad(r, [eff[t.name] for t in targets])
-    return {t.name: (g * eff[t.name].detach()).float() for t, g in zip(targets, grads, strict=True)}
+    return {t.name: g * eff[t.name].detach() for t, g in zip(targets, grads, strict=True)}
