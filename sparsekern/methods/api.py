@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,37 @@ class _Plan:
     targets: list[Target]
     masks: dict[str, tuple[torch.Tensor, torch.Tensor]]
     frozen_dense: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """The options of :func:`masks` / :func:`sparsify` (same names, same defaults), validated by ``_plan``."""
+
+    method: str = "magnitude"
+    density: float = 0.1
+    trainable: float = 1.0
+    block_size: object = 32
+    distribution: str = "uniform"
+    granularity: str = "block"
+    data: object = None
+    loss_fn: object = None
+    exclude: object = ()
+    exclude_first: bool = False
+    exclude_last: bool = False
+    reduce: str = "l1"
+    layers: object = None
+    seed: int | None = None
+    freeze: str = "random"
+    freeze_layers: object = ()
+    iterations: int | None = None
+    example_input: object = None
+    temperature: float = 200.0
+    min_blocks: int = 4
+
+
+def _spec(args: dict) -> _Spec:
+    """A :class:`_Spec` from a public function's ``locals()`` (everything but ``model``)."""
+    return _Spec(**{k: v for k, v in args.items() if k != "model"})
 
 
 def _draw_seed(seed: int | None) -> int:
@@ -91,8 +122,10 @@ def _example_input(example_input, data):
     raise ValueError("method 'synflow' needs example_input (a tensor of the input shape) or data to take it from")
 
 
-def _score_and_select(model, active, method, density, distribution, granularity, block_size, reduce, seed, opts):
+def _score_and_select(model, active, spec: _Spec, seed: int, opts: dict):
     """Pruning masks of the ``active`` targets."""
+    method, density, granularity, block_size = spec.method, spec.density, spec.granularity, spec.block_size
+    distribution, reduce = spec.distribution, spec.reduce
     shapes = {t.name: t.shape for t in active}
     per_layer = layer_densities(shapes, density, distribution)
     globally = per_layer is None
@@ -102,23 +135,23 @@ def _score_and_select(model, active, method, density, distribution, granularity,
     def at(frac: float):
         return density**frac if globally else {n: d**frac for n, d in per_layer.items()}
 
-    spec = density if globally else per_layer
+    target = density if globally else per_layer
     if method == "random":
-        return select(S.random_scores(active, seed), spec, **kw)
+        return select(S.random_scores(active, seed), target, **kw)
     if method == "magnitude":
-        return select(S.magnitude_scores(active), spec, **kw)
+        return select(S.magnitude_scores(active), target, **kw)
     if method == "snip":
         opts["snip"] = S.snip_scores(model, active, *opts["batches"])  # FreezeNet reuses them
-        return select(opts["snip"], spec, **kw)
+        return select(opts["snip"], target, **kw)
     if method == "grasp":
-        return select(S.grasp_scores(model, active, *opts["batches"], opts["temperature"]), spec, signed=True, **kw)
-    n_iter = opts["iterations"] or ITERATIONS[method]
+        return select(S.grasp_scores(model, active, *opts["batches"], spec.temperature), target, signed=True, **kw)
+    n_iter = spec.iterations or ITERATIONS[method]
     if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
         raise ValueError(f"iterations must be a positive int, got {n_iter!r}")
     cur = {t.name: torch.ones(t.shape, dtype=torch.bool, device=t.module.weight.device) for t in active}
     for it in range(1, n_iter + 1):
         if method == "synflow":
-            sc = S.synflow_scores(model, active, cur, opts["example_input"])
+            sc = S.synflow_scores(model, active, cur, _example_input(spec.example_input, spec.data))
             # float64 scores of deep nets can exceed float32: one common scale keeps every ranking.
             top = max((float(s.max()) for s in sc.values()), default=0.0)
             sc = {n: (s / top if top > 0 and math.isfinite(top) else s).float() for n, s in sc.items()}
@@ -128,8 +161,9 @@ def _score_and_select(model, active, method, density, distribution, granularity,
     return cur
 
 
-def _choose_frozen(model, active, kept, trainable, freeze, distribution, granularity, block_size, reduce, seed, opts):
+def _choose_frozen(model, active, kept, spec: _Spec, seed: int, opts: dict):
     """Frozen masks: among each layer's kept weights, all but a ``trainable`` share (by blocks for "block")."""
+    trainable, freeze, granularity, block_size = spec.trainable, spec.freeze, spec.granularity, spec.block_size
     if trainable >= 1.0 or not active:
         return {t.name: torch.zeros_like(kept[t.name]) for t in active}
     if freeze == "freezenet":
@@ -145,8 +179,8 @@ def _choose_frozen(model, active, kept, trainable, freeze, distribution, granula
         return int(kept[n].sum()), kept[n].numel()
 
     sizes = {t.name: size(t.name) for t in active}
-    kw = {"granularity": granularity, "block_size": block_size, "reduce": reduce, "prior": kept}
-    if distribution == "global" and freeze == "freezenet":
+    kw = {"granularity": granularity, "block_size": block_size, "reduce": spec.reduce, "prior": kept}
+    if spec.distribution == "global" and freeze == "freezenet":
         total_kept, total = (sum(v) for v in zip(*sizes.values(), strict=True))
         train = select(saliency, trainable * total_kept / max(1, total), globally=True, **kw)
     else:
@@ -154,69 +188,49 @@ def _choose_frozen(model, active, kept, trainable, freeze, distribution, granula
     return {n: kept[n] & ~train[n] for n in kept}
 
 
-def _plan(
-    model,
-    method,
-    density,
-    trainable,
-    block_size,
-    distribution,
-    granularity,
-    data,
-    loss_fn,
-    exclude,
-    exclude_first,
-    exclude_last,
-    reduce,
-    layers,
-    seed,
-    freeze,
-    freeze_layers,
-    iterations,
-    example_input,
-    temperature,
-    min_blocks,
-    prior=None,
-) -> _Plan:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    density = check_fraction(density, "density")
-    trainable = check_fraction(trainable, "trainable")
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    if reduce not in REDUCTIONS:
-        raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
-    if freeze not in FREEZE:
-        raise ValueError(f"freeze must be one of {FREEZE}, got {freeze!r}")
-    layer_densities({}, density, distribution)  # validates the name
-    block_size = normalize_block_size(block_size)
-    seed = _draw_seed(seed)
-    targets = find_targets(model, block_size, layers, exclude, exclude_first, exclude_last, min_blocks)
+def _plan(model: nn.Module, spec: _Spec, prior: dict[str, torch.Tensor] | None = None) -> _Plan:
+    """Validate ``spec``, pick the layers, compute their masks; ``model`` is left unchanged."""
+    if spec.method not in METHODS:
+        raise ValueError(f"unknown method {spec.method!r}; choose one of {METHODS}")
+    if spec.granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {spec.granularity!r}")
+    if spec.reduce not in REDUCTIONS:
+        raise ValueError(f"reduce must be one of {REDUCTIONS}, got {spec.reduce!r}")
+    if spec.freeze not in FREEZE:
+        raise ValueError(f"freeze must be one of {FREEZE}, got {spec.freeze!r}")
+    layer_densities({}, 0.0, spec.distribution)  # validates the name
+    spec = replace(
+        spec,
+        density=check_fraction(spec.density, "density"),
+        trainable=check_fraction(spec.trainable, "trainable"),
+        block_size=normalize_block_size(spec.block_size),
+    )
+    seed = _draw_seed(spec.seed)
+    targets = find_targets(
+        model, spec.block_size, spec.layers, spec.exclude, spec.exclude_first, spec.exclude_last, spec.min_blocks
+    )
     names = {t.name for t in targets}
-    if isinstance(freeze_layers, str):
-        raise TypeError(f"freeze_layers must be a list of layer names, got the string {freeze_layers!r}")
-    unknown = [n for n in freeze_layers if n not in names]
+    if isinstance(spec.freeze_layers, str):
+        raise TypeError(f"freeze_layers must be a list of layer names, got the string {spec.freeze_layers!r}")
+    unknown = [n for n in spec.freeze_layers if n not in names]
     if unknown:
         raise ValueError(f"freeze_layers names unknown layer(s) {unknown}; candidate layers are {sorted(names)}")
     active = [t for t in targets if t.skip is None]
-    opts = {"iterations": iterations, "temperature": temperature}
+    opts = {}
     if prior is not None:
         opts["prior"] = {t.name: prior[t.name] for t in active}
-    if method in DATA_METHODS or (freeze == "freezenet" and trainable < 1.0):
-        opts["batches"] = _batches(data, loss_fn, method if method in DATA_METHODS else "freezenet")
-    if method == "synflow":
-        opts["example_input"] = _example_input(example_input, data)
+    freezenet = spec.freeze == "freezenet" and spec.trainable < 1.0
+    if spec.method in DATA_METHODS or freezenet:
+        opts["batches"] = _batches(spec.data, spec.loss_fn, spec.method if spec.method in DATA_METHODS else "freezenet")
+    if spec.method == "synflow":
+        _example_input(spec.example_input, spec.data)  # fail before any scoring
     with _rng(model, seed):
-        kept = _score_and_select(
-            model, active, method, density, distribution, granularity, block_size, reduce, seed, opts
-        )
-        frozen = _choose_frozen(
-            model, active, kept, trainable, freeze, distribution, granularity, block_size, reduce, seed, opts
-        )
-    for n in freeze_layers:
+        kept = _score_and_select(model, active, spec, seed, opts)
+        frozen = _choose_frozen(model, active, kept, spec, seed, opts)
+    for n in spec.freeze_layers:
         if n in kept:
             frozen[n] = kept[n].clone()
-    frozen_dense = [t.name for t in targets if t.skip is not None and t.name in freeze_layers]
+    frozen_dense = [t.name for t in targets if t.skip is not None and t.name in spec.freeze_layers]
     return _Plan(targets, {t.name: (kept[t.name], frozen[t.name]) for t in active}, frozen_dense)
 
 
@@ -295,12 +309,7 @@ def masks(
         >>> float(mask.float().mean())
         0.25
     """
-    plan = _plan(
-        model, method, density, trainable, block_size, distribution, granularity, data, loss_fn, exclude,
-        exclude_first, exclude_last, reduce, layers, seed, freeze, freeze_layers, iterations, example_input,
-        temperature, min_blocks,
-    )  # fmt: skip
-    return plan.masks
+    return _plan(model, _spec(locals())).masks
 
 
 if masks.__doc__:  # None under python -OO
@@ -544,11 +553,7 @@ def sparsify(
         >>> rep = sparsekern.sparsify(model, "snip", density=0.2, block_size=32, data=[(x, y)], exclude_last=True)
         >>> print(rep.table())
     """
-    plan = _plan(
-        model, method, density, trainable, block_size, distribution, granularity, data, loss_fn, exclude,
-        exclude_first, exclude_last, reduce, layers, seed, freeze, freeze_layers, iterations, example_input,
-        temperature, min_blocks,
-    )  # fmt: skip
+    plan = _plan(model, _spec(locals()))
     apply_masks(model, plan.masks, block_size)
     for name in plan.frozen_dense:
         model.get_submodule(name).weight.requires_grad_(False)

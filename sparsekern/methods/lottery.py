@@ -23,12 +23,12 @@ layers' parameters change when masks change); only magnitude scores.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
-from sparsekern.methods.api import SparsifyReport, _layer_report, _plan, apply_masks
+from sparsekern.methods.api import SparsifyReport, _layer_report, _plan, _Spec, apply_masks
 from sparsekern.methods.select import check_fraction
 from sparsekern.methods.targets import current_masks
 
@@ -161,6 +161,20 @@ def imp(
     if distribution not in ("uniform", "global"):
         raise ValueError(f"imp supports distribution 'uniform' or 'global', got {distribution!r}")
 
+    spec = _Spec(
+        method="magnitude",
+        block_size=block_size,
+        distribution=distribution,
+        granularity=granularity,
+        exclude=exclude,
+        exclude_first=exclude_first,
+        exclude_last=exclude_last,
+        reduce=reduce,
+        layers=layers,
+        seed=0,
+        min_blocks=min_blocks,
+    )
+    _plan(model, replace(spec, density=1.0))  # fail on bad options before any training
     saved: dict[str, dict] = {}
 
     def save():
@@ -176,11 +190,7 @@ def imp(
     kept: dict[str, torch.Tensor] | None = None
     for r in range(1, rounds + 1):
         density = (1.0 - prune_fraction) ** r
-        plan = _plan(
-            model, "magnitude", density, 1.0, block_size, distribution, granularity, None, None, exclude,
-            exclude_first, exclude_last, reduce, layers, 0, "random", (), None, None, 200.0, min_blocks,
-            prior=kept,
-        )  # fmt: skip
+        plan = _plan(model, replace(spec, density=density), prior=kept)
         new = {n: (m & kept[n] if kept is not None else m) for n, (m, _) in plan.masks.items()}
         apply_masks(model, {n: (m, None) for n, m in new.items()}, block_size)
         if rewind == "weights":
