@@ -53,10 +53,11 @@ def is_block_structured(mask):
 # ----------------------------------------------------------- invariants of every method
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("granularity", ["block", "element"])
-def test_density_reached_and_frozen_inside_mask(method, granularity):
+@pytest.mark.parametrize("freeze", ["random", "freezenet"])
+def test_density_reached_and_frozen_inside_mask(method, granularity, freeze):
     model = mlp()
     density, trainable = 0.3, 0.5
-    out = run(model, method, density, trainable, granularity=granularity)
+    out = run(model, method, density, trainable, granularity=granularity, freeze=freeze)
     assert set(out) == {"0", "2", "4"}
     for name, (mask, frozen) in out.items():
         w = model.get_submodule(name).weight

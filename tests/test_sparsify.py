@@ -3,6 +3,8 @@
 Layers are tiny (blocks of 16): under ``SPARSEKERN_INTERPRET=1`` the kernels run in Triton's interpreter.
 """
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -53,6 +55,25 @@ def test_sparsify_replaces_layers_and_matches_the_masked_reference():
         # Gradients reach only trainable elements.
         assert not got_dw[~(mask & ~frozen)].any()
         assert_close(layer.bias.grad, db, torch.float32, 5, "dbias")
+
+
+def test_whole_model_matches_the_masked_dense_model_in_float64():
+    model = mlp()
+    ref = copy.deepcopy(model).double()
+    sparsekern.sparsify(model, "grasp", 0.4, 0.5, block_size=BS, data=data(2), seed=0)
+    with torch.no_grad():
+        for name in ("0", "2"):
+            ref.get_submodule(name).weight.mul_(model.get_submodule(name).mask)
+    x = torch.randn(7, 40)
+    assert_close(model(x), ref(x.double()), torch.float32, 48, "model output", scale=3.0)
+
+
+def test_density_zero_leaves_only_the_bias():
+    model = nn.Sequential(nn.Linear(48, 32))
+    rep = sparsekern.sparsify(model, "magnitude", 0.0, block_size=BS)
+    assert model[0].layout.nnz_blocks == 0 and rep["0"].flops_saved["forward"] == 1.0
+    x = torch.randn(3, 48)
+    torch.testing.assert_close(model(x), model[0].bias.expand(3, 32), rtol=0, atol=0)
 
 
 def test_part_pruned_part_frozen_part_trainable_layer():
