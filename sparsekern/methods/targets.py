@@ -126,7 +126,7 @@ def find_targets(
     out = []
     for i, name in enumerate(names):
         mod = found[name]
-        shape = tuple(mod.weight.shape)
+        shape = tuple(mod.weight_shape if isinstance(mod, BlockSparseWeight) else mod.weight.shape)
         t = Target(name, mod, shape)
         rb, cb = block_grid(shape, (bm, bk))
         if name in exclude:
@@ -142,7 +142,7 @@ def find_targets(
             t.skip = f"grouped convolution (groups={mod.groups}) is not supported"
         elif isinstance(mod, nn.Conv2d) and mod.padding_mode != "zeros":
             t.skip = f"padding_mode={mod.padding_mode!r} is not supported"
-        elif shape[0] < bm or (shape[1] if len(shape) == 2 else shape[1]) < bk:
+        elif shape[0] < bm or shape[1] < bk:  # out and in features (channels, for a conv)
             t.skip = f"weight {shape} is smaller than a {bm}x{bk} block"
         elif rb * cb < min_blocks:
             t.skip = f"only {rb * cb} block(s) of {bm}x{bk} (fewer than min_blocks={min_blocks})"
