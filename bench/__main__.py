@@ -3,6 +3,7 @@
 Examples::
 
     python -m bench                          # linear suite, GPU if present else CPU
+    python -m bench --suite conv             # ResNet-50 conv layers: SparseConv2d vs nn.Conv2d and masked
     python -m bench --suite layout           # layout build and set_masks cost against training steps
     python -m bench --quick --out /tmp/b     # tiny config (seconds), e.g. for tests
     python -m bench --device cuda --tune     # GPU: autotune, store configs, then benchmark
@@ -23,7 +24,7 @@ import torch
 
 from bench import common
 
-SUITES = ("linear", "layout")
+SUITES = ("linear", "conv", "layout")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="tiny configuration, for tests (linear: 256x256, 64 tokens; layout: 512x512, 16 tokens)",
+        help="tiny configuration, for tests (linear: 256x256, 64 tokens; conv: 32->32 3x3 on 8x8; layout: 512x512)",
     )
     p.add_argument("--out", type=Path, default=common.DEFAULT_OUT, help="results folder (default: bench/results)")
     p.add_argument("--dtype", default=None, help="float32|float16|bfloat16 (default: float32 on CPU, bfloat16 on GPU)")

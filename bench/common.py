@@ -31,10 +31,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "bench" / "results"
 
 #: Long-format result columns. Times (``p20``/``p50``/``p80``) are milliseconds;
-#: ``shape`` is ``tokens x out_features x in_features``; ``flop_fraction`` is the
-#: share of dense FLOPs the provider computes in that mode; ``frozen_fraction``
-#: is the share of kept blocks that are frozen; ``note`` says why a provider
-#: has no numbers (``unavailable: ...``).
+#: ``shape`` is ``tokens x out_features x in_features`` (conv: input and kernel);
+#: ``layer`` names a conv case; ``flop_fraction`` is the share of dense FLOPs
+#: the provider computes in that mode; ``frozen_fraction`` is the share of kept
+#: blocks that are frozen; ``note`` says why a provider has no numbers (``unavailable: ...``).
 COLUMNS = [
     "device",
     "torch",
@@ -44,6 +44,7 @@ COLUMNS = [
     "block",
     "density",
     "shape",
+    "layer",
     "provider",
     "mode",
     "p20",
