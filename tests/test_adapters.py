@@ -11,10 +11,19 @@ from torch import nn
 from torch.ao.pruning import WeightNormSparsifier
 from torch.nn.utils import parametrize, prune
 
+from sparsekern import convview
 from sparsekern.adapters import from_checkpoint, from_mask_dict, from_torch_ao, from_torch_prune
-from sparsekern.nn import SparseLinear
+from sparsekern.methods.blocks import block_grid, expand_blocks
+from sparsekern.nn import SparseConv2d, SparseLinear
 from sparsekern.nn._ingest import dense_weight_and_mask, has_foreign_mask
-from sparsekern.testing import assert_close, random_block_mask, reference_grads, reference_linear
+from sparsekern.testing import (
+    assert_close,
+    random_block_mask,
+    reference_conv2d,
+    reference_conv_grads,
+    reference_grads,
+    reference_linear,
+)
 
 F32, BS = torch.float32, 16
 
@@ -327,3 +336,51 @@ def test_checkpoint_bad_input_leaves_model_unchanged():
     with pytest.raises(ValueError, match="min_sparsity"):
         from_checkpoint(model, sd, min_sparsity=2)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+# ---------------------------------------------------------------- convolutions
+@pytest.fixture
+def cpu_path(monkeypatch):
+    """SparseConv2d on the CPU path (the Triton conv kernels are not there for the interpreter)."""
+    import sparsekern.kernels as sk
+
+    monkeypatch.setattr(sk, "INTERPRET", False)
+
+
+@pytest.mark.parametrize("granularity", ["exact", "block"])
+def test_conv_torch_prune(cpu_path, granularity):
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 16, 1))
+    grid = block_grid(model[0].weight.shape, BS)  # (2, 9): 16 channels in one block column per tap
+    mask = expand_blocks(torch.rand(grid) < 0.5, model[0].weight.shape, BS) & (torch.rand(32, 16, 3, 3) < 0.8)
+    prune.custom_from_mask(model[0], "weight", mask)
+    weight, bias = dense_weight_and_mask(model[0])[0], model[0].bias.detach()
+    out, rep = from_torch_prune(model, granularity=granularity, block_size=BS)
+    conv = out[0]
+    assert isinstance(conv, SparseConv2d) and isinstance(out[2], nn.Conv2d)
+    assert_no_foreign_masks(out)
+    if granularity == "block":
+        assert conv.layout.nnz_blocks == round(rep.layers[0]["density"] * 18) and conv.layout.n_mixed == 0
+        return
+    assert torch.equal(conv.mask, mask)
+    assert rep.layers[0]["exact"]["block_density"] == pytest.approx(conv.layout.block_density)
+    x = torch.randn(2, 16, 5, 5, requires_grad=True)
+    y = conv(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert_close(y, reference_conv2d(x, weight, mask, bias, padding=1), F32, 16 * 9, "conv y")
+    dx, dw, db = reference_conv_grads(x, weight, mask, None, dy, bias, padding=1)
+    assert_close(x.grad, dx, F32, 32 * 9, "conv dx")
+    lay = conv.layout
+    dense = lay.to_dense(conv.weight_train.grad, torch.zeros(lay.n_frozen_slots, *lay.block_size))
+    assert_close(convview.from_matrix(dense, 16, 3, 3), dw, F32, 50, "conv dW")
+    assert_close(conv.bias.grad, db, F32, 50, "conv dbias")
+
+
+def test_unsupported_modules_are_refused():
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, groups=2), nn.MultiheadAttention(16, 2))
+    prune.random_unstructured(model[0], "weight", amount=0.5)
+    with pytest.raises(TypeError, match="groups=2"):
+        from_torch_prune(model, block_size=BS)
+    with pytest.raises(TypeError, match="NonDynamicallyQuantizableLinear"):
+        from_mask_dict(model, {"1.out_proj": {"weight": torch.ones(16, 16)}}, block_size=BS)
+    assert isinstance(model[0], nn.Conv2d) and prune.is_pruned(model)

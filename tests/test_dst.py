@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from sparsekern.methods.blocks import pool_blocks
+from sparsekern.methods.blocks import block_grid, expand_blocks, pool_blocks
 from sparsekern.methods.dst import DSTScheduler
-from sparsekern.nn import SparseLinear
+from sparsekern.nn import SparseConv2d, SparseLinear
 from sparsekern.testing import random_block_mask
 
 N, K, BS = 64, 48, 16
@@ -250,3 +250,52 @@ def test_bad_models():
     opt = torch.optim.SGD(model[0].parameters())
     with pytest.raises(ValueError, match="optimizer does not hold"):
         DSTScheduler(model, opt, end_step=10)
+
+
+# ---------------------------------------------------------------- convolutions
+@pytest.fixture
+def cpu_path(monkeypatch):
+    """SparseConv2d on the CPU path (the Triton conv kernels are not there for the interpreter)."""
+    import sparsekern.kernels as sk
+
+    monkeypatch.setattr(sk, "INTERPRET", False)
+
+
+def conv_model():
+    """Two SparseConv2d layers (matrix views 32x144 and 32x288 in 16x16 blocks), half the blocks kept."""
+    layers = []
+    for c_in, padding in ((16, 1), (32, "same")):
+        conv = nn.Conv2d(c_in, 32, 3, padding=padding)
+        grid = block_grid(conv.weight.shape, BS)
+        mask = expand_blocks(torch.rand(grid) < 0.5, conv.weight.shape, BS)
+        frozen = mask & expand_blocks(torch.rand(grid) < 0.3, conv.weight.shape, BS)
+        layers.append(SparseConv2d.from_dense(conv, mask=mask, frozen_mask=frozen, block_size=BS))
+    model = nn.Sequential(layers[0], nn.ReLU(), layers[1])
+    return model, torch.optim.Adam(model.parameters(), lr=1e-2)
+
+
+def test_conv_rigl_block(cpu_path):
+    model, opt = conv_model()
+    sched = DSTScheduler(model, opt, method="rigl", delta_t=2, end_step=20, drop_fraction=0.5)
+    seen = {}
+    update = sched.update
+    sched.update = lambda: (seen.update({k: v.clone() for k, v in sched._grads.items()}), update())[1]
+    convs = [model[0], model[2]]
+    before = [(c.mask, c.frozen_mask, c.layout.nnz_blocks, c.layout.n_train, c.weight) for c in convs]
+    for _ in range(2):
+        x, target = torch.randn(2, 16, 6, 6), torch.randn(2, 32, 6, 6)
+        dense = nn.Sequential(convs[0].to_dense(), nn.ReLU(), convs[1].to_dense())
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), target).backward()
+        nn.functional.mse_loss(dense(x), target).backward()
+        opt.step()
+    for name, d in (("0", dense[0]), ("2", dense[2])):
+        torch.testing.assert_close(seen[name], d.weight.grad, rtol=1e-4, atol=1e-5)
+    assert sched.dense_grad_count == 2
+    changed = False
+    for c, (mask0, frozen0, nnzb0, ntrain0, w0) in zip(convs, before, strict=True):
+        assert (c.layout.nnz_blocks, c.layout.n_train) == (nnzb0, ntrain0)
+        assert int(c.mask.sum()) == int(mask0.sum())
+        assert torch.equal(c.frozen_mask, frozen0) and torch.equal(c.weight[frozen0], w0[frozen0])
+        changed |= not torch.equal(c.mask, mask0)
+    assert changed

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.nn.utils import skip_init
+from torch.nn.utils.parametrize import type_before_parametrizations
 
 import sparsekern.nn as sknn
 from sparsekern.layout import BlockLayout, normalize_block_size
@@ -73,17 +74,27 @@ class ConversionReport:
         return "\n".join(lines)
 
 
+def _unsupported_reason(module: nn.Module) -> str | None:
+    kind = type_before_parametrizations(module)
+    if kind is nn.Linear:
+        return None
+    if kind is nn.Conv2d:
+        if module.groups != 1 or module.padding_mode != "zeros":
+            return f"groups={module.groups}, padding_mode={module.padding_mode!r}"
+        return None
+    # Subclasses (e.g. MultiheadAttention's out_proj) are used through their weight by their owner.
+    return kind.__name__
+
+
 def sparse_class(module: nn.Module):
-    """The sparse layer class that replaces ``module``, or ``None`` when there is none."""
-    if isinstance(module, nn.Linear):
-        return sknn.SparseLinear
-    if isinstance(module, nn.Conv2d):
-        return getattr(sknn, "SparseConv2d", None)
-    return None
+    """The sparse layer class that replaces ``module`` (exactly an ``nn.Linear``/``nn.Conv2d``), or ``None``."""
+    if _unsupported_reason(module) is not None:
+        return None
+    return sknn.SparseLinear if type_before_parametrizations(module) is nn.Linear else sknn.SparseConv2d
 
 
 def check_supported(targets: list[Target]) -> None:
-    bad = [f"{t.name or '<model>'} ({type(t.module).__name__})" for t in targets if sparse_class(t.module) is None]
+    bad = [f"{t.name or '<model>'} ({_unsupported_reason(t.module)})" for t in targets if _unsupported_reason(t.module)]
     if bad:
         raise TypeError(f"no sparse layer replaces these masked modules: {', '.join(bad)}")
 
@@ -115,7 +126,7 @@ def _summary(mask: torch.Tensor, block_size) -> dict[str, float]:
 def _plain_copy(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     """A hook-free, parametrization-free dense copy of ``module`` holding ``weight`` and ``bias``."""
     factory = {"device": weight.device, "dtype": weight.dtype}
-    if isinstance(module, nn.Linear):
+    if type_before_parametrizations(module) is nn.Linear:
         out = skip_init(nn.Linear, module.in_features, module.out_features, bias=bias is not None, **factory)
     else:
         out = skip_init(

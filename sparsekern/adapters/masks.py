@@ -132,9 +132,9 @@ def from_checkpoint(
         state_dict: a state dict or a path to one (a dict wrapping it under
             ``"state_dict"`` or ``"model"`` is unwrapped).
         granularity, block_size, reduce: as for ``from_torch_prune``.
-        min_sparsity: convert every ``nn.Linear`` (and ``nn.Conv2d`` when a
-            sparse conv layer exists) whose weight has at least this fraction
-            of zeros. Ignored when ``modules`` is given.
+        min_sparsity: convert every ``nn.Linear`` and ``nn.Conv2d`` (groups
+            1, zero padding) whose weight has at least this fraction of zeros.
+            Ignored when ``modules`` is given.
         modules: names of the layers to convert, whatever their sparsity.
 
     Returns:

@@ -2,7 +2,7 @@
 
 Both keep a dense weight and multiply it by a mask on every forward, so a
 pruned model computes as much as the dense one. These adapters replace each
-masked ``nn.Linear`` (and ``nn.Conv2d`` once a sparse conv layer exists) by a
+masked ``nn.Linear`` (and ``nn.Conv2d``, by ``SparseConv2d``) by a
 sparse layer holding the same effective weight; the replaced modules, with
 their pruning hooks, ``weight_orig``/``weight_mask`` and parametrizations, are
 dropped from the model. Other forward hooks on a replaced module are not

@@ -34,7 +34,7 @@ other step the weight gradient stays block-sparse. ``dense_grad_count``
 counts the dense weight-gradient products computed.
 
 Supported layers: any submodule with ``set_masks``, ``mask``, ``frozen_mask``,
-``weight`` and ``block_size`` (``SparseLinear``, and the conv layer, whose
+``weight`` and ``block_size`` (``SparseLinear`` and ``SparseConv2d``, whose conv
 weights are 4-D and are pooled in their matrix view).
 
 Known limits: other holders of a layer's trainable Parameter (a second
@@ -77,6 +77,8 @@ def _is_sparse_layer(mod: nn.Module) -> bool:
 
 
 def _weight_shape(mod: nn.Module) -> tuple[int, ...]:
+    if hasattr(mod, "weight_shape"):
+        return tuple(mod.weight_shape)
     if hasattr(mod, "in_features"):
         return (mod.out_features, mod.in_features)
     if hasattr(mod, "kernel_size"):
