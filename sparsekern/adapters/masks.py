@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from sparsekern.adapters._core import ConversionReport, Target, check_options, convert_targets, sparse_class
+from sparsekern.methods.select import check_fraction
 from sparsekern.nn._ingest import dense_weight_and_mask
 
 __all__ = ["from_checkpoint", "from_mask_dict"]
@@ -149,8 +150,7 @@ def from_checkpoint(
         >>> model, rep = from_checkpoint(model, "pruned.pt", granularity="block", block_size=64)
     """
     check_options(granularity, block_size, reduce)
-    if not 0.0 <= float(min_sparsity) <= 1.0:
-        raise ValueError(f"min_sparsity must lie in [0, 1], got {min_sparsity!r}")
+    min_sparsity = check_fraction(min_sparsity, "min_sparsity")
     sd = _load(state_dict)
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):

@@ -64,6 +64,7 @@ from torch import nn
 
 from sparsekern import convview
 from sparsekern.methods.blocks import REDUCTIONS, expand_blocks, keep_top_blocks, pool_blocks
+from sparsekern.methods.select import check_fraction
 
 __all__ = ["DSTScheduler", "METHODS", "GRANULARITIES"]
 
@@ -156,8 +157,8 @@ class DSTScheduler:
             raise ValueError(f"delta_t must be a positive int, got {delta_t!r}")
         if end_step is None or isinstance(end_step, bool) or not isinstance(end_step, int) or end_step < 1:
             raise ValueError(f"end_step must be a positive int (the step where updates stop), got {end_step!r}")
-        if not 0.0 < float(drop_fraction) <= 1.0:
-            raise ValueError(f"drop_fraction must lie in (0, 1], got {drop_fraction!r}")
+        if check_fraction(drop_fraction, "drop_fraction") == 0.0:
+            raise ValueError("drop_fraction must be above 0 (0 would never change a mask)")
         self.layers = [(name, mod) for name, mod in model.named_modules() if _is_sparse_layer(mod)]
         if not self.layers:
             raise ValueError("model has no sparse layers (modules with set_masks, e.g. SparseLinear)")
