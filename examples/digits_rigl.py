@@ -13,7 +13,9 @@ Four runs, the same data, seed and schedule:
   dropped and grown; pruned blocks are skipped by all three GEMMs and frozen
   blocks by the weight gradient;
 * ``sparsekern, element RigL``: the published element-level RigL on
-  ``SparseLinear`` (almost no block is empty, so little is skipped).
+  ``SparseLinear``. No block is empty, so nothing is skipped: every block is
+  mixed and the CPU path runs one dense GEMM on the merged weight, slower
+  than ``nn.Linear`` because merging the mixed blocks costs more than the GEMM.
 
 The table gives test accuracy, the FLOPs each pass skips over the whole
 model (``sparsekern.report``, from the layouts) and the training wall time.
@@ -24,6 +26,13 @@ Run it on the CPU path (not Triton's interpreter, so leave
     pip install -e '.[examples]'
     python examples/digits_rigl.py            # about 1-3 minutes on 2 cores
     python examples/digits_rigl.py --quick    # a smoke run
+
+Measured on the project's 2-core CPU while other jobs ran (load average 3.6,
+so wall times move by tens of percent between runs): test accuracy dense
+96.9%, masked dense block RigL 97.8%, sparsekern block RigL 97.8% (the same
+masks and updates as the masked run, hence the same accuracy), element RigL
+97.6%; training wall time 15.4 s, 33.0 s, 8.8 s and 81.0 s; block RigL skips
+87% / 90% / 90% of the model's forward / input-gradient / weight-gradient FLOPs.
 """
 
 from __future__ import annotations
