@@ -110,6 +110,9 @@ def test_torch_prune_exact():
     row = rep.layers[1]
     assert row["exact"]["block_density"] == pytest.approx(model[2].layout.block_density)
     assert row["exact"]["forward_flop_fraction"] < 0.75  # the block mask skips about half
+    flops = model[2].layout.flops(1)
+    for p in ("forward", "input_grad", "weight_grad"):
+        assert row["exact"]["saved_flops_per_token"][p] == flops[p]["dense"] - flops[p]["block"] > 0
     assert rep.layers[0]["exact"]["forward_flop_fraction"] == pytest.approx(1.0)  # unstructured: nothing empty
     assert "saved" in rep.table()
 

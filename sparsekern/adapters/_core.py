@@ -54,7 +54,9 @@ class ConversionReport:
     both ``"exact"`` and ``"block"``, the layout summary
     (``block_density``, ``element_density``, ``forward_flop_fraction``,
     ``input_grad_flop_fraction``, ``weight_grad_flop_fraction``: computed FLOPs
-    over dense; one minus these is what the choice saves).
+    over dense; one minus these is what the choice saves) and
+    ``saved_flops_per_token``: ``{pass: FLOPs}`` skipped per input row (per
+    output position for a convolution), from ``BlockLayout.flops``.
     """
 
     granularity: str
@@ -118,9 +120,11 @@ def block_mask(weight: torch.Tensor, mask: torch.Tensor, block_size, reduce: str
     return expand_blocks(keep_top_blocks(scores, n_keep), tuple(weight.shape), block_size)
 
 
-def _summary(mask: torch.Tensor, block_size) -> dict[str, float]:
-    bk = block_size[1]
-    return BlockLayout.from_masks(to_matrix(mask, bk, fill=False), block_size=block_size).summary()
+def _summary(mask: torch.Tensor, block_size) -> dict:
+    layout = BlockLayout.from_masks(to_matrix(mask, block_size[1], fill=False), block_size=block_size)
+    flops = layout.flops(1)
+    saved = {p: flops[p]["dense"] - flops[p]["block"] for p in PASSES}
+    return {**layout.summary(), "saved_flops_per_token": saved}
 
 
 def _plain_copy(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
