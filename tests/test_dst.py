@@ -209,6 +209,22 @@ def test_rigl_grows_blocks_of_largest_gradient():
     assert sched.dense_grad_count == 1
 
 
+def test_training_continues_on_the_new_parameters_and_state_dict_round_trips():
+    model, opt = make_model()
+    sched = DSTScheduler(model, opt, method="set", delta_t=1, end_step=10, seed=3)
+    train_step(model, opt)
+    layer = sparse_layers(model)[0]
+    w = layer.weight
+    train_step(model, opt)  # another update, but the weights kept by both masks must have moved
+    assert not torch.equal(layer.weight[layer.mask & w.ne(0)], w[layer.mask & w.ne(0)])
+    state = sched.state_dict()
+    draws = torch.rand(5, generator=sched.generator)
+    model2, opt2 = make_model()
+    other = DSTScheduler(model2, opt2, method="set", delta_t=3, end_step=10)
+    other.load_state_dict(state)
+    assert other.step_count == 2 and torch.equal(torch.rand(5, generator=other.generator), draws)
+
+
 def test_schedule():
     model, opt = make_model()
     sched = DSTScheduler(model, opt, method="set", delta_t=5, end_step=20, drop_fraction=0.4)
