@@ -172,21 +172,30 @@ def main(argv: list[str] | None = None) -> int:
         written.append((name, paths, suite.headline(rows) or ""))
 
     scope = args.static if args.static != "auto" else ("default" if device.type == "cuda" else "off")
+    section, static_problems = "", 0
     if scope != "off":
         from bench.static import write_static
 
-        section, spaths = write_static(out_dir, common.result_stem("static", env), scope)
-        print(section, flush=True)
-        for _, paths, _ in written:  # each suite's report links the static check of its run
-            with paths["md"].open("a") as f:
-                f.write("\n" + section + "\n")
-        for kind, path in spaths.items():
-            common.progress(f"wrote {kind}: {path}")
+        try:
+            section, spaths, static_problems = write_static(out_dir, common.result_stem("static", env), scope)
+        except Exception:  # the benchmark results are written already; report the failure, keep them
+            traceback.print_exc()
+            common.progress("the static check FAILED to run")
+            failed.append("static check")
+        else:
+            print(section, flush=True)
+            for _, paths, _ in written:  # each suite's report carries the static check of its run
+                with paths["md"].open("a") as f:
+                    f.write("\n" + section + "\n")
+            for kind, path in spaths.items():
+                common.progress(f"wrote {kind}: {path}")
     if len(suites) > 1:
         path = out_dir / f"{common.result_stem('run', env)}.md"
-        path.write_text(run_summary(env, written, failed, peaks, scope, out_dir))
+        path.write_text(run_summary(env, written, failed, peaks, section, out_dir))
         common.progress(f"wrote run summary: {path}")
-    return 1 if failed else 0
+    if static_problems:
+        common.progress(f"the static check found {static_problems} kernel(s) with problems (exit status 1)")
+    return 1 if failed or static_problems else 0
 
 
 def _peak_sizes(quick: bool, device: torch.device) -> dict:
@@ -236,7 +245,7 @@ def report(name, suite, cfg, rows, env, device, peaks) -> str:
     return text
 
 
-def run_summary(env, written, failed, peaks, scope, out_dir: Path) -> str:
+def run_summary(env, written, failed, peaks, static_section, out_dir: Path) -> str:
     """The run's index: device, peaks, each suite's headline and files, the static check."""
     text = f"# Benchmark run: {env['device']}\n\n"
     text += f"torch {env['torch']}, triton {env['triton']}, git {env['git_sha']}, {env['date']}\n\n"
@@ -247,8 +256,8 @@ def run_summary(env, written, failed, peaks, scope, out_dir: Path) -> str:
         text += f"- {name}: [{rel}]({rel})" + (f": {headline}" if headline else "") + "\n"
     for name in failed:
         text += f"- {name}: FAILED (see the run's log)\n"
-    if scope != "off":
-        text += f"- static check ({scope} scope): {common.result_stem('static', env)}.md\n"
+    if static_section:
+        text += "\n" + static_section + "\n"
     return text
 
 

@@ -63,8 +63,13 @@ def summary(rows: list[dict]) -> str:
     return markdown_table(head, body, align="llrrrrrr")
 
 
-def write_static(out_dir: Path, stem: str, scope: str, rows: list[dict] | None = None) -> tuple[str, dict[str, Path]]:
-    """Run the check (unless ``rows`` are given), write ``<stem>.md``/``.json``; return (section, paths)."""
+def write_static(
+    out_dir: Path, stem: str, scope: str, rows: list[dict] | None = None
+) -> tuple[str, dict[str, Path], int]:
+    """Run the check (unless ``rows`` are given), write ``<stem>.md``/``.json``.
+
+    Returns the report section, the paths written and the number of kernels with problems.
+    """
     from sparsekern import check
 
     progress(f"static check ({scope} scope): compiling the kernels for sm_80 and sm_90")
@@ -82,4 +87,4 @@ def write_static(out_dir: Path, stem: str, scope: str, rows: list[dict] | None =
     section += summary(rows)
     section += "\n\nFull table (registers, spills, stack, shared memory, tensor-core instructions, occupancy): "
     section += f"[{paths['static_md'].name}]({paths['static_md'].name})."
-    return section, paths
+    return section, paths, len(bad)
