@@ -95,8 +95,9 @@ def default_config(device: torch.device, dtype: torch.dtype | None = None, quick
 
     * CPU: fp32; MLP 1024-4096-4096-1024 and transformer block d=1024 over 1024
       tokens; CNN channels 64/128 on 16 images of 32x32; 64x64 blocks;
-      densities 1/0.5/0.25/0.1; 1 warmup + 3 timed steps. About 60 s on an
-      idle 2-core CPU (a dense MLP step is about 0.8 s there).
+      densities 1/0.5/0.25/0.1; 1 warmup + 3 timed steps. About 55 s on an
+      idle 2-core CPU (dense steps there: MLP 0.9 s, CNN 0.33 s, transformer
+      block 0.27 s; the masked peer costs a dense step at every density).
     * CUDA: bf16; MLP 2048-8192-8192-2048 and transformer d=2048 over 8192
       tokens; CNN channels 128/256 on 64 images of 32x32; 3 warmup + 10 timed.
     * ``quick``: tiny networks (MLP 128-256-256-128, 64 tokens; CNN 32/64
@@ -288,38 +289,62 @@ def sparse_model(model: nn.Module, masks: dict[str, torch.Tensor], density: floa
 
 
 # ---------------------------------------------------------------- counting
-def gemm_costs(model: nn.Module, x: torch.Tensor, elem_bytes: int) -> dict[str, roofline.Cost]:
-    """Roofline costs per mode of one training step of ``model`` on ``x`` (see the module docstring).
+def gemm_layers(model: nn.Module, x: torch.Tensor) -> list[dict]:
+    """Each linear/conv layer's name, activation sizes and whether its input gradient is computed.
 
-    One untimed forward with hooks records each linear/conv layer's activation
-    sizes and whether its input requires grad; a layer with a ``layout``
-    (sparsekern) computes its block fraction per pass, any other layer everything.
+    One untimed forward with hooks, autograd on (so each input's ``requires_grad``
+    says whether autograd computes its gradient). Sparsifying keeps names and
+    activation sizes, so the dense model's records serve every provider.
     """
-    seen: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+    seen: list[dict] = []
 
-    def hook(mod, args, out):
-        seen.append((mod, args[0], out))
+    def hook(name):
+        def record(mod, args, out):
+            weight_elems = _weight_elems(mod)
+            seen.append(
+                {
+                    "name": name,
+                    "in_elems": args[0].numel(),
+                    "out_elems": out.numel(),
+                    "input_grad": args[0].requires_grad,
+                    "weight_elems": weight_elems,
+                    "dense_flops": 2.0 * out.numel() * (weight_elems // _out_features(mod)),
+                }
+            )
+
+        return record
 
     handles = [
-        m.register_forward_hook(hook)
-        for m in model.modules()
+        m.register_forward_hook(hook(name))
+        for name, m in model.named_modules()
         if isinstance(m, (nn.Linear, nn.Conv2d, SparseLinear)) or hasattr(m, "layout")
     ]
     try:
-        model(x)  # with autograd on, so each layer's input says whether its gradient is computed
+        model(x)
     finally:
         for h in handles:
             h.remove()
+    return seen
+
+
+def gemm_costs(model: nn.Module, layers: list[dict], elem_bytes: int) -> dict[str, roofline.Cost]:
+    """Roofline costs per mode of one training step of ``model`` (see the module docstring).
+
+    ``layers`` come from :func:`gemm_layers` (of this model or its dense original);
+    a layer with a ``layout`` (sparsekern) computes its block fraction per pass,
+    any other layer everything.
+    """
     passes = {p: roofline.Cost() for p in PASSES}
-    for mod, inp, out in seen:
-        weight_elems = _weight_elems(mod)
-        dense = 2.0 * out.numel() * (weight_elems // _out_features(mod))
-        fractions = _fractions(mod)
+    for rec in layers:
+        try:
+            fractions = _fractions(model.get_submodule(rec["name"]))
+        except AttributeError:  # a sparsifier that renamed the layer: count it dense
+            fractions = dict.fromkeys(PASSES, 1.0)
         for p in PASSES:
-            if p == "input_grad" and not inp.requires_grad:
+            if p == "input_grad" and not rec["input_grad"]:
                 continue  # autograd never computes it (the network's first layer)
             passes[p] = passes[p] + roofline.layer_pass(
-                dense, inp.numel(), out.numel(), weight_elems, fractions[p], elem_bytes
+                rec["dense_flops"], rec["in_elems"], rec["out_elems"], rec["weight_elems"], fractions[p], elem_bytes
             )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return roofline.mode_costs(passes, roofline.adamw(trainable, elem_bytes))
@@ -376,7 +401,8 @@ def run(cfg: SuiteConfig, device: torch.device, env: dict[str, object]) -> list[
     for name in cfg.models:
         base, x, target, loss_fn, shape = build(name, cfg, device)
         tokens = x.shape[0] if x.dim() == 2 else None
-        dense_flops = gemm_costs(base, x, elem)["step"].flops
+        layers = gemm_layers(base, x)
+        dense_flops = gemm_costs(base, layers, elem)["step"].flops
 
         def add(provider, density, stats, costs, note="", name=name, shape=shape, tokens=tokens, dense=dense_flops):
             frac = costs["step"].flops / dense if costs and dense else math.nan
@@ -404,11 +430,12 @@ def run(cfg: SuiteConfig, device: torch.device, env: dict[str, object]) -> list[
                 progress(f"  {name:<11} {provider:<10} density={density:<5} step p50 {st['p50']:.2f} ms")
 
         stats = _time_model(base, x, target, loss_fn, timing)
-        add("dense", 1.0, stats, gemm_costs(base, x, elem))
+        add("dense", 1.0, stats, gemm_costs(base, layers, elem))
         for density in cfg.densities:
             masks = block_masks(base, density, cfg.block)
             masked = masked_model(base, masks)
-            add("masked", density, _time_model(masked, x, target, loss_fn, timing), gemm_costs(masked, x, elem))
+            stats = _time_model(masked, x, target, loss_fn, timing)
+            add("masked", density, stats, gemm_costs(masked, layers, elem))
             del masked
             sparse, note = sparse_model(base, masks, density, cfg.block)
             if note and name == "cnn" and not conv_supported():
@@ -417,7 +444,7 @@ def run(cfg: SuiteConfig, device: torch.device, env: dict[str, object]) -> list[
                 add("sparsekern", density, {m: dict(nan) for m in MODES}, None, note=f"unavailable: {note}")
             else:
                 stats = _time_model(sparse, x, target, loss_fn, timing)
-                add("sparsekern", density, stats, gemm_costs(sparse, x, elem), note=note)
+                add("sparsekern", density, stats, gemm_costs(sparse, layers, elem), note=note)
             del sparse, masks
             gc.collect()
         del base

@@ -8,10 +8,13 @@ Providers, timed in the same run on the same weight, input and ``dy``:
 * ``sparsekern``: ``SparseLinear.from_dense(base, mask=mask, block_size=block)``.
 * ``sparsekern_frozen`` (freezing case only): the same mask with a random half
   of the kept blocks frozen.
-* ``torch_bsr``: forward only, no autograd, on a ``torch.sparse`` BSR weight
-  (CPU: ``torch.sparse.mm``; CUDA: ``torch.sparse._triton_ops.bsr_dense_mm``);
-  recorded as ``unavailable`` when torch cannot run it. The CPU default skips
-  it at density 1.0 (pure overhead there, about 20 s of the run).
+* ``torch_bsr``: no autograd, on a ``torch.sparse`` BSR weight. CPU: forward
+  only (``torch.sparse.mm``). CUDA: forward ``bsr_dense_mm(W, x^T)``, backward
+  ``dx^T = bsr_dense_mm(W^T, dy^T)`` (a BSR copy of the transpose, built once)
+  and ``dW = sampled_addmm(W, dy^T, x)`` on W's blocks, plus ``db``, from
+  ``torch.sparse._triton_ops`` (forward only if the backward fails). Recorded
+  as ``unavailable`` when torch cannot run it. The CPU default skips it at
+  density 1.0 (pure overhead there, about 20 s of the run).
 * ``stk``: stanford-stk (``import stk``), GPU only, 128x128 blocks and
   ``tokens``, ``out`` and ``in`` divisible by 128 (what stk supports): the
   weight as an ``stk.Matrix`` of the kept blocks, forward ``y^T = dsd(W, x^T)``,
@@ -342,16 +345,20 @@ def run(cfg: SuiteConfig, device: torch.device, env: dict[str, object]) -> list[
                 del frozen
 
             if density < 1.0 or cfg.bsr_at_full_density:
-                st, note = time_bsr(base, mask, block, x0, timing)
-                add(
-                    "torch_bsr",
-                    block,
-                    density,
-                    {"forward": st},
-                    {"forward": fractions["forward"]},
-                    note=note,
-                    passes=pass_fractions(layer),
-                )
+                stats = time_bsr_step(base, mask, block, x0, dy, timing) if device.type == "cuda" else None
+                if stats is not None:
+                    add("torch_bsr", block, density, stats, fractions, passes=pass_fractions(layer))
+                else:
+                    st, note = time_bsr(base, mask, block, x0, timing)
+                    add(
+                        "torch_bsr",
+                        block,
+                        density,
+                        {"forward": st},
+                        {"forward": fractions["forward"]},
+                        note=note,
+                        passes=pass_fractions(layer),
+                    )
             if stk_missing is None and stk_supported(cfg, device, block):
                 stats, note = time_stk(base, mask, block, x, dy, timing)
                 add("stk", block, density, stats, fractions, note=note, passes=pass_fractions(layer))
@@ -374,6 +381,51 @@ def time_bsr(base: nn.Linear, mask: torch.Tensor, block: int, x: torch.Tensor, t
         note = f"unavailable: {type(exc).__name__}: {first}"
         progress(f"  torch_bsr {note}")
         return {"p20": math.nan, "p50": math.nan, "p80": math.nan}, note
+
+
+def bsr_step(base: nn.Linear, mask: torch.Tensor, block: int):
+    """CUDA only: ``step(x, dy, laps)`` running forward and backward with ``torch.sparse._triton_ops``.
+
+    ``W`` and ``W^T`` are BSR copies of ``base.weight * mask`` (built once, as a
+    layout would be). Forward ``y = bsr_dense_mm(W, x^T)^T + b``; backward
+    ``dx = bsr_dense_mm(W^T, dy^T)^T``, ``dW = sampled_addmm(W, dy^T, x)`` (dy^T x
+    on W's blocks only), ``db = dy.sum(0)``.
+    """
+    from torch.sparse._triton_ops import bsr_dense_mm, sampled_addmm
+
+    with torch.no_grad():
+        w = base.weight * mask
+        wb = w.to_sparse_bsr((block, block))
+        wtb = w.t().contiguous().to_sparse_bsr((block, block))
+        bias = base.bias.detach() if base.bias is not None else None
+
+    def step(x, dy, laps):
+        with torch.no_grad():
+            laps.start()
+            y = bsr_dense_mm(wb, x.t()).t()
+            if bias is not None:
+                y = y + bias
+            laps.lap("forward")
+            bsr_dense_mm(wtb, dy.t()).t()
+            sampled_addmm(wb, dy.t(), x, beta=0.0)
+            dy.sum(0)
+            laps.lap("backward")
+
+    return step
+
+
+def time_bsr_step(base: nn.Linear, mask: torch.Tensor, block: int, x: torch.Tensor, dy: torch.Tensor, timing: dict):
+    """Stats of the CUDA BSR training step, or ``None`` when torch cannot run it (the caller times the forward)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "BSR support is in beta", untuned-GPU warnings
+            step = bsr_step(base, mask, block)
+            step(x, dy, Laps(x.device))  # fail here, not inside the timing loop
+            return time_phases(lambda laps: step(x, dy, laps), **timing)
+    except Exception as exc:  # the backward ops are beta: fall back to the forward alone
+        first = str(exc).splitlines()[0][:120] if str(exc) else ""
+        progress(f"  torch_bsr backward unavailable ({type(exc).__name__}: {first}): forward only")
+        return None
 
 
 def time_stk(base: nn.Linear, mask: torch.Tensor, block: int, x: torch.Tensor, dy: torch.Tensor, timing: dict):

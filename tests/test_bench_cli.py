@@ -292,3 +292,28 @@ def test_suite_registry_lists_available_suites():
     assert parse_suites("all") == have
     with pytest.raises(SystemExit):
         parse_suites("nope")
+
+
+def test_e2e_gemm_costs_hand_counted():
+    import torch
+    from torch import nn
+
+    from bench import e2e
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    costs = e2e.gemm_costs(model, e2e.gemm_layers(model, torch.randn(3, 4)), 4)
+    # layer 0: 2*3*8*4 = 192 FLOPs, x 12 + y 24 + W 32 elements, no input gradient (first layer)
+    # layer 1: 2*3*2*8 = 96 FLOPs, x 24 + y 6 + W 16 elements
+    assert (costs["forward"].flops, costs["forward"].bytes) == (288, 4 * (68 + 46))
+    assert (costs["backward"].flops, costs["backward"].bytes) == (192 + 2 * 96, 4 * (68 + 2 * 46))
+    assert (costs["optimizer"].flops, costs["optimizer"].bytes) == (0, 7 * 4 * (32 + 8 + 16 + 2))
+    assert costs["step"].flops == 672 and costs["step"].bytes == 456 + 640 + 1624
+
+    # Half the 32x32 blocks of a 64x64 layer kept: half the FLOPs and weight bytes in every pass.
+    dense = nn.Sequential(nn.Linear(64, 64))
+    x = torch.randn(2, 64)
+    layers = e2e.gemm_layers(dense, x)
+    sparse, note = e2e.sparse_model(dense, e2e.block_masks(dense, 0.5, 32), 0.5, 32)
+    got = e2e.gemm_costs(sparse, layers, 4)
+    assert note == "" and got["forward"].flops == 2 * 2 * 64 * 64 * 0.5
+    assert got["forward"].bytes == 4 * (128 + 128 + 0.5 * 64 * 64)
