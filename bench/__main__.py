@@ -51,7 +51,16 @@ SUITES = {
 
 def available_suites() -> list[str]:
     """Registered suites whose module exists in this checkout."""
-    return [name for name, mod in SUITES.items() if importlib.util.find_spec(mod) is not None]
+    return [name for name, mod in SUITES.items() if _importable(mod)]
+
+
+def _importable(module: str) -> bool:
+    if module in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def parse_suites(text: str) -> list[str]:

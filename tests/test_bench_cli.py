@@ -317,3 +317,52 @@ def test_e2e_gemm_costs_hand_counted():
     got = e2e.gemm_costs(sparse, layers, 4)
     assert note == "" and got["forward"].flops == 2 * 2 * 64 * 64 * 0.5
     assert got["forward"].bytes == 4 * (128 + 128 + 0.5 * 64 * 64)
+
+
+def test_multi_suite_run_isolates_a_failing_suite(tmp_path, monkeypatch):
+    """Two registered suites in one run: the broken one is reported, the other's files and the summary exist."""
+    import math
+    import types
+    from dataclasses import dataclass
+
+    import torch
+
+    from bench import __main__ as cli
+
+    @dataclass
+    class Cfg:
+        dtype: torch.dtype = torch.float32
+        warmup: int = 0
+        repeats: int = 1
+        shape: str = "1x1x1"
+
+    def make(name, fail):
+        mod = types.ModuleType(name)
+        mod.default_config = lambda device, dtype=None, quick=False: Cfg()
+
+        def run(cfg, device, env):
+            if fail:
+                raise RuntimeError("broken suite")
+            row = {"provider": "dense", "mode": "step", "block": "", "density": 1.0, "shape": cfg.shape}
+            return [dict(row, p20=1.0, p50=1.0, p80=1.0, flops=1e6, bytes=1e6, flop_fraction=1.0)]
+
+        mod.run = run
+        mod.tables = lambda rows: "| provider |\n|---|\n| dense |"
+        mod.headline = lambda rows: "Headline: fine."
+        monkeypatch.setitem(sys.modules, name, mod)
+        return name
+
+    monkeypatch.setattr(cli, "SUITES", {"good": make("fake_good_suite", False), "bad": make("fake_bad_suite", True)})
+    rc = cli.main(
+        ["--suite", "good,bad", "--device", "cpu", "--quick", "--roofline", "--run-folder", "--out", str(tmp_path)]
+    )
+    assert rc == 1, "a failed suite makes the run's exit status 1"
+    (run_dir,) = tmp_path.iterdir()
+    assert run_dir.name.startswith("cpu-")
+    names = sorted(p.name for p in run_dir.iterdir())
+    assert [n.split("_")[0] for n in names] == ["good", "good", "good", "run"], names
+    summary = next(run_dir.glob("run_*.md")).read_text()
+    assert "good" in summary and "Headline: fine." in summary and "bad: FAILED" in summary
+    assert "roofline peaks measured" in summary
+    row = json.loads(next(run_dir.glob("good_*.json")).read_text())["rows"][0]
+    assert row["floor_ms"] > 0 and not math.isnan(row["pct_of_floor"])
