@@ -24,6 +24,7 @@ not in the checkout (yet) is listed as unavailable, and ``all`` skips it.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import importlib.util
 import os
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                     common.progress(f"{name}: nothing to tune in this suite")
             if want_roofline and cfg.dtype not in peaks:
                 common.progress(f"measuring the dense matmul rate and copy bandwidth ({common.dtype_name(cfg.dtype)})")
-                peaks[cfg.dtype] = roofline.measure_peaks(device, cfg.dtype, **_peak_sizes(args.quick, device))
+                peaks[cfg.dtype] = roofline.measure_peaks(device, cfg.dtype, **_peak_sizes(args.quick))
                 common.progress(roofline.describe_peaks(peaks[cfg.dtype]))
             rows = suite.run(cfg, device, env)
             text = report(name, suite, cfg, rows, env, device, peaks.get(cfg.dtype))
@@ -179,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         for kind, path in paths.items():
             common.progress(f"wrote {kind}: {path}")
         written.append((name, paths, suite.headline(rows) or ""))
+        if device.type == "cuda":  # the next suite starts with the memory this one cached
+            gc.collect()
+            torch.cuda.empty_cache()
 
     scope = args.static if args.static != "auto" else ("default" if device.type == "cuda" else "off")
     section, static_problems = "", 0
@@ -207,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed or static_problems else 0
 
 
-def _peak_sizes(quick: bool, device: torch.device) -> dict:
+def _peak_sizes(quick: bool) -> dict:
     """Small peak measurements for ``--quick`` (a test's plumbing check), the defaults otherwise."""
     return {"matmul_n": 256, "copy_bytes": 1 << 22, "repeats": 3} if quick else {}
 
