@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Block-sparse training kernels for pruned and frozen networks",
     python_requires=">=3.10",
-    packages=["sparsekern", "sparsekern.nn", "sparsekern.methods", "sparsekern.kernels"],
+    packages=["sparsekern", "sparsekern.functional", "sparsekern.nn", "sparsekern.methods", "sparsekern.kernels"],
     # The Triton kernels live in top-level kernels/ but install only as
     # sparsekern.kernels: a bare "kernels" package already exists on PyPI.
     package_dir={"sparsekern.kernels": "kernels"},

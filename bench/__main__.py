@@ -3,12 +3,13 @@
 Examples::
 
     python -m bench                          # linear suite, GPU if present else CPU
+    python -m bench --suite conv             # ResNet-50 conv layers: SparseConv2d vs nn.Conv2d and masked
     python -m bench --suite layout           # layout build and set_masks cost against training steps
     python -m bench --suite e2e              # training steps of small networks, dense vs masked vs sparse
     python -m bench --suite linear,e2e       # several suites in one run (one roofline measurement)
     python -m bench --quick --out /tmp/b     # tiny config (seconds), e.g. for tests
     python -m bench --device cuda --tune     # GPU: autotune, store configs, then benchmark
-    python -m bench --suite all --device cuda --tune --run-folder   # what `make bench-gpu` runs
+    python -m bench --suite linear,conv,e2e --device cuda --tune --run-folder   # as `make bench-gpu`
 
 Results go to ``bench/results/<suite>_<device>_<date>.{csv,json,md}`` unless
 ``--out`` says otherwise (``--run-folder``: into ``<out>/<device>-<date>/``);
@@ -89,8 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="tiny configuration, for tests (linear: 256x256, 64 tokens; layout: 512x512, 16 tokens; "
-        "e2e: tiny networks)",
+        help="tiny configuration, for tests (linear: 256x256, 64 tokens; conv: 32->32 3x3 on 8x8; "
+        "layout: 512x512; e2e: tiny networks)",
     )
     p.add_argument("--out", type=Path, default=common.DEFAULT_OUT, help="results folder (default: bench/results)")
     p.add_argument("--dtype", default=None, help="float32|float16|bfloat16 (default: float32 on CPU, bfloat16 on GPU)")

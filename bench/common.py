@@ -31,14 +31,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "bench" / "results"
 
 #: Long-format result columns. Times (``p20``/``p50``/``p80``) are milliseconds;
-#: ``shape`` is ``tokens x out_features x in_features``; ``flop_fraction`` is the
-#: share of dense FLOPs the provider computes in that mode; ``frozen_fraction``
-#: is the share of kept blocks that are frozen; ``model`` names the network of
-#: an end-to-end case (e2e suite); ``flops``/``bytes`` are the work of the
-#: computed blocks in that mode and ``floor_ms``/``pct_of_floor`` the roofline
-#: floor and the share of it the measured p50 reaches (``bench/roofline.py``;
-#: filled on GPU runs, or with ``--roofline``); ``note`` says why a provider
-#: has no numbers (``unavailable: ...``).
+#: ``shape`` is ``tokens x out_features x in_features`` (conv: input and kernel);
+#: ``layer`` names a conv case; ``flop_fraction`` is the share of dense FLOPs
+#: the provider computes in that mode; ``frozen_fraction`` is the share of kept
+#: blocks that are frozen; ``model`` names the network of an end-to-end case
+#: (e2e suite); ``flops``/``bytes`` are the work of the computed blocks in that
+#: mode and ``floor_ms``/``pct_of_floor`` the roofline floor and the share of it
+#: the measured p50 reaches (``bench/roofline.py``; filled on GPU runs, or with
+#: ``--roofline``); ``note`` says why a provider has no numbers (``unavailable: ...``).
 COLUMNS = [
     "device",
     "torch",
@@ -48,6 +48,7 @@ COLUMNS = [
     "block",
     "density",
     "shape",
+    "layer",
     "provider",
     "mode",
     "p20",

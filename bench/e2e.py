@@ -21,14 +21,15 @@ Providers at every density (dense once per model):
   layers ``SparseConv2d`` when ``sparsekern.nn`` has it; otherwise they stay
   dense, and the rows say so).
 
-Sparsification is one-shot magnitude pruning in blocks, layer by layer: with
-``sparsekern.sparsify(model, method="magnitude", granularity="block", ...)``
-when the package has it, else ``|W|`` pooled per block
+Sparsification is one-shot magnitude pruning in blocks, the same density in
+every layer: ``sparsekern.sparsify(model, method="magnitude",
+granularity="block", ...)`` when the package has it (it decides which layers
+are worth converting and keeps the rest dense); else ``|W|`` pooled per block
 (``sparsekern.methods.blocks.pool_blocks``), the top ``round(density x blocks)``
-blocks kept (``keep_top_blocks``) and expanded back (``expand_blocks``). The
-masked peer always uses the latter masks. Sparsified: every linear and conv
-layer whose output and input (matrix view) dimensions are at least one block;
-the CNN's stem (3 input channels) and its classifier stay dense.
+blocks kept (``keep_top_blocks``) and expanded back (``expand_blocks``) for
+every linear and conv layer whose output and input (matrix view) dimensions
+are at least one block. The masked peer prunes exactly the sparse model's
+masks (``layer.mask``).
 
 Modes: ``forward`` (including the loss), ``backward``, ``optimizer``
 (``AdamW.step``) and ``step``, their sum per step; the gradients are set to
@@ -209,7 +210,10 @@ def build(name: str, cfg: SuiteConfig, device: torch.device):
 # ------------------------------------------------------------ sparsifying
 def mask_method() -> str:
     if hasattr(sparsekern, "sparsify"):
-        return 'sparsekern.sparsify(method="magnitude", granularity="block")'
+        return (
+            'sparsekern.sparsify(method="magnitude", granularity="block"), the same density in every layer it '
+            "converts; the masked peer uses the same masks"
+        )
     return "block magnitude, layer by layer (pool_blocks on |W|, keep_top_blocks, expand_blocks)"
 
 
@@ -267,26 +271,26 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def sparse_model(model: nn.Module, masks: dict[str, torch.Tensor], density: float, block: int):
-    """``(copy with sparsekern layers, note)``: conv layers stay dense without ``SparseConv2d`` (said in ``note``).
+def sparse_model(model: nn.Module, density: float, block: int):
+    """``(copy with sparsekern layers, note)``; ``note`` says why layers that should be sparse stayed dense.
 
-    Uses ``sparsekern.sparsify`` when the package has it; if that call fails,
-    says so in the progress log and builds the layers from ``masks`` instead.
+    With ``sparsekern.sparsify`` (magnitude, block granularity, the same density
+    in every layer) when the package has it; if that call fails, or without it,
+    from :func:`block_masks` with ``SparseLinear.from_dense`` (and
+    ``SparseConv2d.from_dense`` when it exists).
     """
     if hasattr(sparsekern, "sparsify"):
         out = copy.deepcopy(model)
         try:
-            kw = {"method": "magnitude", "density": density, "granularity": "block", "block_size": block}
-            out = sparsekern.sparsify(out, **kw) or out
-        except Exception as exc:  # a young API: fall back to the masks the masked peer uses
+            sparsekern.sparsify(out, method="magnitude", density=density, granularity="block", block_size=block)
+        except Exception as exc:  # fall back to this suite's own masks, and say so
             progress(f"  sparsekern.sparsify failed ({type(exc).__name__}: {exc}); using the block-magnitude masks")
         else:
-            has_conv = any(isinstance(m, nn.Conv2d) for m in out.modules())
-            return out, CONV_MISSING if has_conv and not conv_supported() else ""
+            return out, ""
     out = copy.deepcopy(model)
     mods = dict(out.named_modules())
     note = ""
-    for name, mask in masks.items():
+    for name, mask in block_masks(model, density, block).items():
         mod = mods[name]
         if isinstance(mod, nn.Linear):
             _replace(out, name, SparseLinear.from_dense(mod, mask=mask, block_size=block))
@@ -295,9 +299,14 @@ def sparse_model(model: nn.Module, masks: dict[str, torch.Tensor], density: floa
         else:
             try:
                 _replace(out, name, sparsekern.nn.SparseConv2d.from_dense(mod, mask=mask, block_size=block))
-            except Exception as exc:  # its API is new: keep the layer dense and say why
+            except Exception as exc:  # keep the layer dense and say why
                 note = f"conv layers stay dense: SparseConv2d.from_dense failed ({type(exc).__name__}: {exc})"[:200]
     return out, note
+
+
+def sparse_masks(sparse: nn.Module) -> dict[str, torch.Tensor]:
+    """Weight-shaped masks of the sparse layers of ``sparse``, by module name (for the masked peer)."""
+    return {name: m.mask for name, m in sparse.named_modules() if hasattr(m, "layout") and hasattr(m, "mask")}
 
 
 # ---------------------------------------------------------------- counting
@@ -444,12 +453,13 @@ def run(cfg: SuiteConfig, device: torch.device, env: dict[str, object]) -> list[
         stats = _time_model(base, x, target, loss_fn, timing)
         add("dense", 1.0, stats, gemm_costs(base, layers, elem))
         for density in cfg.densities:
-            masks = block_masks(base, density, cfg.block)
+            sparse, note = sparse_model(base, density, cfg.block)
+            # The masked peer prunes exactly what the sparse model prunes.
+            masks = sparse_masks(sparse) or block_masks(base, density, cfg.block)
             masked = masked_model(base, masks)
             stats = _time_model(masked, x, target, loss_fn, timing)
             add("masked", density, stats, gemm_costs(masked, layers, elem))
             del masked
-            sparse, note = sparse_model(base, masks, density, cfg.block)
             if not any(hasattr(m, "layout") for m in sparse.modules()):
                 # Nothing became sparse (the CNN without SparseConv2d): timing the dense model again says nothing.
                 nan = {"p20": math.nan, "p50": math.nan, "p80": math.nan}
@@ -489,7 +499,7 @@ def tune(cfg: SuiteConfig, device: torch.device) -> dict[str, dict]:
         for name in cfg.models:
             progress(f"tuning e2e {name} ({dtype_name(cfg.dtype)}, {cfg.block}x{cfg.block} blocks)")
             base, x, target, loss_fn, _ = build(name, cfg, device)
-            sparse, _ = sparse_model(base, block_masks(base, 0.5, cfg.block), 0.5, cfg.block)
+            sparse, _ = sparse_model(base, 0.5, cfg.block)
             loss_fn(sparse(x), target).backward()
             torch.cuda.synchronize(device)
     finally:

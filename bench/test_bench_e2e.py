@@ -9,8 +9,8 @@ Run::
 default (``bench/e2e.py``). Each case times one full training step (forward
 with the loss, backward, ``AdamW.step``) of one model: ``dense`` once per
 model, ``masked`` and ``sparsekern`` per density, with the suite's masks.
-A CNN without ``SparseConv2d`` skips its ``sparsekern`` cases (its conv
-layers would stay dense).
+A model with no sparse layer (a CNN without ``SparseConv2d``) skips its
+sparse cases.
 """
 
 from __future__ import annotations
@@ -19,16 +19,7 @@ import pytest
 import torch
 
 from bench.common import resolve_device, sync
-from bench.e2e import (
-    CONV_MISSING,
-    MODELS,
-    block_masks,
-    build,
-    conv_supported,
-    default_config,
-    masked_model,
-    sparse_model,
-)
+from bench.e2e import MODELS, build, default_config, masked_model, sparse_masks, sparse_model
 
 DEVICE = resolve_device("auto")
 CONFIGS = {
@@ -60,13 +51,10 @@ def test_train_step(benchmark, name, model, provider, density):
     if provider == "dense":
         net = base
     else:
-        masks = block_masks(base, density, cfg.block)
-        if provider == "masked":
-            net = masked_model(base, masks)
-        else:
-            if model == "cnn" and not conv_supported():
-                pytest.skip(CONV_MISSING)
-            net, _ = sparse_model(base, masks, density, cfg.block)
+        sparse, note = sparse_model(base, density, cfg.block)
+        if not sparse_masks(sparse):
+            pytest.skip(note or "no layer was sparsified")
+        net = masked_model(base, sparse_masks(sparse)) if provider == "masked" else sparse
     net.train()
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
     benchmark.extra_info.update(model=model, provider=provider, density=density, shape=shape, dtype=str(cfg.dtype))

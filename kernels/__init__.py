@@ -11,7 +11,7 @@ import os
 if os.environ.get("SPARSEKERN_INTERPRET") == "1":
     os.environ["TRITON_INTERPRET"] = "1"
 
-from . import bsmm_cpu  # noqa: E402
+from . import bsconv_cpu, bsmm_cpu  # noqa: E402
 
 try:
     from . import bsmm  # noqa: E402
@@ -29,4 +29,4 @@ def use_triton(device) -> bool:
     return HAS_TRITON and (device.type == "cuda" or (INTERPRET and device.type == "cpu"))
 
 
-__all__ = ["bsmm", "bsmm_cpu", "use_triton", "HAS_TRITON", "INTERPRET"]
+__all__ = ["bsconv_cpu", "bsmm", "bsmm_cpu", "use_triton", "HAS_TRITON", "INTERPRET"]

@@ -138,22 +138,28 @@ def _chunks(s: int, e: int, step: int):
         yield c0, min(e, c0 + step)
 
 
-def _gathered_mm(lhs_of, src, index, offsets, width, out):
+def _gathered_mm(lhs_of, src, index, offsets, width, out, gather=None):
     """``out[g] = sum_j lhs_of(j0, j1) @ src[index[j0:j1]]`` over the group ``g`` of ``offsets``.
 
     ``src`` is ``(G, width, M)``; groups are block rows (forward) or block
     columns (input gradient). Gathered slabs go through one reused buffer.
+    ``gather(j0, j1, slab)``, when given, fills ``slab`` ``(j1 - j0, width, M)``
+    instead of the ``index_select`` from ``src`` (the conv path gathers from
+    per-tap views of its input).
     """
-    m = src.shape[2]
+    m = out.shape[-1]
     step = max(1, CHUNK_ELEMS // width)
-    buf = _ws.get("gather", (step * width * m,), src)
+    buf = _ws.get("gather", (step * width * m,), out)
     offs = offsets.tolist()
     for g, (s, e) in enumerate(itertools.pairwise(offs)):
         if s == e:
             out[g].zero_()
         for j0, j1 in _chunks(s, e, step):
             slab = buf[: (j1 - j0) * width * m].view(j1 - j0, width, m)
-            torch.index_select(src, 0, index[j0:j1], out=slab)
+            if gather is None:
+                torch.index_select(src, 0, index[j0:j1], out=slab)
+            else:
+                gather(j0, j1, slab)
             lhs = lhs_of(j0, j1)
             if j0 == s:
                 torch.mm(lhs, slab.view(-1, m), out=out[g])
@@ -220,21 +226,39 @@ def weight_grad(dy, x, meta, block_size) -> torch.Tensor:
             dw = g.view(rb, bm, cb, bk)[t_rows, :, t_cols, :]
     else:
         xt = _transposed(x, cb * bk, "xt").view(cb, bk, m)
-        # train_index is in CSR order, so each block row's trainable blocks are contiguous.
-        offs = torch.searchsorted(t_rows, torch.arange(rb + 1, device=x.device))
-        dw_t = x.new_zeros(bm, n_train * bk)
-        step = max(1, CHUNK_ELEMS // bk)
-        buf = _ws.get("gather", (step * bk * m,), x)
-        pos = offs.tolist()
-        for r, (s, e) in enumerate(itertools.pairwise(pos)):
-            # dy's block-row slice is read in place (a transposed BLAS operand), no copy of dy.
-            dy_r = dy[:, r * bm : (r + 1) * bm].t()
-            for j0, j1 in _chunks(s, e, step):
-                slab = buf[: (j1 - j0) * bk * m].view(j1 - j0, bk, m)
-                torch.index_select(xt, 0, t_cols[j0:j1], out=slab)
-                torch.mm(dy_r, slab.view(-1, m).t(), out=dw_t[: dy_r.shape[0], j0 * bk : j1 * bk])
-        dw = dw_t.view(bm, n_train, bk).transpose(0, 1).contiguous()
-    aux = meta.aux.long()[tidx]
+        dw = gathered_weight_grad(
+            dy.t(), t_rows, rb, bm, bk, lambda j0, j1, slab: torch.index_select(xt, 0, t_cols[j0:j1], out=slab)
+        )
+    return mask_mixed_grad_(dw, meta)
+
+
+def gathered_weight_grad(dyt, t_rows, rb, bm, bk, gather) -> torch.Tensor:
+    """``dW_b = dyt[rows of b] @ slab_b.T`` for the trainable blocks, ``(n_train, bm, bk)``.
+
+    ``dyt`` is ``(>= rb*bm or N, M)`` (any strides; block-row slices are read in
+    place as BLAS operands). ``t_rows`` gives each trainable block's block row,
+    in CSR order so a block row's blocks are contiguous; ``gather(j0, j1, slab)``
+    fills ``slab`` ``(j1 - j0, bk, M)`` with the activations of blocks ``j0:j1``.
+    """
+    m = dyt.shape[1]
+    n_train = t_rows.numel()
+    offs = torch.searchsorted(t_rows, torch.arange(rb + 1, device=dyt.device))
+    dw_t = dyt.new_zeros(bm, n_train * bk)
+    step = max(1, CHUNK_ELEMS // bk)
+    buf = _ws.get("gather", (step * bk * m,), dyt)
+    pos = offs.tolist()
+    for r, (s, e) in enumerate(itertools.pairwise(pos)):
+        dy_r = dyt[r * bm : (r + 1) * bm]
+        for j0, j1 in _chunks(s, e, step):
+            slab = buf[: (j1 - j0) * bk * m].view(j1 - j0, bk, m)
+            gather(j0, j1, slab)
+            torch.mm(dy_r, slab.view(-1, m).t(), out=dw_t[: dy_r.shape[0], j0 * bk : j1 * bk])
+    return dw_t.view(bm, n_train, bk).transpose(0, 1).contiguous()
+
+
+def mask_mixed_grad_(dw: torch.Tensor, meta) -> torch.Tensor:
+    """Zero, in place, the non-trainable elements of trainable mixed blocks in ``dw`` (``train_index`` order)."""
+    aux = meta.aux.long()[meta.train_index.long()]
     mixed = (aux >= 0).nonzero().squeeze(1)
     if mixed.numel():
         dw[mixed] = torch.where(meta.element_state[aux[mixed]] == 2, dw[mixed], 0)

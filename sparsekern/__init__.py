@@ -10,7 +10,8 @@ Quick start::
 from sparsekern import functional
 from sparsekern.flops import FlopReport, report
 from sparsekern.layout import BlockLayout
-from sparsekern.nn import SparseLinear
+from sparsekern.methods import sparsify
+from sparsekern.nn import SparseConv2d, SparseLinear
 
-__all__ = ["BlockLayout", "FlopReport", "SparseLinear", "functional", "report"]
+__all__ = ["BlockLayout", "FlopReport", "SparseConv2d", "SparseLinear", "functional", "report", "sparsify"]
 __version__ = "0.1.0"

@@ -1,22 +1,28 @@
 """FLOP and memory accounting for models holding sparse layers.
 
 ``report(model, example_input)`` runs one forward pass with hooks to learn how
-many tokens each linear layer sees, then counts, per layer and in total:
+many tokens each linear or conv layer sees (a conv's tokens are its output
+positions ``N * Ho * Wo``), then counts, per layer and in total:
 
 * FLOPs of the forward pass, the input gradient and the weight gradient at
-  three levels: ``dense`` (the layer as a dense ``nn.Linear``), ``element``
+  three levels: ``dense`` (the layer as a dense ``nn.Linear``/``nn.Conv2d``), ``element``
   (only kept elements, trainable ones for the weight gradient: the figure
   papers report) and ``block`` (the blocks sparsekern's kernels compute);
 * bytes of parameters, gradients and optimizer state, and of frozen values
-  (``SparseLinear.weight_frozen``), against the dense layer.
+  (``weight_frozen``), against the dense layer.
 
 A FLOP is a multiply or an add (2 per multiply-accumulate). The input gradient
 of a layer whose input does not require grad (usually the first) is counted as
 0 at every level, since autograd never computes it. The weight gradient of a
 dense layer whose weight does not require grad is 0 as well.
 
-Known limits: only ``nn.Linear`` and ``SparseLinear`` are counted; other
-modules (attention, norms, convolutions) are left out of the totals.
+A conv layer's ``block`` FLOPs include the padding channels of its blocks
+(``Cin`` is rounded up to the block inside each filter tap, see
+``sparsekern/convview.py``), so a 3-channel stem can exceed its dense count.
+
+Known limits: only ``nn.Linear``, ``nn.Conv2d`` (``groups=1``) and the sparse
+layers are counted; other modules (attention, norms, pooling) are left out of
+the totals.
 
 Example:
     >>> rep = sparsekern.report(model, torch.randn(32, 1024))
@@ -30,6 +36,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from sparsekern.nn._base import BlockSparseWeight
+from sparsekern.nn.conv import SparseConv2d
 from sparsekern.nn.linear import SparseLinear
 
 __all__ = ["FlopReport", "report", "OPTIMIZER_STATES"]
@@ -79,16 +87,35 @@ def _zero() -> dict:
     return {level: dict.fromkeys(PASSES, 0) for level in LEVELS}
 
 
+COUNTED = (nn.Linear, nn.Conv2d, SparseLinear, SparseConv2d)
+
+
+def _fan(mod: nn.Module) -> tuple[int, int]:
+    """``(outputs, fan_in)``: the dense GEMM a layer is, per token."""
+    if isinstance(mod, (nn.Linear, SparseLinear)):
+        return mod.out_features, mod.in_features
+    kh, kw = mod.kernel_size
+    return mod.out_channels, mod.in_channels * kh * kw
+
+
+def _tokens(mod: nn.Module, x, y) -> int:
+    if isinstance(mod, (nn.Linear, SparseLinear)):
+        return x.numel() // x.shape[-1] if x.dim() else 0
+    return y.numel() // mod.out_channels
+
+
 def _layer_flops(mod: nn.Module, tokens: int, input_grad: bool) -> dict:
-    if isinstance(mod, SparseLinear):
+    n_out, fan_in = _fan(mod)
+    dense = 2 * tokens * n_out * fan_in
+    if isinstance(mod, BlockSparseWeight):
         f = mod.layout.flops(tokens)
         out = {level: {p: f[p][level] for p in PASSES} for level in LEVELS}
+        # The layout's own dense count is its matrix view's (padded for conv): use the layer's.
+        out["dense"] = dict.fromkeys(PASSES, dense)
         if not mod.weight_train.requires_grad:
-            for level in LEVELS:
+            for level in ("element", "block"):
                 out[level]["weight_grad"] = 0
-            out["dense"]["weight_grad"] = 2 * tokens * mod.in_features * mod.out_features
     else:
-        dense = 2 * tokens * mod.in_features * mod.out_features
         wgrad = dense if mod.weight.requires_grad else 0
         out = {level: {"forward": dense, "input_grad": dense, "weight_grad": wgrad} for level in LEVELS}
     if not input_grad:
@@ -100,9 +127,11 @@ def _layer_flops(mod: nn.Module, tokens: int, input_grad: bool) -> dict:
 def _layer_memory(mod: nn.Module, states: int) -> dict:
     trainable = sum(p.numel() * p.element_size() for p in mod.parameters(recurse=False) if p.requires_grad)
     params = sum(p.numel() * p.element_size() for p in mod.parameters(recurse=False))
-    frozen = mod.weight_frozen.numel() * mod.weight_frozen.element_size() if isinstance(mod, SparseLinear) else 0
-    elem = (mod.weight_train if isinstance(mod, SparseLinear) else mod.weight).element_size()
-    dense_params = (mod.in_features * mod.out_features + mod.out_features * (mod.bias is not None)) * elem
+    sparse = isinstance(mod, BlockSparseWeight)
+    frozen = mod.weight_frozen.numel() * mod.weight_frozen.element_size() if sparse else 0
+    elem = (mod.weight_train if sparse else mod.weight).element_size()
+    n_out, fan_in = _fan(mod)
+    dense_params = (n_out * fan_in + n_out * (mod.bias is not None)) * elem
     return {
         "params": params,
         "frozen": frozen,
@@ -113,10 +142,11 @@ def _layer_memory(mod: nn.Module, states: int) -> dict:
 
 
 def report(model: nn.Module, example_input, optimizer: str = "adamw") -> FlopReport:
-    """Count FLOPs and memory of ``model``'s linear layers for one training step on ``example_input``.
+    """Count FLOPs and memory of ``model``'s linear and conv layers for one training step on ``example_input``.
 
     Args:
-        model: any module; its ``nn.Linear`` and ``SparseLinear`` submodules are counted.
+        model: any module; its ``nn.Linear``, ``nn.Conv2d``, ``SparseLinear`` and
+            ``SparseConv2d`` submodules are counted.
         example_input: a tensor or a tuple of positional arguments for ``model``.
         optimizer: ``"sgd"``, ``"sgd_momentum"``, ``"adam"`` or ``"adamw"``: how
             many state tensors each trainable element carries.
@@ -137,17 +167,16 @@ def report(model: nn.Module, example_input, optimizer: str = "adamw") -> FlopRep
     handles = []
 
     def hook(name):
-        def record(mod, args):
+        def record(mod, args, output):
             x = args[0]
-            tokens = x.numel() // x.shape[-1] if x.dim() else 0
             prev = seen.get(name, (mod, 0, False))
-            seen[name] = (mod, prev[1] + tokens, prev[2] or x.requires_grad)
+            seen[name] = (mod, prev[1] + _tokens(mod, x, output), prev[2] or x.requires_grad)
 
         return record
 
     for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Linear, SparseLinear)):
-            handles.append(mod.register_forward_pre_hook(hook(name)))
+        if isinstance(mod, COUNTED):
+            handles.append(mod.register_forward_hook(hook(name)))
     args = example_input if isinstance(example_input, tuple) else (example_input,)
     try:
         model(*args)

@@ -313,7 +313,7 @@ def test_e2e_gemm_costs_hand_counted():
     dense = nn.Sequential(nn.Linear(64, 64))
     x = torch.randn(2, 64)
     layers = e2e.gemm_layers(dense, x)
-    sparse, note = e2e.sparse_model(dense, e2e.block_masks(dense, 0.5, 32), 0.5, 32)
+    sparse, note = e2e.sparse_model(dense, 0.5, 32)
     got = e2e.gemm_costs(sparse, layers, 4)
     assert note == "" and got["forward"].flops == 2 * 2 * 64 * 64 * 0.5
     assert got["forward"].bytes == 4 * (128 + 128 + 0.5 * 64 * 64)

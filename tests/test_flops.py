@@ -105,3 +105,25 @@ def test_optimizer_state_memory_scales_with_trainable_blocks():
 def test_bad_optimizer_name():
     with pytest.raises(ValueError, match="optimizer must be one of"):
         sparsekern.report(nn.Linear(4, 4), torch.randn(1, 4), optimizer="lion")
+
+
+def test_conv_layers_count_output_positions_and_padding_channels():
+    """A conv's tokens are N*Ho*Wo; dense FLOPs use Cin*kh*kw, blocks include the padded channels."""
+    from sparsekern import SparseConv2d
+
+    n, cin, cout, size = 2, 20, 32, 9
+    mask = torch.zeros(cout, cin, 3, 3, dtype=torch.bool)
+    mask[:16, :, 1, 1] = True  # one tap: block row 0, channel blocks 0 and 1 (the second half padding)
+    model = nn.Sequential(
+        nn.Conv2d(3, cin, 3, padding=1),
+        SparseConv2d(cin, cout, 3, stride=2, padding=1, block_size=16, mask=mask),
+    )
+    rep = sparsekern.report(model, torch.randn(n, 3, size, size))
+    first, second = rep.layers
+    assert first["tokens"] == n * size * size and second["tokens"] == n * 5 * 5
+    assert first["flops"]["dense"]["input_grad"] == 0  # the model input does not require grad
+    t = second["tokens"]
+    assert second["flops"]["dense"] == dict.fromkeys(PASSES, 2 * t * cout * cin * 9)
+    assert second["flops"]["element"]["forward"] == 2 * t * 16 * cin
+    assert second["flops"]["block"]["forward"] == 2 * t * 16 * 32  # two 16x16 blocks, padding included
+    assert second["memory"]["dense_total"] == (cout * cin * 9 + cout) * 4 * 4

@@ -1,1 +1,46 @@
-"""The survey's methods as block-aware mask producers (see ``blocks.py`` for the pooling they share)."""
+"""The survey's methods as block-aware mask producers, and the verbs that apply them.
+
+* :func:`masks` computes ``{layer: (mask, frozen_mask)}`` without touching the model
+  (for dynamic sparse training, adapters and benchmarks);
+* :func:`apply_masks` converts layers (or calls ``set_masks`` on sparse ones);
+* :func:`sparsify` does both and returns a :class:`SparsifyReport`;
+* :func:`imp` finds lottery tickets by iterative magnitude pruning with rewinding;
+* :func:`select`, :func:`layer_densities` and :func:`find_targets` are the building
+  blocks, for code that brings its own scores (dynamic sparse training).
+
+``blocks.py`` pools per-element scores per block, ``select.py`` turns scores into
+masks (densities, distributions, granularity), ``scores.py`` holds the scores,
+``targets.py`` picks the layers.
+"""
+
+from sparsekern.methods.api import FREEZE, METHODS, LayerReport, SparsifyReport, apply_masks, masks, sparsify
+from sparsekern.methods.lottery import ImpResult, ImpRound, imp
+from sparsekern.methods.select import (
+    DISTRIBUTIONS,
+    GRANULARITIES,
+    check_fraction,
+    erk_densities,
+    layer_densities,
+    select,
+)
+from sparsekern.methods.targets import find_targets
+
+__all__ = [
+    "DISTRIBUTIONS",
+    "FREEZE",
+    "GRANULARITIES",
+    "METHODS",
+    "ImpResult",
+    "ImpRound",
+    "LayerReport",
+    "SparsifyReport",
+    "apply_masks",
+    "check_fraction",
+    "erk_densities",
+    "find_targets",
+    "imp",
+    "layer_densities",
+    "masks",
+    "select",
+    "sparsify",
+]

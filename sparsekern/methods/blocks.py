@@ -23,9 +23,19 @@ import torch.nn.functional as F
 from sparsekern import convview
 from sparsekern.layout import normalize_block_size
 
-__all__ = ["REDUCTIONS", "block_grid", "expand_blocks", "keep_top_blocks", "pool_blocks", "to_matrix"]
+__all__ = [
+    "REDUCTIONS",
+    "SIGNED_REDUCTION",
+    "block_grid",
+    "expand_blocks",
+    "keep_top_blocks",
+    "pool_blocks",
+    "to_matrix",
+]
 
 REDUCTIONS = ("l1", "l2", "max")
+# Signed scores (GraSP's) are pooled by their plain sum: ``abs`` would turn "prune me" into "keep me".
+SIGNED_REDUCTION = "sum"
 
 
 def to_matrix(t: torch.Tensor, bk: int, fill=0) -> torch.Tensor:
@@ -48,14 +58,17 @@ def pool_blocks(scores: torch.Tensor, block_size, reduce: str = "l1") -> torch.T
     """Pool weight-shaped ``scores`` to one score per block, ``(RB, CB)`` float32.
 
     Padding (edge overhang, conv channel padding) counts as zero score.
+    ``reduce="sum"`` adds signed scores as they are (for methods whose scores carry a sign).
     """
-    if reduce not in REDUCTIONS:
+    if reduce not in (*REDUCTIONS, SIGNED_REDUCTION):
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
     bm, bk = normalize_block_size(block_size)
     m = to_matrix(scores.detach().float(), bk)
     n, k = m.shape
     rb, cb = -(-n // bm), -(-k // bk)
     m = F.pad(m, (0, cb * bk - k, 0, rb * bm - n)).view(rb, bm, cb, bk)
+    if reduce == SIGNED_REDUCTION:
+        return m.sum((1, 3))
     if reduce == "l1":
         return m.abs().sum((1, 3))
     if reduce == "l2":

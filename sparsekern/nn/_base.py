@@ -1,0 +1,210 @@
+"""What every block-sparse layer shares: the two value stores, the layout, mask updates and checkpoints.
+
+A layer's weight has a user-facing shape (``(out, in)`` for linear,
+``(Cout, Cin, kh, kw)`` for conv) and a *matrix view* on which the
+:class:`~sparsekern.layout.BlockLayout` is built. Subclasses say how to go
+between the two (:meth:`_to_matrix` / :meth:`_from_matrix`); everything else
+lives here:
+
+* ``weight_train`` (Parameter): the trainable blocks only, so gradients and
+  optimizer state exist for nothing else.
+* ``weight_frozen`` (buffer): frozen blocks and the fixed values of mixed blocks.
+* ``block_code`` / ``element_state`` (buffers): the layout's compact form; the
+  full layout is rebuilt from them on load.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparsekern.layout import BlockLayout
+
+
+def _bool_mask(mask: torch.Tensor, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected the weight's shape {shape}")
+    if mask.is_complex():
+        raise TypeError(f"{name} must be bool or real, got {mask.dtype}")
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+class BlockSparseWeight(nn.Module):
+    """Base class of the sparse layers; not used directly.
+
+    Subclasses set ``weight_shape`` and ``block_size`` and call
+    :meth:`_init_weight` from their constructor.
+    """
+
+    weight_shape: tuple[int, ...]
+    block_size: tuple[int, int]
+
+    # -------------------------------------------------- matrix view (subclass)
+    def _to_matrix(self, t: torch.Tensor, fill=0) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _from_matrix(self, m: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --------------------------------------------------------------- building
+    def _build_layout(self, mask, frozen_mask, device) -> BlockLayout:
+        mask = _bool_mask(mask, "mask", self.weight_shape).to(device)
+        if frozen_mask is not None:
+            frozen_mask = self._to_matrix(_bool_mask(frozen_mask, "frozen_mask", self.weight_shape).to(device), False)
+        return BlockLayout.from_masks(self._to_matrix(mask, False), frozen_mask, self.block_size)
+
+    def _init_weight(self, dense: torch.Tensor, mask, frozen_mask) -> None:
+        if mask is None:
+            mask = torch.ones(self.weight_shape, dtype=torch.bool, device=dense.device)
+        layout = self._build_layout(mask, frozen_mask, dense.device)
+        w_train, w_frozen = layout.split_values(self._to_matrix(dense))
+        self.weight_train = nn.Parameter(w_train)
+        self.register_buffer("weight_frozen", w_frozen)
+        self._install_layout(layout)
+
+    def _install_layout(self, layout: BlockLayout) -> None:
+        self._layout = layout
+        self.register_buffer("block_code", layout.block_code)
+        self.register_buffer("element_state", layout.element_state)
+
+    def _copy_dense_(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Load a dense weight (cut to the masks) and bias in place."""
+        with torch.no_grad():
+            w_train, w_frozen = self._layout.split_values(self._to_matrix(weight.detach()))
+            self.weight_train.copy_(w_train)
+            self.weight_frozen.copy_(w_frozen)
+            if bias is not None:
+                self.bias.copy_(bias)
+
+    # ------------------------------------------------------------- inspection
+    @property
+    def layout(self) -> BlockLayout:
+        """The :class:`~sparsekern.layout.BlockLayout` of the weight's matrix view."""
+        return self._layout
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective dense weight ``W * mask`` (a fresh tensor, no autograd)."""
+        with torch.no_grad():
+            return self._from_matrix(self._layout.to_dense(self.weight_train, self.weight_frozen))
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """Bool, weight-shaped: True where the weight is kept."""
+        return self._from_matrix(self._layout.dense_masks()[0])
+
+    @property
+    def frozen_mask(self) -> torch.Tensor:
+        """Bool, weight-shaped: True where the weight is kept but never updated."""
+        return self._from_matrix(self._layout.dense_masks()[1])
+
+    # ----------------------------------------------------------- mask updates
+    def set_masks(
+        self,
+        mask: torch.Tensor,
+        frozen_mask: torch.Tensor | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ):
+        """Rebuild the layout in place for new (weight-shaped) masks.
+
+        Kept values are preserved; newly kept weights start at zero.
+        ``weight_train`` changes shape, so it becomes a *new* Parameter (resizing
+        a Parameter in place breaks autograd graphs that are still alive).
+        Pass the ``optimizer`` that holds the layer: the new Parameter takes
+        the old one's place in its ``param_groups`` and its state is remapped,
+        so state of elements that stay trainable is kept, grown elements start
+        from zero state and dropped elements lose theirs. Any other holder of
+        the old Parameter (a second optimizer, an EMA copy) must be refreshed
+        by the caller.
+
+        Nothing is changed if the masks are invalid.
+
+        Returns:
+            ``self``.
+
+        Example:
+            >>> opt = torch.optim.AdamW(layer.parameters())
+            >>> layer.set_masks(new_mask, optimizer=opt)
+        """
+        param = self.weight_train
+        with torch.no_grad():
+            dense = self._layout.to_dense(self.weight_train, self.weight_frozen)
+            new = self._build_layout(mask, frozen_mask, dense.device)
+            w_train, w_frozen = new.split_values(dense)
+            new_state = {}
+            if optimizer is not None:
+                for key, val in optimizer.state.get(param, {}).items():
+                    if isinstance(val, torch.Tensor) and val.shape == param.shape:
+                        old_dense = self._layout.to_dense(val, torch.zeros_like(self.weight_frozen, dtype=val.dtype))
+                        new_state[key] = new.split_values(old_dense)[0]
+        # Everything above can fail; nothing below can, so the module never ends half-changed.
+        fresh = nn.Parameter(w_train, requires_grad=param.requires_grad)
+        self.weight_train = fresh
+        self.weight_frozen = w_frozen
+        self._install_layout(new)
+        if optimizer is not None:
+            for group in optimizer.param_groups:
+                group["params"] = [fresh if p is param else p for p in group["params"]]
+            old_state = optimizer.state.pop(param, None)
+            if old_state is not None:
+                optimizer.state[fresh] = {**old_state, **new_state}
+        return self
+
+    # ------------------------------------------------------------ state, devices
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._layout = self._layout.to(self.block_code.device)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        dense_key = prefix + "weight"
+        code_key, es_key = prefix + "block_code", prefix + "element_state"
+        layout = self._layout
+        if (
+            code_key in state_dict
+            and es_key in state_dict
+            and not (
+                torch.equal(state_dict[code_key].cpu(), self.block_code.cpu())
+                and torch.equal(state_dict[es_key].cpu(), self.element_state.cpu())
+            )
+        ):
+            layout = BlockLayout.from_block_code(
+                state_dict[code_key].to(self.block_code.device),
+                state_dict[es_key].to(self.block_code.device),
+                layout.shape,
+                self.block_size,
+            )
+        if dense_key in state_dict:
+            # A dense checkpoint (nn.Linear / nn.Conv2d): cut it to this layer's masks.
+            dense = state_dict.pop(dense_key)
+            if tuple(dense.shape) != self.weight_shape:
+                errors.append(f"size mismatch for {dense_key}: got {tuple(dense.shape)}, expected {self.weight_shape}")
+                return
+            dense = self._to_matrix(dense.to(self.weight_train.device, self.weight_train.dtype))
+            w_train, w_frozen = layout.split_values(dense)
+            state_dict[prefix + "weight_train"] = w_train
+            state_dict[prefix + "weight_frozen"] = w_frozen
+            state_dict[code_key] = layout.block_code
+            state_dict[es_key] = layout.element_state
+        if layout is not self._layout:
+            wt, wf = state_dict.get(prefix + "weight_train"), state_dict.get(prefix + "weight_frozen")
+            bm, bk = self.block_size
+            if (
+                wt is None
+                or wf is None
+                or tuple(wt.shape) != (layout.n_train, bm, bk)
+                or (tuple(wf.shape) != (layout.n_frozen_slots, bm, bk))
+            ):
+                errors.append(f"{prefix}weight_train/weight_frozen do not match the layout in {code_key}")
+                return
+            # The masks differ, so the stores change shape: new tensors in this module's dtype/device
+            # (the checkpoint's values are copied in by the default loader below, cast as nn.Linear would).
+            old, fz = self.weight_train, self.weight_frozen
+            self.weight_train = nn.Parameter(
+                torch.empty(wt.shape, dtype=old.dtype, device=old.device), requires_grad=old.requires_grad
+            )
+            self.weight_frozen = torch.empty(wf.shape, dtype=fz.dtype, device=fz.device)
+            self._install_layout(layout)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)

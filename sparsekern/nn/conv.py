@@ -1,0 +1,192 @@
+"""``SparseConv2d``: a drop-in ``nn.Conv2d`` whose pruned and frozen blocks cost nothing.
+
+The weight keeps ``nn.Conv2d``'s orientation ``(Cout, Cin, kh, kw)`` for every
+user-facing tensor (``weight``, ``mask``, ``frozen_mask``, dense checkpoints);
+internally the layout is built on its matrix view (``sparsekern/convview.py``):
+a block is ``bm`` output channels by ``bk`` input channels at one filter tap.
+Storage is as for every sparse layer (``_base.py``): only trainable blocks
+are a Parameter.
+
+Supported: stride, padding (ints, pairs, ``'same'``, ``'valid'``), dilation,
+bias, any spatial size and channel count. Not supported (``NotImplementedError``):
+``groups != 1`` and ``padding_mode`` other than ``'zeros'``. NHWC
+(``channels_last``) activations are the GPU kernels' native format; see
+``sparsekern/functional/conv.py`` for what other formats cost.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from sparsekern import convview
+from sparsekern.functional import sparse_conv2d
+from sparsekern.layout import normalize_block_size
+from sparsekern.nn._base import BlockSparseWeight
+
+__all__ = ["SparseConv2d"]
+
+
+def _pair(v, name: str) -> tuple[int, int]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
+        return (int(v[0]), int(v[1]))
+    raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+
+
+class SparseConv2d(BlockSparseWeight):
+    """Block-sparse ``conv2d(x, W * mask) + b`` with trainable, frozen and pruned weights.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+            bias, padding_mode, device, dtype: as for ``nn.Conv2d`` (``groups``
+            must be 1 and ``padding_mode`` ``'zeros'``).
+        block_size: int or ``(bm, bk)``, each in {16, 32, 64, 128}; ``bm`` runs
+            over output channels, ``bk`` over input channels (at one tap).
+        mask: ``(Cout, Cin, kh, kw)`` bool, True = kept. Default: all kept.
+        frozen_mask: same shape, True = kept but never updated. Must lie in ``mask``.
+
+    Example:
+        >>> conv = SparseConv2d(64, 128, 3, padding=1, block_size=32, mask=torch.rand(128, 64, 3, 3) < 0.5)
+        >>> conv(torch.randn(2, 64, 14, 14)).shape
+        torch.Size([2, 128, 14, 14])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        block_size: int | tuple[int, int] = 32,
+        mask: torch.Tensor | None = None,
+        frozen_mask: torch.Tensor | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if groups != 1:
+            raise NotImplementedError(f"SparseConv2d supports groups=1 only, got groups={groups}")
+        if padding_mode != "zeros":
+            raise NotImplementedError(f"SparseConv2d supports padding_mode='zeros' only, got {padding_mode!r}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+        self.dilation = _pair(dilation, "dilation")
+        if isinstance(padding, str):
+            # Validates the string (and 'same' with stride > 1) now, not at the first forward.
+            convview.resolve_padding(padding, self.kernel_size, self.dilation, self.stride)
+            self.padding = padding
+        else:
+            self.padding = _pair(padding, "padding")
+        self.groups, self.padding_mode = 1, "zeros"
+        self.block_size = normalize_block_size(block_size)
+        self.weight_shape = (out_channels, in_channels, *self.kernel_size)
+        factory = {"device": device, "dtype": dtype}
+        dense = torch.empty(self.weight_shape, **factory)
+        nn.init.kaiming_uniform_(dense, a=math.sqrt(5))  # nn.Conv2d's initialisation
+        if bias:
+            fan_in = in_channels * self.kernel_size[0] * self.kernel_size[1]
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            self.bias = nn.Parameter(torch.empty(out_channels, **factory).uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
+        self._init_weight(dense, mask, frozen_mask)
+
+    def _to_matrix(self, t: torch.Tensor, fill=0) -> torch.Tensor:
+        return convview.to_matrix(t, self.block_size[1], fill)
+
+    def _from_matrix(self, m: torch.Tensor) -> torch.Tensor:
+        return convview.from_matrix(m, self.in_channels, *self.kernel_size)
+
+    @classmethod
+    def from_dense(
+        cls,
+        conv: nn.Conv2d,
+        mask: torch.Tensor | None = None,
+        frozen_mask: torch.Tensor | None = None,
+        block_size: int | tuple[int, int] = 32,
+    ) -> SparseConv2d:
+        """Convert an ``nn.Conv2d``; ``mask`` defaults to ``conv.weight != 0``.
+
+        Returns:
+            A ``SparseConv2d`` on the same device and dtype whose output equals
+            ``F.conv2d(x, conv.weight * mask, conv.bias, ...)``.
+
+        Example:
+            >>> dense = nn.Conv2d(64, 64, 3, padding=1)
+            >>> sparse = SparseConv2d.from_dense(dense, mask=dense.weight.abs() > 0.02)
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"from_dense expects an nn.Conv2d, got {type(conv).__name__}")
+        w = conv.weight.detach()
+        mod = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+            block_size=block_size,
+            mask=w != 0 if mask is None else mask,
+            frozen_mask=frozen_mask,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        mod._copy_dense_(w, conv.bias)
+        return mod
+
+    # ---------------------------------------------------------------- compute
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return sparse_conv2d(
+            input,
+            self.weight_train,
+            self.weight_frozen,
+            self._layout,
+            self.weight_shape,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+        )
+
+    # ------------------------------------------------------------- inspection
+    def to_dense(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` holding the effective weight and the bias."""
+        w = self.weight
+        conv = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            bias=self.bias is not None,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(w)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def extra_repr(self) -> str:
+        lay = self._layout
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, "
+            f"block_size={self.block_size}, block_density={lay.block_density:.3f}, trainable_blocks={lay.n_train}"
+        )
