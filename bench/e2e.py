@@ -462,12 +462,19 @@ def run(cfg: SuiteConfig, device: torch.device, env: dict[str, object]) -> list[
             del masked
             if not any(hasattr(m, "layout") for m in sparse.modules()):
                 # Nothing became sparse (the CNN without SparseConv2d): timing the dense model again says nothing.
-                nan = {"p20": math.nan, "p50": math.nan, "p80": math.nan}
                 why = note or "no layer was sparsified"
-                add("sparsekern", density, {m: dict(nan) for m in MODES}, None, note=f"unavailable: {why}")
             else:
-                stats = _time_model(sparse, x, target, loss_fn, timing)
-                add("sparsekern", density, stats, gemm_costs(sparse, layers, elem), note=note)
+                why = None
+                try:
+                    stats = _time_model(sparse, x, target, loss_fn, timing)
+                except Exception as exc:  # e.g. a layer kind without kernels on this device: keep the other rows
+                    why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+                    progress(f"  {name} sparsekern density={density} failed: {why}")
+                else:
+                    add("sparsekern", density, stats, gemm_costs(sparse, layers, elem), note=note)
+            if why is not None:
+                nan = {"p20": math.nan, "p50": math.nan, "p80": math.nan}
+                add("sparsekern", density, {m: dict(nan) for m in MODES}, None, note=f"unavailable: {why}")
             del sparse, masks
             gc.collect()
         del base
@@ -500,8 +507,11 @@ def tune(cfg: SuiteConfig, device: torch.device) -> dict[str, dict]:
             progress(f"tuning e2e {name} ({dtype_name(cfg.dtype)}, {cfg.block}x{cfg.block} blocks)")
             base, x, target, loss_fn, _ = build(name, cfg, device)
             sparse, _ = sparse_model(base, 0.5, cfg.block)
-            loss_fn(sparse(x), target).backward()
-            torch.cuda.synchronize(device)
+            try:
+                loss_fn(sparse(x), target).backward()
+                torch.cuda.synchronize(device)
+            except Exception as exc:  # the run reports it per row; tuning goes on with the other models
+                progress(f"  tuning e2e {name} failed: {type(exc).__name__}: {exc}")
     finally:
         os.environ.pop("SPARSEKERN_IGNORE_TUNED", None)
         kcfg.load_tuned.cache_clear()

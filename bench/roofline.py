@@ -198,17 +198,20 @@ def annotate(rows: Iterable[dict[str, object]], peaks: dict[str, float]) -> None
 
 
 def table(rows: list[dict[str, object]], modes: tuple[str, ...] = ("forward", "backward", "step")) -> str:
-    """Markdown: per (model, block, density, provider), each mode's % of floor, then the step's floor and time."""
+    """Markdown: per (model or layer, block, density, provider), each mode's % of floor, the step's floor and time.
+
+    Rows without ``floor_ms`` (no ``flops``/``bytes``, or no peaks measured) are left out.
+    """
     keyed: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         if r.get("floor_ms") is None or r["mode"] not in modes:
             continue
-        key = (r.get("model") or "", r["block"], r["density"], r["provider"])
+        key = (r.get("model") or r.get("layer") or "", r["block"], r["density"], r["provider"])
         keyed.setdefault(key, {})[r["mode"]] = r
     if not keyed:
         return ""
     with_model = any(k[0] for k in keyed)
-    head = (["model"] if with_model else []) + ["block", "density", "provider"]
+    head = (["model / layer"] if with_model else []) + ["block", "density", "provider"]
     head += [f"{m} % of floor" for m in modes] + ["step floor ms", "step p50 ms"]
     body = []
     for (model, block, density, provider), got in keyed.items():

@@ -366,3 +366,28 @@ def test_multi_suite_run_isolates_a_failing_suite(tmp_path, monkeypatch):
     assert "roofline peaks measured" in summary
     row = json.loads(next(run_dir.glob("good_*.json")).read_text())["rows"][0]
     assert row["floor_ms"] > 0 and not math.isnan(row["pct_of_floor"])
+
+
+def test_e2e_failing_sparse_model_leaves_an_unavailable_row(monkeypatch):
+    """A sparse model that cannot run (say, no kernels for a layer kind on this device) costs only its own rows."""
+    import dataclasses
+    import math
+
+    import torch
+
+    from bench import e2e
+    from bench.common import environment
+    from sparsekern import SparseLinear
+
+    def broken(self, x):
+        raise NotImplementedError("no kernel here")
+
+    monkeypatch.setattr(SparseLinear, "forward", broken)
+    device = torch.device("cpu")
+    cfg = dataclasses.replace(e2e.default_config(device, quick=True), models=("mlp",), warmup=0, repeats=1)
+    rows = e2e.run(cfg, device, environment(device))
+    by = {(r["provider"], r["mode"]): r for r in rows}
+    assert not math.isnan(by[("dense", "step")]["p50"]) and not math.isnan(by[("masked", "step")]["p50"])
+    bad = by[("sparsekern", "step")]
+    assert math.isnan(bad["p50"]) and bad["note"].startswith("unavailable: NotImplementedError"), bad
+    assert "| mlp" in e2e.tables(rows)
