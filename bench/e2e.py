@@ -96,7 +96,7 @@ def default_config(device: torch.device, dtype: torch.dtype | None = None, quick
 
     * CPU: fp32; MLP 1024-4096-4096-1024 and transformer block d=1024 over 1024
       tokens; CNN channels 64/128 on 16 images of 32x32; 64x64 blocks;
-      densities 1/0.5/0.25/0.1; 1 warmup + 3 timed steps. About 55 s on an
+      densities 1/0.5/0.25/0.1; 1 warmup + 3 timed steps. About 60 s on an
       idle 2-core CPU (dense steps there: MLP 0.9 s, CNN 0.33 s, transformer
       block 0.27 s; the masked peer costs a dense step at every density).
     * CUDA: bf16; MLP 2048-8192-8192-2048 and transformer d=2048 over 8192
