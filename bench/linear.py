@@ -248,8 +248,11 @@ def pass_fractions(layer: SparseLinear | None) -> dict[str, float]:
 
 
 def mode_costs(cfg: SuiteConfig, passes: dict[str, float]) -> dict[str, roofline.Cost]:
-    """The roofline cost of every mode: ``forward``/``backward``/``step`` with ``x`` requiring grad,
-    ``weight_grad`` without (only dW)."""
+    """The roofline cost of every mode (``bench/roofline.py``).
+
+    ``forward``/``backward``/``step`` have ``x`` requiring grad (dX computed);
+    ``weight_grad`` is dW alone.
+    """
     elem = torch.empty((), dtype=cfg.dtype).element_size()
     per_pass = roofline.linear_step(cfg.tokens, cfg.out_features, cfg.in_features, passes, elem)
     return roofline.mode_costs(per_pass)
