@@ -294,6 +294,17 @@ def test_suite_registry_lists_available_suites():
         parse_suites("nope")
 
 
+def test_registered_suite_missing_from_the_checkout(monkeypatch):
+    """A suite registered before its module lands: ``all`` skips it, naming it is a clear error."""
+    from bench import __main__ as cli
+
+    monkeypatch.setattr(cli, "SUITES", {**cli.SUITES, "ghost": "bench.ghost_suite_not_written_yet"})
+    assert "ghost" not in cli.available_suites()
+    assert "ghost" not in cli.parse_suites("all")
+    with pytest.raises(SystemExit, match="not available in this checkout"):
+        cli.parse_suites("linear,ghost")
+
+
 def test_e2e_gemm_costs_hand_counted():
     import torch
     from torch import nn
