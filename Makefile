@@ -28,16 +28,31 @@ $(STAMP): setup.py pyproject.toml
 test: venv
 	$(PY) -m pytest -q tests
 
+# The default CPU run, < 3 min on an idle 2-core machine (estimated 2.5-2.7 min): the linear suite
+# (90 s measured) and the e2e suite's training steps (about 60 s, estimated from its dense steps:
+# MLP 0.9 s, CNN 0.33 s, transformer block 0.27 s, 4 steps per provider and density), then the plots.
 bench: venv
-	$(PY) -m bench --suite linear --out $(RESULTS)
+	$(PY) -m bench --suite linear,e2e --out $(RESULTS)
 	$(PY) bench/plot.py "$$(ls -t $(RESULTS)/linear_*.csv | head -n 1)" $(RESULTS)
+	$(PY) bench/plot.py "$$(ls -t $(RESULTS)/e2e_*.csv | head -n 1)" $(RESULTS)
+
+# One call on the GPU machine (< 8 min on one H100), everything under bench/results/<gpu>-<date>/:
+# the GPU tests' log, the GPU suites with --tune (linear, conv when bench/conv.py exists, e2e),
+# each with its roofline table, the static check (sparsekern.check, default scope) and the plots.
+# Tuned configs are merged into kernels/tuned/<device>.json, which the kernels load.
+GPU_SUITES = $(if $(wildcard bench/conv.py),linear$(comma)conv$(comma)e2e,linear$(comma)e2e)
+comma := ,
 
 bench-gpu:
-	python3 -m pip install --no-deps --no-build-isolation -e .
-	python3 -m pytest -q -m gpu tests; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
-	python3 -m bench --suite linear --device cuda --tune --out $(RESULTS)
-	out=$(RESULTS)/check_$$(date -u +%Y%m%d-%H%M%S).txt; \
-	python3 -m sparsekern.check > $$out 2>&1; rc=$$?; cat $$out; echo "check output: $$out"; exit $$rc
+	python3 -m pip install --no-index --no-deps --no-build-isolation -e .
+	run=$(RESULTS)/$$(python3 -c "import torch; from bench.common import slug; print(slug(torch.cuda.get_device_name()))")-$$(date -u +%Y%m%d-%H%M%S); \
+	mkdir -p $$run; echo "results: $$run"; \
+	python3 -m pytest -q -m gpu tests > $$run/gpu_tests.txt 2>&1; rc=$$?; tail -n 30 $$run/gpu_tests.txt; \
+	[ $$rc -eq 0 ] || [ $$rc -eq 5 ] || echo "GPU tests FAILED (exit $$rc): see $$run/gpu_tests.txt"; \
+	python3 -m bench --suite $(GPU_SUITES) --device cuda --tune --out $$run; brc=$$?; \
+	for s in linear e2e; do python3 bench/plot.py "$$(ls -t $$run/$${s}_*.csv | head -n 1)" $$run || true; done; \
+	cp kernels/tuned/*.json $$run/ 2>/dev/null || true; \
+	[ $$rc -eq 0 ] || [ $$rc -eq 5 ] && [ $$brc -eq 0 ]
 
 lint: venv
 	$(VENV)/bin/ruff check .

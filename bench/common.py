@@ -34,7 +34,11 @@ DEFAULT_OUT = REPO_ROOT / "bench" / "results"
 #: ``shape`` is ``tokens x out_features x in_features`` (conv: input and kernel);
 #: ``layer`` names a conv case; ``flop_fraction`` is the share of dense FLOPs
 #: the provider computes in that mode; ``frozen_fraction`` is the share of kept
-#: blocks that are frozen; ``note`` says why a provider has no numbers (``unavailable: ...``).
+#: blocks that are frozen; ``model`` names the network of an end-to-end case
+#: (e2e suite); ``flops``/``bytes`` are the work of the computed blocks in that
+#: mode and ``floor_ms``/``pct_of_floor`` the roofline floor and the share of it
+#: the measured p50 reaches (``bench/roofline.py``; filled on GPU runs, or with
+#: ``--roofline``); ``note`` says why a provider has no numbers (``unavailable: ...``).
 COLUMNS = [
     "device",
     "torch",
@@ -53,6 +57,11 @@ COLUMNS = [
     "flop_fraction",
     "tokens",
     "frozen_fraction",
+    "model",
+    "flops",
+    "bytes",
+    "floor_ms",
+    "pct_of_floor",
     "warmup",
     "repeats",
     "date",
@@ -268,6 +277,13 @@ def result_stem(suite: str, env: dict[str, object]) -> str:
     date = str(env["date"]).replace("-", "").replace(":", "").replace("T", "-").rstrip("Z")
     dev = "cpu" if env["device_type"] == "cpu" else slug(str(env["device"]))
     return f"{suite}_{dev}_{date}"
+
+
+def run_folder_name(env: dict[str, object]) -> str:
+    """``<device>-<UTC date-time>``, e.g. ``nvidia-h100-80gb-hbm3-20250101-120000`` (``--run-folder``)."""
+    date = str(env["date"]).replace("-", "").replace(":", "").replace("T", "-").rstrip("Z")
+    dev = "cpu" if env["device_type"] == "cpu" else slug(str(env["device"]))
+    return f"{dev}-{date}"
 
 
 def write_results(

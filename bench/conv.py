@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench import roofline
 from bench.common import dtype_name, markdown_table, progress, time_phases
 from sparsekern.methods.blocks import block_grid, expand_blocks
 from sparsekern.nn import SparseConv2d
@@ -136,6 +137,20 @@ def flop_fractions(layer: SparseConv2d, case: ConvCase, tokens: int) -> dict[str
     return {"forward": fwd / dense, "backward": (dx + dw) / (2 * dense), "step": (fwd + dx + dw) / (3 * dense)}
 
 
+def pass_costs(layer: SparseConv2d | None, case: ConvCase, cfg: SuiteConfig, out: int) -> dict[str, roofline.Cost]:
+    """Roofline cost of every mode (``bench/roofline.py``); ``layer=None`` is the dense layer."""
+    tokens = cfg.batch * out * out
+    dense = 2 * tokens * case.c_out * case.c_in * case.kernel**2
+    if layer is None:
+        frac = dict.fromkeys(("forward", "input_grad", "weight_grad"), 1.0)
+    else:
+        f = layer.layout.flops(tokens)
+        frac = {p: f[p]["block"] / dense for p in ("forward", "input_grad", "weight_grad")}
+    elem = torch.empty((), dtype=cfg.dtype).element_size()
+    sizes = (cfg.batch * case.c_in * case.size**2, cfg.batch * case.c_out * out * out, dense // (2 * tokens))
+    return roofline.mode_costs({p: roofline.layer_pass(dense, *sizes, f, elem) for p, f in frac.items()})
+
+
 def run(cfg: SuiteConfig, device: torch.device, env: dict[str, object]) -> list[dict[str, object]]:
     gen = torch.Generator().manual_seed(cfg.seed)
     rows: list[dict[str, object]] = []
@@ -177,10 +192,11 @@ def run_case(case: ConvCase, cfg: SuiteConfig, device, env, gen: torch.Generator
 
     def add(provider, block, density, module, fractions):
         stats = time_phases(lambda laps: step(module, x, dy, laps), **timing)
+        costs = pass_costs(module if isinstance(module, SparseConv2d) else None, case, cfg, out)
         for mode, st in stats.items():
             frac = fractions.get(mode, math.nan) if isinstance(fractions, dict) else fractions
             rows.append({**common, "block": block, "density": density, "provider": provider, "mode": mode, **st})
-            rows[-1]["flop_fraction"] = frac
+            rows[-1].update(flop_fraction=frac, flops=costs[mode].flops, bytes=costs[mode].bytes)
         summary = ", ".join(f"{m} {st['p50']:.2f}" for m, st in stats.items())
         progress(f"  {case.name:<20} {provider:<11} block={block or '-':<4} density={density:<5} p50 ms: {summary}")
 

@@ -8,10 +8,18 @@ Providers, timed in the same run on the same weight, input and ``dy``:
 * ``sparsekern``: ``SparseLinear.from_dense(base, mask=mask, block_size=block)``.
 * ``sparsekern_frozen`` (freezing case only): the same mask with a random half
   of the kept blocks frozen.
-* ``torch_bsr``: forward only, no autograd, on a ``torch.sparse`` BSR weight
-  (CPU: ``torch.sparse.mm``; CUDA: ``torch.sparse._triton_ops.bsr_dense_mm``);
-  recorded as ``unavailable`` when torch cannot run it. The CPU default skips
-  it at density 1.0 (pure overhead there, about 20 s of the run).
+* ``torch_bsr``: no autograd, on a ``torch.sparse`` BSR weight. CPU: forward
+  only (``torch.sparse.mm``). CUDA: forward ``bsr_dense_mm(W, x^T)``, backward
+  ``dx^T = bsr_dense_mm(W^T, dy^T)`` (a BSR copy of the transpose, built once)
+  and ``dW = sampled_addmm(W, dy^T, x)`` on W's blocks, plus ``db``, from
+  ``torch.sparse._triton_ops`` (forward only if the backward fails). Recorded
+  as ``unavailable`` when torch cannot run it. The CPU default skips it at
+  density 1.0 (pure overhead there, about 20 s of the run).
+* ``stk``: stanford-stk (``import stk``), GPU only, 128x128 blocks and
+  ``tokens``, ``out`` and ``in`` divisible by 128 (what stk supports): the
+  weight as an ``stk.Matrix`` of the kept blocks, forward ``y^T = dsd(W, x^T)``,
+  whose backward is stk's own: ``dW = sdd(dy^T, x)`` on the weight's topology
+  and ``dx^T = dsd(W^T, dy^T)``. Without stk the run says so in one line.
 
 Modes: ``forward`` and ``backward`` (dX, dW and db) are the two phases of one
 timed training step, ``step`` their sum per step (``x`` requires grad, as in
@@ -23,6 +31,8 @@ kept blocks (``sparsekern.testing.random_block_mask``); ``masked``,
 ``sparsekern`` and ``torch_bsr`` share one mask per (block, density).
 ``flop_fraction`` counts the FLOPs of the blocks a provider computes
 (``BlockLayout.flops``) against dense; ``masked`` and ``dense`` compute 1.0.
+``flops``/``bytes`` are the same blocks' work per mode for the roofline floor
+(``bench/roofline.py``; bias ignored), filled on every row.
 """
 
 from __future__ import annotations
@@ -36,11 +46,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench import roofline
 from bench.common import Laps, dtype_name, markdown_table, progress, time_fn, time_phases
 from sparsekern import SparseLinear
 from sparsekern.testing import random_block_mask
 
-PROVIDERS = ("dense", "masked", "sparsekern", "torch_bsr")
+PROVIDERS = ("dense", "masked", "sparsekern", "torch_bsr", "stk")
+#: The only block size stk supports, and what every dimension must divide by.
+STK_BLOCK = 128
 TRAIN_MODES = ("forward", "backward", "step")
 
 
@@ -142,6 +155,48 @@ def bsr_forward(base: nn.Linear, mask: torch.Tensor, block: int):
     return fwd
 
 
+class StkLinear(nn.Module):
+    """``base`` with weight ``base.weight * mask`` as a stanford-stk block-sparse matrix (128x128 blocks).
+
+    Forward ``y = dsd(W, x^T)^T + b``; stk's autograd computes ``dW`` with
+    ``sdd`` on ``W``'s topology and ``dx`` with ``dsd`` on ``W^T``. Raises
+    ``ImportError`` without stk and whatever stk raises for unsupported cases.
+    """
+
+    def __init__(self, base: nn.Linear, mask: torch.Tensor, block: int = STK_BLOCK):
+        super().__init__()
+        import stk
+
+        self._stk = stk
+        with torch.no_grad():
+            # Kept blocks of random weights are never all zero, so to_sparse keeps exactly the mask's blocks.
+            matrix = stk.ops.to_sparse(base.weight * mask.to(base.weight.dtype), block)
+        self.matrix = matrix.requires_grad_(True)
+        self.bias = base.bias
+
+    def clear_grads(self) -> None:
+        self.matrix.data.grad = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._stk.ops.dsd(self.matrix, x.t()).t()
+        return y if self.bias is None else y + self.bias
+
+
+def stk_status() -> str | None:
+    """``None`` when ``import stk`` works, else the one line the run prints."""
+    try:
+        import stk  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install: either way there is no peer
+        return f"stk (stanford-stk) is absent ({type(exc).__name__}): no stk numbers in this run"
+    return None
+
+
+def stk_supported(cfg: SuiteConfig, device: torch.device, block: int) -> bool:
+    """stk runs on CUDA with 128x128 blocks and every dimension divisible by 128."""
+    dims = (cfg.tokens, cfg.out_features, cfg.in_features)
+    return device.type == "cuda" and block == STK_BLOCK and all(d % STK_BLOCK == 0 for d in dims)
+
+
 def make_base(cfg: SuiteConfig, device: torch.device) -> tuple[nn.Linear, torch.Tensor, torch.Tensor]:
     """The shared dense layer, input and output gradient of one shape."""
     torch.manual_seed(cfg.seed)
@@ -155,6 +210,8 @@ def train_step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, laps: Laps,
     """One forward + backward; laps ``forward``/``backward`` (or only ``weight_grad``)."""
     for p in module.parameters():
         p.grad = None
+    if isinstance(module, StkLinear):
+        module.clear_grads()
     x.grad = None
     laps.start()
     y = module(x)
@@ -182,6 +239,25 @@ def flop_fractions(layer: SparseLinear, tokens: int) -> dict[str, float]:
     }
 
 
+def pass_fractions(layer: SparseLinear | None) -> dict[str, float]:
+    """Computed-block FLOPs over dense per pass (forward, input_grad, weight_grad); all 1 for ``None`` (dense)."""
+    if layer is None:
+        return dict.fromkeys(("forward", "input_grad", "weight_grad"), 1.0)
+    f = layer.layout.flops(1)
+    return {p: f[p]["block"] / max(1, f[p]["dense"]) for p in ("forward", "input_grad", "weight_grad")}
+
+
+def mode_costs(cfg: SuiteConfig, passes: dict[str, float]) -> dict[str, roofline.Cost]:
+    """The roofline cost of every mode (``bench/roofline.py``).
+
+    ``forward``/``backward``/``step`` have ``x`` requiring grad (dX computed);
+    ``weight_grad`` is dW alone.
+    """
+    elem = torch.empty((), dtype=cfg.dtype).element_size()
+    per_pass = roofline.linear_step(cfg.tokens, cfg.out_features, cfg.in_features, passes, elem)
+    return roofline.mode_costs(per_pass)
+
+
 # --------------------------------------------------------------------- run
 def run(cfg: SuiteConfig, device: torch.device, env: dict[str, object]) -> list[dict[str, object]]:
     """Measure every provider and mode; return long-format rows."""
@@ -204,7 +280,8 @@ def run(cfg: SuiteConfig, device: torch.device, env: dict[str, object]) -> list[
     timing = {"device": device, "warmup": cfg.warmup, "repeats": cfg.repeats}
     wgrad_blocks = {b for b, _ in cfg.freeze}
 
-    def add(provider, block, density, stats, fractions, frozen=0.0, note=""):
+    def add(provider, block, density, stats, fractions, frozen=0.0, note="", passes=None):
+        costs = mode_costs(cfg, passes or pass_fractions(None))
         for mode, st in stats.items():
             rows.append(
                 {
@@ -216,6 +293,8 @@ def run(cfg: SuiteConfig, device: torch.device, env: dict[str, object]) -> list[
                     **st,
                     "flop_fraction": fractions.get(mode, math.nan) if isinstance(fractions, dict) else fractions,
                     "frozen_fraction": frozen,
+                    "flops": costs[mode].flops,
+                    "bytes": costs[mode].bytes,
                     "note": note,
                 }
             )
@@ -224,6 +303,9 @@ def run(cfg: SuiteConfig, device: torch.device, env: dict[str, object]) -> list[
             progress(f"  {provider:<18} block={block or '-':<4} density={density:<5} p50 ms: {summary}")
 
     progress(f"linear suite on {env['device']}: shape {cfg.shape} (tokens x out x in), {dtype_name(cfg.dtype)}")
+    stk_missing = stk_status()
+    if stk_missing:
+        progress(stk_missing)
     # Dense runs once per shape: its cost does not depend on the mask.
     stats = time_phases(lambda laps: train_step(base, x, dy, laps), **timing)
     if wgrad_blocks:
@@ -243,7 +325,7 @@ def run(cfg: SuiteConfig, device: torch.device, env: dict[str, object]) -> list[
             freeze_here = (block, density) in cfg.freeze
             if freeze_here:
                 stats.update(time_phases(lambda laps, m=layer: train_step(m, x0, dy, laps, True), total=None, **timing))
-            add("sparsekern", block, density, stats, fractions)
+            add("sparsekern", block, density, stats, fractions, passes=pass_fractions(layer))
 
             if freeze_here:
                 frozen = SparseLinear.from_dense(
@@ -254,12 +336,35 @@ def run(cfg: SuiteConfig, device: torch.device, env: dict[str, object]) -> list[
                 stats.update(
                     time_phases(lambda laps, m=frozen: train_step(m, x0, dy, laps, True), total=None, **timing)
                 )
-                add("sparsekern_frozen", block, density, stats, flop_fractions(frozen, cfg.tokens), frozen=share)
+                add(
+                    "sparsekern_frozen",
+                    block,
+                    density,
+                    stats,
+                    flop_fractions(frozen, cfg.tokens),
+                    frozen=share,
+                    passes=pass_fractions(frozen),
+                )
                 del frozen
 
             if density < 1.0 or cfg.bsr_at_full_density:
-                st, note = time_bsr(base, mask, block, x0, timing)
-                add("torch_bsr", block, density, {"forward": st}, {"forward": fractions["forward"]}, note=note)
+                stats = time_bsr_step(base, mask, block, x0, dy, timing) if device.type == "cuda" else None
+                if stats is not None:
+                    add("torch_bsr", block, density, stats, fractions, passes=pass_fractions(layer))
+                else:
+                    st, note = time_bsr(base, mask, block, x0, timing)
+                    add(
+                        "torch_bsr",
+                        block,
+                        density,
+                        {"forward": st},
+                        {"forward": fractions["forward"]},
+                        note=note,
+                        passes=pass_fractions(layer),
+                    )
+            if stk_missing is None and stk_supported(cfg, device, block):
+                stats, note = time_stk(base, mask, block, x, dy, timing)
+                add("stk", block, density, stats, fractions, note=note, passes=pass_fractions(layer))
             del layer, mask
             gc.collect()
     return rows
@@ -279,6 +384,65 @@ def time_bsr(base: nn.Linear, mask: torch.Tensor, block: int, x: torch.Tensor, t
         note = f"unavailable: {type(exc).__name__}: {first}"
         progress(f"  torch_bsr {note}")
         return {"p20": math.nan, "p50": math.nan, "p80": math.nan}, note
+
+
+def bsr_step(base: nn.Linear, mask: torch.Tensor, block: int):
+    """CUDA only: ``step(x, dy, laps)`` running forward and backward with ``torch.sparse._triton_ops``.
+
+    ``W`` and ``W^T`` are BSR copies of ``base.weight * mask`` (built once, as a
+    layout would be). Forward ``y = bsr_dense_mm(W, x^T)^T + b``; backward
+    ``dx = bsr_dense_mm(W^T, dy^T)^T``, ``dW = sampled_addmm(W, dy^T, x)`` (dy^T x
+    on W's blocks only), ``db = dy.sum(0)``.
+    """
+    from torch.sparse._triton_ops import bsr_dense_mm, sampled_addmm
+
+    with torch.no_grad():
+        w = base.weight * mask
+        wb = w.to_sparse_bsr((block, block))
+        wtb = w.t().contiguous().to_sparse_bsr((block, block))
+        bias = base.bias.detach() if base.bias is not None else None
+
+    def step(x, dy, laps):
+        with torch.no_grad():
+            laps.start()
+            y = bsr_dense_mm(wb, x.t()).t()
+            if bias is not None:
+                y = y + bias
+            laps.lap("forward")
+            bsr_dense_mm(wtb, dy.t()).t()
+            sampled_addmm(wb, dy.t(), x, beta=0.0)
+            dy.sum(0)
+            laps.lap("backward")
+
+    return step
+
+
+def time_bsr_step(base: nn.Linear, mask: torch.Tensor, block: int, x: torch.Tensor, dy: torch.Tensor, timing: dict):
+    """Stats of the CUDA BSR training step, or ``None`` when torch cannot run it (the caller times the forward)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "BSR support is in beta", untuned-GPU warnings
+            step = bsr_step(base, mask, block)
+            step(x, dy, Laps(x.device))  # fail here, not inside the timing loop
+            return time_phases(lambda laps: step(x, dy, laps), **timing)
+    except Exception as exc:  # the backward ops are beta: fall back to the forward alone
+        first = str(exc).splitlines()[0][:120] if str(exc) else ""
+        progress(f"  torch_bsr backward unavailable ({type(exc).__name__}: {first}): forward only")
+        return None
+
+
+def time_stk(base: nn.Linear, mask: torch.Tensor, block: int, x: torch.Tensor, dy: torch.Tensor, timing: dict):
+    """``(stats, note)`` of stk's training step; NaN stats and an ``unavailable: ...`` note when stk fails."""
+    try:
+        layer = StkLinear(base, mask, block)
+        layer(x).backward(dy)  # fail here, not inside the timing loop
+        return time_phases(lambda laps: train_step(layer, x, dy, laps), **timing), ""
+    except Exception as exc:  # any failure means "stk cannot do this here"
+        first = str(exc).splitlines()[0][:120] if str(exc) else ""
+        note = f"unavailable: {type(exc).__name__}: {first}"
+        progress(f"  stk {note}")
+        nan = {"p20": math.nan, "p50": math.nan, "p80": math.nan}
+        return {m: dict(nan) for m in TRAIN_MODES}, note
 
 
 # ------------------------------------------------------------------ tables
@@ -368,6 +532,16 @@ def headline(rows: list[dict[str, object]]) -> str | None:
     if not parts:
         return None
     return "Headline, sparsekern full step (fwd+bwd), 64x64 blocks: " + "; ".join(parts) + "."
+
+
+def footnotes(cfg: SuiteConfig, device: torch.device) -> list[str]:
+    """Lines the printed report ends with: whether stk took part."""
+    missing = stk_status()
+    if missing:
+        return [missing + "."]
+    if not any(stk_supported(cfg, device, b) for b in cfg.blocks):
+        return ["stk is installed but no case of this run suits it (CUDA, 128x128 blocks, dims divisible by 128)."]
+    return []
 
 
 # ------------------------------------------------------------------ tuning

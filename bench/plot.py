@@ -6,8 +6,10 @@ Usage::
 
 Writes ``<OUT_DIR>/<csv stem>.png`` (``OUT_DIR`` defaults to the CSV's folder).
 One panel per mode (forward, backward, step; weight_grad when measured).
+An e2e-suite CSV plots its first network (``--select`` for the others).
 Solid lines: ``sparsekern``; dash-dotted: ``sparsekern_frozen`` (half the
-kept blocks frozen); dashed: ``torch_bsr`` (forward only); dotted
+kept blocks frozen); dashed: ``torch_bsr`` (forward only on the CPU);
+dotted with diamonds: ``stk`` (GPU, 128x128 blocks, when installed); dotted
 black: the ideal ``1 / density`` (time proportional to the computed blocks);
 grey: dense (1x). When the CSV holds several devices, shapes or dtypes, the
 first one is plotted (``--select`` picks another: ``device|dtype|shape``).
@@ -26,7 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 
 MODES = ("forward", "backward", "step", "weight_grad")
-STYLES = {"sparsekern": "-o", "sparsekern_frozen": "-.^", "torch_bsr": "--s"}
+STYLES = {"sparsekern": "-o", "sparsekern_frozen": "-.^", "torch_bsr": "--s", "stk": ":d"}
 
 
 def load(path: Path) -> list[dict[str, str]]:
@@ -78,7 +80,10 @@ def plot(csv_path: Path, out_dir: Path, select: str | None = None) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data, (device, dtype, shape) = speedups(load(csv_path), select)
+    rows = load(csv_path)
+    data, (device, dtype, shape) = speedups(rows, select)
+    # e2e rows name their network; their shape is the network's, not a layer's tokens x out x in.
+    model = next((r.get("model") for r in rows if r["shape"] == shape and r.get("model")), None)
     modes = [m for m in MODES if m in data]
     if not modes:
         raise SystemExit(f"{csv_path}: no sparsekern/torch_bsr rows with a dense baseline to plot")
@@ -101,7 +106,11 @@ def plot(csv_path: Path, out_dir: Path, select: str | None = None) -> Path:
         ax.set_title(mode)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"SparseLinear vs dense: {device}, {dtype}, {shape} (tokens x out x in)", fontsize=9)
+    if model:
+        title = f"{model} training step, sparsekern vs dense: {device}, {dtype}, {shape}"
+    else:
+        title = f"SparseLinear vs dense: {device}, {dtype}, {shape} (tokens x out x in)"
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
