@@ -27,12 +27,13 @@ Run it on the CPU path (not Triton's interpreter, so leave
     python examples/digits_rigl.py            # about 1-3 minutes on 2 cores
     python examples/digits_rigl.py --quick    # a smoke run
 
-Measured on the project's 2-core CPU while other jobs ran (load average 3.6,
-so wall times move by tens of percent between runs): test accuracy dense
-96.9%, masked dense block RigL 97.8%, sparsekern block RigL 97.8% (the same
-masks and updates as the masked run, hence the same accuracy), element RigL
-97.6%; training wall time 15.4 s, 33.0 s, 8.8 s and 81.0 s; block RigL skips
-87% / 90% / 90% of the model's forward / input-gradient / weight-gradient FLOPs.
+Measured on the project's 2-core CPU while other jobs ran (load average 2.7
+to 4.4), three runs: test accuracy dense 96.9%, masked dense block RigL
+97.8%, sparsekern block RigL 97.8% (the same masks and updates as the masked
+run, hence the same accuracy), element RigL 97.6%; training wall time dense
+12.4-22.2 s, masked dense block RigL 16.7-34.0 s, sparsekern block RigL
+7.5-8.8 s, element RigL 37.5-81.0 s. Block RigL skips 87% / 90% / 90% of the
+model's forward / input-gradient / weight-gradient FLOPs.
 """
 
 from __future__ import annotations
