@@ -4,14 +4,28 @@ Quick start::
 
     import sparsekern
     layer = sparsekern.SparseLinear(1024, 1024, block_size=64, mask=mask, frozen_mask=frozen)
+    report = sparsekern.sparsify(model, method="snip", density=0.1, data=batches, loss_fn=loss)
     print(sparsekern.report(model, example_input).table())
+
+Subpackages: ``nn`` (layers), ``functional`` (autograd ops), ``methods`` (pruning,
+freezing, lottery tickets, SET/RigL), ``adapters`` (masks from other libraries).
 """
 
-from sparsekern import functional
+from sparsekern import adapters, functional, methods
 from sparsekern.flops import FlopReport, report
 from sparsekern.layout import BlockLayout
 from sparsekern.methods import sparsify
 from sparsekern.nn import SparseConv2d, SparseLinear
 
-__all__ = ["BlockLayout", "FlopReport", "SparseConv2d", "SparseLinear", "functional", "report", "sparsify"]
+__all__ = [
+    "BlockLayout",
+    "FlopReport",
+    "SparseConv2d",
+    "SparseLinear",
+    "adapters",
+    "functional",
+    "methods",
+    "report",
+    "sparsify",
+]
 __version__ = "0.1.0"

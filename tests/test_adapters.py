@@ -176,28 +176,8 @@ def test_torch_ao_block():
     assert out[0].layout.nnz_blocks == round(rep.layers[0]["density"] * 9)
 
 
-def ingesting_from_dense(cls, linear, mask=None, frozen_mask=None, block_size=32):
-    """``SparseLinear.from_dense`` with the ``_ingest`` call proposed for nn/linear.py (and conv.py)."""
-    w, foreign = dense_weight_and_mask(linear)
-    if mask is None:
-        mask = foreign if foreign is not None else w != 0
-    bias = None if linear.bias is None else dense_weight_and_mask(linear, "bias")[0]
-    mod = cls(
-        linear.in_features,
-        linear.out_features,
-        bias=bias is not None,
-        block_size=block_size,
-        mask=mask,
-        frozen_mask=frozen_mask,
-        device=w.device,
-        dtype=w.dtype,
-    )
-    mod._copy_dense_(w, bias)
-    return mod
-
-
-def test_sparsifier_convert_with_ingest_keeps_exact_mask(monkeypatch):
-    """``sparsifier.convert(model, mapping={nn.Linear: SparseLinear})`` once ``from_dense`` reads ``_ingest``."""
+def test_sparsifier_convert_keeps_exact_mask():
+    """``sparsifier.convert(model, mapping={nn.Linear: SparseLinear})``: ``from_dense`` reads the FakeSparsity mask."""
     model, sparsifier = ao_model()
     fake = model[0].parametrizations.weight[0]
     kept = fake.mask.nonzero()[0]
@@ -205,7 +185,6 @@ def test_sparsifier_convert_with_ingest_keeps_exact_mask(monkeypatch):
         model[0].parametrizations.weight.original[tuple(kept)] = 0.0  # a kept weight that is zero
     expected = fake.mask.bool().clone()
     refs = refs_of(model, {"0": expected})
-    monkeypatch.setattr(SparseLinear, "from_dense", classmethod(ingesting_from_dense))
     converted = sparsifier.convert(model, mapping={nn.Linear: SparseLinear})
     assert isinstance(converted[0], SparseLinear) and isinstance(converted[2], SparseLinear)
     assert torch.equal(converted[0].mask, expected)
@@ -213,12 +192,11 @@ def test_sparsifier_convert_with_ingest_keeps_exact_mask(monkeypatch):
     check_exact(converted, converted, refs)
 
 
-def test_from_dense_with_ingest_on_torch_prune(monkeypatch):
+def test_from_dense_reads_torch_prune_masks():
     lin = nn.Linear(40, 48)
     mask = torch.rand(48, 40) < 0.3
     prune.custom_from_mask(lin, "weight", mask)
     prune.random_unstructured(lin, "bias", amount=0.5)
-    monkeypatch.setattr(SparseLinear, "from_dense", classmethod(ingesting_from_dense))
     sparse = SparseLinear.from_dense(lin, block_size=BS)
     assert torch.equal(sparse.mask, mask)
     assert torch.equal(sparse.weight, torch.where(mask, lin.weight_orig, 0))

@@ -5,6 +5,7 @@
 * :func:`apply_masks` converts layers (or calls ``set_masks`` on sparse ones);
 * :func:`sparsify` does both and returns a :class:`SparsifyReport`;
 * :func:`imp` finds lottery tickets by iterative magnitude pruning with rewinding;
+* :class:`DSTScheduler` runs SET and RigL (``dst.py``), changing masks on the optimizer step;
 * :func:`select`, :func:`layer_densities` and :func:`find_targets` are the building
   blocks, for code that brings its own scores (dynamic sparse training).
 
@@ -14,6 +15,7 @@ masks (densities, distributions, granularity), ``scores.py`` holds the scores,
 """
 
 from sparsekern.methods.api import FREEZE, METHODS, LayerReport, SparsifyReport, apply_masks, masks, sparsify
+from sparsekern.methods.dst import DSTScheduler
 from sparsekern.methods.lottery import ImpResult, ImpRound, imp
 from sparsekern.methods.select import (
     DISTRIBUTIONS,
@@ -27,6 +29,7 @@ from sparsekern.methods.targets import find_targets
 
 __all__ = [
     "DISTRIBUTIONS",
+    "DSTScheduler",
     "FREEZE",
     "GRANULARITIES",
     "METHODS",

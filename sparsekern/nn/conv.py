@@ -25,6 +25,7 @@ from sparsekern import convview
 from sparsekern.functional import sparse_conv2d
 from sparsekern.layout import normalize_block_size
 from sparsekern.nn._base import BlockSparseWeight
+from sparsekern.nn._ingest import dense_weight_and_mask
 
 __all__ = ["SparseConv2d"]
 
@@ -116,7 +117,10 @@ class SparseConv2d(BlockSparseWeight):
         frozen_mask: torch.Tensor | None = None,
         block_size: int | tuple[int, int] = 32,
     ) -> SparseConv2d:
-        """Convert an ``nn.Conv2d``; ``mask`` defaults to ``conv.weight != 0``.
+        """Convert an ``nn.Conv2d``; ``mask`` defaults to the module's own mask, else ``conv.weight != 0``.
+
+        Masks of ``torch.nn.utils.prune`` and ``torch.ao.pruning`` are read as for
+        :meth:`SparseLinear.from_dense`.
 
         Returns:
             A ``SparseConv2d`` on the same device and dtype whose output equals
@@ -128,7 +132,10 @@ class SparseConv2d(BlockSparseWeight):
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"from_dense expects an nn.Conv2d, got {type(conv).__name__}")
-        w = conv.weight.detach()
+        w, foreign = dense_weight_and_mask(conv)
+        if mask is None:
+            mask = foreign if foreign is not None else w != 0
+        bias = None if conv.bias is None else dense_weight_and_mask(conv, "bias")[0]
         mod = cls(
             conv.in_channels,
             conv.out_channels,
@@ -137,15 +144,15 @@ class SparseConv2d(BlockSparseWeight):
             conv.padding,
             conv.dilation,
             conv.groups,
-            conv.bias is not None,
+            bias is not None,
             conv.padding_mode,
             block_size=block_size,
-            mask=w != 0 if mask is None else mask,
+            mask=mask,
             frozen_mask=frozen_mask,
             device=w.device,
             dtype=w.dtype,
         )
-        mod._copy_dense_(w, conv.bias)
+        mod._copy_dense_(w, bias)
         return mod
 
     # ---------------------------------------------------------------- compute

@@ -26,6 +26,7 @@ from torch import nn
 from sparsekern.functional import sparse_linear
 from sparsekern.layout import normalize_block_size
 from sparsekern.nn._base import BlockSparseWeight
+from sparsekern.nn._ingest import dense_weight_and_mask
 
 __all__ = ["SparseLinear"]
 
@@ -88,7 +89,11 @@ class SparseLinear(BlockSparseWeight):
         frozen_mask: torch.Tensor | None = None,
         block_size: int | tuple[int, int] = 32,
     ) -> SparseLinear:
-        """Convert an ``nn.Linear``; ``mask`` defaults to ``linear.weight != 0``.
+        """Convert an ``nn.Linear``; ``mask`` defaults to the module's own mask, else ``linear.weight != 0``.
+
+        A module pruned by ``torch.nn.utils.prune`` (``weight_orig``/``weight_mask``)
+        or parametrized by ``torch.ao.pruning`` (a ``FakeSparsity`` ``.mask``) keeps its
+        exact mask, so ``sparsifier.convert(model, mapping={nn.Linear: SparseLinear})`` works.
 
         Returns:
             A ``SparseLinear`` on the same device and dtype whose output equals
@@ -100,18 +105,21 @@ class SparseLinear(BlockSparseWeight):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_dense expects an nn.Linear, got {type(linear).__name__}")
-        w = linear.weight.detach()
+        w, foreign = dense_weight_and_mask(linear)
+        if mask is None:
+            mask = foreign if foreign is not None else w != 0
+        bias = None if linear.bias is None else dense_weight_and_mask(linear, "bias")[0]
         mod = cls(
             linear.in_features,
             linear.out_features,
-            bias=linear.bias is not None,
+            bias=bias is not None,
             block_size=block_size,
-            mask=w != 0 if mask is None else mask,
+            mask=mask,
             frozen_mask=frozen_mask,
             device=w.device,
             dtype=w.dtype,
         )
-        mod._copy_dense_(w, linear.bias)
+        mod._copy_dense_(w, bias)
         return mod
 
     # ---------------------------------------------------------------- compute
