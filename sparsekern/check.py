@@ -1,7 +1,8 @@
 """Offline static check of the block-sparse Triton kernels (``python -m sparsekern.check``).
 
-Every kernel in ``kernels/bsmm.py`` (forward, input gradient, weight gradient)
-is compiled ahead of time for sm_80 and sm_90 with ``triton.compile`` and a
+Every kernel in ``kernels/bsmm.py`` and ``kernels/bsconv.py`` (forward, input
+gradient, weight gradient of the block-sparse matmul and of the implicit-GEMM
+conv) is compiled ahead of time for sm_80 and sm_90 with ``triton.compile`` and a
 ``GPUTarget``, so no GPU and no CUDA driver are needed: only the ``ptxas`` and
 ``cuobjdump`` that ship inside the Triton wheel. For each compiled kernel the
 check reports
@@ -24,14 +25,17 @@ candidate's spill count and never picks one that spills.
 Coverage: sm_80 and sm_90; fp32 (both ``DOT_PRECISION`` "ieee" and "tf32"),
 fp16 and bf16; sparsity blocks 16x16, 32x32, 64x64, 128x128, 64x32 and 32x128;
 ``HAS_MIXED`` True and False for the forward kernel (True, the heavier
-variant, for the two gradients); per kind the default config and the largest
+variant, for the two gradients). The conv kernels run with ``HAS_MIXED``
+True only and blocks 16x16, 32x32, 64x64, 128x128 and 128x32. Per kind the default config and the largest
 candidate (by shared memory, then tile size) that survives ``configs.prune``
 for the arch's shared memory, the latter for fp16 and fp32-tf32 only (bf16
 shares fp16's tiles and element size; fp32-ieee is slow to compile).
 ``--full`` adds the largest configs for bf16 and fp32-ieee and takes the
 largest candidate of every code path (each value of the non-tile config
 constexprs such as ``SWAP_AB`` or ``GROUP``). ``--quick`` checks a small
-subset (fp16 and fp32-tf32, blocks 64x64 and 32x32, default configs).
+subset (fp16 and fp32-tf32, blocks 64x64 and 32x32, 64x64 only for the conv
+kernels, default configs). ``--only TEXT`` keeps the kernels whose name
+contains ``TEXT`` (``--only bsconv``: the conv kernels).
 
 Limits, on purpose:
 
@@ -42,6 +46,11 @@ Limits, on purpose:
   aligned pointers, unit inner strides (Triton turns an int equal to 1 into a
   constant), and ``M``/``N``/``K``/row strides divisible by 16. Transposed or
   odd-sized operands compile other variants, which are not checked.
+* Conv kernels are specialised for channels_last activations (unit channel
+  stride) with channel counts divisible by 16; the geometry ints (image
+  sizes, taps, conv strides, paddings, dilations, the token count) get no
+  divisibility. A conv stride or dilation of 1 at run time makes Triton
+  specialise it to a constant, a lighter variant than the one checked.
 * ``HAS_BIAS`` is True for the forward kernel and ``UPCAST`` is always False
   (it only exists for the interpreter); the weight-gradient output is taken
   in the operand dtype (the single-split case).
@@ -208,6 +217,7 @@ VARIANTS = (
 BLOCKS = ((16, 16), (32, 32), (64, 64), (128, 128), (64, 32), (32, 128))
 CONV_BLOCKS = ((16, 16), (32, 32), (64, 64), (128, 128), (128, 32))
 QUICK_BLOCKS = ((64, 64), (32, 32))
+QUICK_CONV_BLOCKS = ((64, 64),)
 QUICK_PRECISIONS = ("fp16", "fp32-tf32")
 # Outside --full, only these get the largest config too: bf16 has fp16's tiles and element size (its
 # registers, spills and shared memory have matched fp16's everywhere), and fp32-ieee's FMA dot is
@@ -272,7 +282,10 @@ def build_jobs(scope: str = "default", only: str | None = None) -> list[dict]:
     for cap in (90, 80):
         for prec in precisions:
             for kind, mixed in variants:
-                blocks = QUICK_BLOCKS if scope == "quick" else CONV_BLOCKS if kind.startswith("conv_") else BLOCKS
+                if kind.startswith("conv_"):
+                    blocks = QUICK_CONV_BLOCKS if scope == "quick" else CONV_BLOCKS
+                else:
+                    blocks = QUICK_BLOCKS if scope == "quick" else BLOCKS
                 cfg_scope = scope if scope == "full" or prec in LARGEST_PRECISIONS else "quick"
                 for bm, bk in blocks:
                     elem = PRECISIONS[prec].elem_bytes
