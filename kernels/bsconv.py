@@ -462,10 +462,12 @@ def _bsconv_dw_kernel(
 
 
 # ------------------------------------------------------------------ launchers
-def _check_geom(geom: ConvGeom, meta: Meta, bm: int, bk: int) -> int:
-    """Validate ``geom`` against the layout; return ``CPB`` (channel blocks per tap)."""
+def _check_geom(geom: ConvGeom, meta: Meta, bm: int, bk: int, device: torch.device) -> int:
+    """Validate ``geom`` and ``meta`` against each other; return ``CPB`` (channel blocks per tap)."""
     if not isinstance(geom, ConvGeom):
         raise TypeError(f"geom must be a ConvGeom, got {type(geom).__name__}")
+    if meta.row_offsets.device != device:
+        raise ValueError(f"the layout is on {meta.row_offsets.device}, the activations on {device}")
     if geom.c_pad % bk or geom.c_pad < geom.c_in:
         raise ValueError(f"geom.c_pad={geom.c_pad} is not c_in={geom.c_in} padded to a multiple of bk={bk}")
     cpb = geom.c_pad // bk
@@ -480,6 +482,12 @@ def _check_geom(geom: ConvGeom, meta: Meta, bm: int, bk: int) -> int:
         if total > INT32_MAX:
             raise ValueError(f"{name} = {total} pixels exceeds the int32 token index of the conv kernels")
     return cpb
+
+
+def _check_frozen_slots(w_frozen: torch.Tensor, meta: Meta, n_frozen: int) -> None:
+    slots = n_frozen + meta.element_state.shape[0]
+    if w_frozen.shape[0] != slots:
+        raise ValueError(f"w_frozen holds {w_frozen.shape[0]} blocks, the layout needs n_frozen + n_mixed = {slots}")
 
 
 def _check_act(name: str, t, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
@@ -528,7 +536,8 @@ def bsconv_forward(
         ``(N, Cout, Ho, Wo)``; channels_last when allocated here.
     """
     bm, bk = bsmm._check_values(w_train, w_frozen, x.dtype, x.device)
-    cpb = _check_geom(geom, meta, bm, bk)
+    cpb = _check_geom(geom, meta, bm, bk, x.device)
+    _check_frozen_slots(w_frozen, meta, n_frozen)
     _check_act("x", x, (geom.n, geom.c_in, geom.h, geom.w), x.dtype, x.device)
     if bias is not None:
         bsmm._check("bias", bias, 1, x.dtype, x.device)
@@ -588,7 +597,8 @@ def bsconv_input_grad(
     Returns ``(N, Cin, H, W)`` (``out`` when given, else channels_last).
     """
     bm, bk = bsmm._check_values(w_train, w_frozen, dy.dtype, dy.device)
-    cpb = _check_geom(geom, meta, bm, bk)
+    cpb = _check_geom(geom, meta, bm, bk, dy.device)
+    _check_frozen_slots(w_frozen, meta, n_frozen)
     _check_act("dy", dy, (geom.n, geom.c_out, geom.h_out, geom.w_out), dy.dtype, dy.device)
     x_shape = (geom.n, geom.c_in, geom.h, geom.w)
     if out is not None:
@@ -641,7 +651,7 @@ def bsconv_weight_grad(
     bm, bk = block_size
     if x.dtype not in bsmm._SUPPORTED_DTYPES:
         raise TypeError(f"unsupported dtype {x.dtype}; supported: {bsmm._SUPPORTED_DTYPES}")
-    cpb = _check_geom(geom, meta, bm, bk)
+    cpb = _check_geom(geom, meta, bm, bk, x.device)
     _check_act("x", x, (geom.n, geom.c_in, geom.h, geom.w), x.dtype, x.device)
     _check_act("dy", dy, (geom.n, geom.c_out, geom.h_out, geom.w_out), x.dtype, x.device)
     n_train = meta.train_index.numel()

@@ -404,6 +404,8 @@ def test_forward_rejects_bad_input(small):
         fwd(p.x, p.wt, p.wf, p.bias, p.meta, p.geom._replace(kh=1, kw=1), p.lay.n_frozen)
     with pytest.raises(TypeError):
         fwd(p.x, p.wt, p.wf, p.bias, p.meta, tuple(p.geom), p.lay.n_frozen)
+    with pytest.raises(ValueError):
+        fwd(p.x, p.wt, p.wf, p.bias, p.meta, p.geom, p.lay.n_frozen + 1)
 
 
 def test_input_grad_rejects_bad_input(small):
