@@ -39,7 +39,10 @@ straight from ``x`` with masked loads (zero outside the image and for
 channels ``>= Cin``). The input gradient is a gather too, never a scatter:
 a program owns a tile of input pixels and a channel slice, and for each tap
 reads the ``dy`` pixel ``ho = (h + pad_h - r*dil_h) / stride_h`` where that is
-a whole number inside the output (masked to zero elsewhere). Each ``dx``
+a whole number inside the output (masked to zero elsewhere). Strided convs are
+split into stride phases (pixels with the same ``(h + pad_h) % stride_h`` and
+``(w + pad_w) % stride_w``), one phase per program, so that a program runs
+only the taps that hit its phase (a quarter of them at stride 2). Each ``dx``
 element is written once, so no atomics and no zero-fill are needed.
 
 Load balance: forward programs visit block rows longest first (``row_order``);
@@ -56,11 +59,10 @@ candidates and default but is tuned under its own key.
 
 Known limits:
 
-* Strided convs waste input-gradient work: a ``dx`` program steps through
-  every tap for every pixel of its tile, and with stride 2 only about a
-  quarter of the (pixel, tap) pairs hit an output pixel; the rest are masked
-  loads that feed zeros to the MMA. (A stride-phase decomposition would avoid
-  this; not done.)
+* Input-gradient programs of a stride phase cover ``cdiv(H, stride_h)`` rows
+  (``W`` likewise); when ``stride_h`` does not divide ``H`` some phases have a
+  masked last row. Pixels no tap reaches (``stride > dilation*(k-1)+1``) are
+  still visited and written as zeros.
 * Groups (depthwise/grouped conv), 1-D/3-D convs and padding modes other than
   zeros are not supported.
 * Offsets into activations are int64; block indices and the token count
@@ -229,6 +231,8 @@ def _bsconv_dx_kernel(
     chan_order_ptr,
     # shapes
     M,
+    HQ,
+    WQ,
     C_in,
     H,
     W,
@@ -269,12 +273,21 @@ def _bsconv_dx_kernel(
 
     For tap ``t = (kr, ks)`` the block column is ``c = t*CPB + cb`` and
     ``ho = (h + pad_h - kr*dil_h) / conv_stride_h`` (``wo`` likewise) counts only
-    when it divides exactly and lies in ``[0, H_out)``. Here ``M = N*H*W`` input
-    pixels ``(n*H + h)*W + w``; ``BLOCK_K`` is the output slice of the block's
+    when it divides exactly and lies in ``[0, H_out)``.
+
+    Stride phases: input pixels with the same ``((h + pad_h) % conv_stride_h,
+    (w + pad_w) % conv_stride_w)`` are hit by the same taps, so a program owns
+    pixels of one phase ``(ph, pw)`` only, ``h = h_first + hq*conv_stride_h``
+    (``h_first`` the first row of the phase, ``hq < HQ = cdiv(H,
+    conv_stride_h)``, rows past ``H`` masked), and skips the taps that miss its
+    phase outright: with stride 2 a program runs a quarter of the taps, not
+    all of them on mostly masked operands. ``M = N*HQ*WQ`` pixels per phase,
+    ``(n*HQ + hq)*WQ + wq``. ``BLOCK_K`` is the output slice of the block's
     columns, ``BLOCK_N`` the reduction step, as in ``_bsmm_dx_kernel``.
 
-    Grid: ``cdiv(M, BLOCK_M) * CPB * (BK // BLOCK_K)``, pixel tiles fastest;
-    channel blocks in ``chan_order`` (most blocks over all taps first).
+    Grid: ``cdiv(M, BLOCK_M) * (BK // BLOCK_K) * conv_stride_h*conv_stride_w *
+    CPB``, pixel tiles fastest, channel blocks slowest, in ``chan_order`` (most
+    blocks over all taps first).
     """
     tl.static_assert(BM % BLOCK_N == 0, "BLOCK_N must divide the block's rows")
     tl.static_assert(BK % BLOCK_K == 0, "BLOCK_K must divide the block's columns")
@@ -283,14 +296,21 @@ def _bsconv_dx_kernel(
     pid = tl.program_id(0)
     num_m = (M + BLOCK_M - 1) // BLOCK_M  # not tl.cdiv: see bsmm's module docstring
     rest = pid // num_m
-    cb = tl.load(chan_order_ptr + rest // SUB_K)
     sub_k = rest % SUB_K
+    rest = rest // SUB_K
+    phases = conv_stride_h * conv_stride_w
+    cb = tl.load(chan_order_ptr + rest // phases)
+    ph = (rest % phases) // conv_stride_w
+    pw = (rest % phases) % conv_stride_w
 
     offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_bk = sub_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_bn = tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    img, h, w = _pixel_coords(offs_m, H, W)
+    img, hq, wq = _pixel_coords(offs_m, HQ, WQ)
+    # First row/column of the phase; "+ stride) % stride" keeps it non-negative under C and numpy remainders.
+    h = ((ph - pad_h) % conv_stride_h + conv_stride_h) % conv_stride_h + hq * conv_stride_h
+    w = ((pw - pad_w) % conv_stride_w + conv_stride_w) % conv_stride_w + wq * conv_stride_w
+    mask_m = (offs_m < M) & (h < H) & (w < W)
     dy_img = dy_ptr + img.to(tl.int64) * stride_dyn
     if SWAP_AB:  # dx^T = W^T dy^T, as in _bsmm_dx_kernel
         acc = tl.full((BLOCK_K, BLOCK_M), 0.0, dtype=tl.float32)
@@ -298,14 +318,18 @@ def _bsconv_dx_kernel(
         acc = tl.full((BLOCK_M, BLOCK_K), 0.0, dtype=tl.float32)
     for t in range(0, KH * KW):
         c = t * CPB + cb
+        tap_h = (t // KW) * dil_h
+        tap_w = (t % KW) * dil_w
         start = tl.load(col_offsets_ptr + c)
         end = tl.load(col_offsets_ptr + c + 1)
-        hn = h + pad_h - (t // KW) * dil_h
-        wn = w + pad_w - (t % KW) * dil_w
+        # A tap either hits every pixel of the phase at a whole output pixel or none: skip the misses.
+        phase_hit = ((ph - tap_h) % conv_stride_h == 0) & ((pw - tap_w) % conv_stride_w == 0)
+        end = tl.where(phase_hit, end, start)
+        hn = h + pad_h - tap_h  # a multiple of conv_stride_h whenever the tap runs
+        wn = w + pad_w - tap_w
         ho = hn // conv_stride_h
         wo = wn // conv_stride_w
-        hit = mask_m & (hn >= 0) & (wn >= 0) & (ho * conv_stride_h == hn) & (wo * conv_stride_w == wn)
-        hit = hit & (ho < H_out) & (wo < W_out)
+        hit = mask_m & (hn >= 0) & (wn >= 0) & (ho < H_out) & (wo < W_out)
         dy_rows = dy_img + ho.to(tl.int64) * stride_dyh + wo.to(tl.int64) * stride_dyw
         for it in range(start * SUB_N, end * SUB_N):
             q = it // SUB_N
@@ -604,16 +628,20 @@ def bsconv_input_grad(
     if out is not None:
         _check_act("out", out, x_shape, dy.dtype, dy.device)
     dx = out if out is not None else _new_act(dy, x_shape)
-    m = geom.n * geom.h * geom.w
+    # Pixels per stride phase (see the kernel): an upper bound, rows and columns past the image are masked.
+    hq, wq = triton.cdiv(geom.h, geom.stride_h), triton.cdiv(geom.w, geom.stride_w)
+    m = geom.n * hq * wq
+    phases = geom.stride_h * geom.stride_w
     has_mixed = meta.element_state.shape[0] > 0
 
     def run(cfg, order):
-        programs = triton.cdiv(m, cfg.kwargs["BLOCK_M"]) * cpb * (bk // cfg.kwargs["BLOCK_K"])
+        programs = triton.cdiv(m, cfg.kwargs["BLOCK_M"]) * cpb * (bk // cfg.kwargs["BLOCK_K"]) * phases
         _check_grid(programs, "the conv input gradient")
         return _bsconv_dx_kernel[(programs,)](
             dy, w_train, w_frozen, meta.element_state, dx,
             meta.col_offsets, meta.row_indices_t, meta.block_index_t, meta.storage, meta.aux, order,
-            m, geom.c_in, geom.h, geom.w, geom.c_out, geom.h_out, geom.w_out, geom.kh, geom.kw, cpb, n_frozen,
+            m, hq, wq, geom.c_in, geom.h, geom.w, geom.c_out, geom.h_out, geom.w_out, geom.kh, geom.kw, cpb,
+            n_frozen,
             *_geom_args(geom),
             *dy.stride(), *dx.stride(),
             BM=bm, BK=bk, HAS_MIXED=has_mixed,

@@ -189,7 +189,7 @@ SPECS.update(
             "_bsconv_dx_kernel",
             frozenset({"dy_ptr", "wt_ptr", "wf_ptr", "dx_ptr"}),
             frozenset({"stride_dyc", "stride_dxc"}),
-            _CONV_GEOMETRY | {"KH", "n_frozen"},
+            _CONV_GEOMETRY | {"HQ", "WQ", "KH", "n_frozen"},
             module="bsconv",
         ),
         "conv_wgrad": KernelSpec(

@@ -280,6 +280,20 @@ def test_strided_views_are_never_read_outside_the_tensor():
     check_weight_grad(p, expected=p.dw_blocks(dw_ref))
 
 
+@pytest.mark.parametrize(
+    "k, stride, padding, dilation",
+    [((1, 1), 2, 0, 1), ((2, 2), 3, 1, 2), ((3, 1), (3, 2), (2, 0), (2, 1))],
+    ids=["1x1-s2", "2x2-s3-p1-d2", "3x1-s3x2-p2x0-d2x1"],
+)
+def test_input_grad_stride_phases(k, stride, padding, dilation):
+    """dx programs own one stride phase and skip the taps that miss it; pixels no tap reaches
+    (1x1 stride 2) are still written, as zeros. H, W are not multiples of the strides."""
+    p = ConvProblem(2, 9, (10, 7), 20, k, stride, padding, dilation, bs=16, dtype=F32, density=0.8, device=_need())
+    check_input_grad(p)
+    check_forward(p)
+    check_weight_grad(p)
+
+
 def test_empty_batch():
     p = ConvProblem(0, 5, (5, 5), 9, (3, 3), padding=1, device=_need())
     assert p.forward().numel() == 0 and p.input_grad().numel() == 0
