@@ -26,10 +26,10 @@ Shapes and conventions:
 pass               product                                     traversal
 =================  ==========================================  =========================================
 forward            ``Y = im2col(X) @ W.T (+ b)``               computed blocks of each block row (CSR)
-input gradient     ``dX = col2im(dY @ W)``, as a transposed    per input-channel block: every tap, then
-                   conv: ``dx[p] += dy[q] @ W_t`` for the      the computed blocks of column
-                   output pixel ``q`` that reads ``p`` at tap  ``(tap, channel block)`` (transposed
-                   ``t``                                       traversal)
+input gradient     ``dX = col2im(dY @ W)``, as a transposed    per (input-channel block, stride phase):
+                   conv: ``dx[p] += dy[q] @ W_t`` for the      each tap that hits the phase, then the
+                   output pixel ``q`` that reads ``p`` at tap  computed blocks of column ``(tap,
+                   ``t``                                       channel block)`` (transposed traversal)
 weight gradient    ``dW_b = dY_r.T @ im2col(X)_c``             runs of up to ``GROUP`` trainable blocks
                                                                of a block row, sharing ``dy``
 =================  ==========================================  =========================================
