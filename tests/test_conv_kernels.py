@@ -294,6 +294,15 @@ def test_input_grad_stride_phases(k, stride, padding, dilation):
     check_weight_grad(p)
 
 
+def test_channel_order_worked_example():
+    """The docstring example of ``bsconv.channel_order``: two taps, two channel blocks."""
+    meta = Meta(*[torch.zeros(0, dtype=torch.int32)] * 14)._replace(
+        col_offsets=torch.tensor([0, 1, 4, 4, 5], dtype=torch.int32)
+    )
+    geom = convview.conv_geometry((1, 32, 4, 4), (8, 32, 1, 2), bk=16)
+    assert bsconv.channel_order(meta, geom, 16).tolist() == [1, 0]
+
+
 def test_empty_batch():
     p = ConvProblem(0, 5, (5, 5), 9, (3, 3), padding=1, device=_need())
     assert p.forward().numel() == 0 and p.input_grad().numel() == 0
