@@ -386,9 +386,11 @@ def test_every_tuning_candidate(kind, index, cfg):
     """The default config is what the other tests use; a GPU may pick any candidate (SWAP_AB, GROUP)."""
     dev = _need()
     # Cin 20 at bk 16: 2 channel blocks per tap, so block rows hold runs of trainable blocks at
-    # different taps (grouped dW programs gather several taps at once).
-    p = ConvProblem(2, 20, (9, 8), 40, (3, 3), stride=(1, 2), padding=1, bs=CONFIG_BS, dtype=F16,
+    # different taps (grouped dW programs gather several taps at once). 3 x 6 x 9 = 162 tokens:
+    # every other candidate reduces them in 2 splits (128 + 34).
+    p = ConvProblem(3, 20, (12, 9), 40, (3, 3), stride=(2, 1), padding=1, bs=CONFIG_BS, dtype=F16,
                     density=0.7, device=dev)  # fmt: skip
+    assert p.k_dw == 162
     if kind == "conv_fwd":
         check_forward(p, config=cfg)
     elif kind == "conv_dx":
