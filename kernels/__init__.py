@@ -14,11 +14,11 @@ if os.environ.get("SPARSEKERN_INTERPRET") == "1":
 from . import bsconv_cpu, bsmm_cpu  # noqa: E402
 
 try:
-    from . import bsmm  # noqa: E402
+    from . import bsconv, bsmm  # noqa: E402
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - triton is a hard dependency on Linux
-    bsmm = None
+    bsmm = bsconv = None
     HAS_TRITON = False
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -29,4 +29,4 @@ def use_triton(device) -> bool:
     return HAS_TRITON and (device.type == "cuda" or (INTERPRET and device.type == "cpu"))
 
 
-__all__ = ["bsconv_cpu", "bsmm", "bsmm_cpu", "use_triton", "HAS_TRITON", "INTERPRET"]
+__all__ = ["bsconv", "bsconv_cpu", "bsmm", "bsmm_cpu", "use_triton", "HAS_TRITON", "INTERPRET"]

@@ -455,8 +455,8 @@ def _pick_config(kind, dtype, device, bm, bk, m, run, config, blocks=None):
         return _tuned_cache[cache_key]
     found = cfgs.lookup(name, key)
     if found is None:
-        base = cfgs.wgrad_configs() if kind == "wgrad" else cfgs.gemm_configs()
-        cands = cfgs.prune(cfgs.for_block(base, bm, bk), elem, kind, cfgs.device_smem(device.index or 0))
+        base = cfgs.for_block(cfgs.candidates(kind), bm, bk)
+        cands = cfgs.prune(base, elem, kind, cfgs.device_smem(device.index or 0))
         if os.environ.get("SPARSEKERN_AUTOTUNE", "1") == "0":
             found = cands[0]
         else:

@@ -8,6 +8,13 @@ Tile names follow the kernels: ``BLOCK_M`` runs over tokens, ``BLOCK_N`` over
 the weight's output rows (``bm`` side of a block) and ``BLOCK_K`` over its
 input columns (``bk`` side). A tile never spans two sparsity blocks.
 
+Kinds are ``fwd``, ``dx`` and ``wgrad`` for the matmul kernels and
+``conv_fwd``, ``conv_dx`` and ``conv_wgrad`` for the implicit-GEMM conv
+kernels (``kernels/bsconv.py``). A conv kernel has the same tile roles and
+config keys as its matmul twin, so it shares the candidates, the shared-memory
+model and the default; only the tuned records are kept apart (the kind is part
+of the key).
+
 Configs measured on a GPU are stored as JSON under ``kernels/tuned/`` (one file
 per device name, written by ``bench --tune``) and take precedence over
 autotuning.
@@ -69,6 +76,19 @@ def wgrad_configs() -> list[triton.Config]:
     return single + [triton.Config({"BLOCK_M": bm, "GROUP": g}, num_warps=w, num_stages=s) for g, bm, w, s in grouped]
 
 
+def base_kind(kind: str) -> str:
+    """The matmul kind whose tiles a kind shares: ``conv_fwd`` -> ``fwd``, ``fwd`` -> ``fwd``."""
+    base = kind.removeprefix("conv_")
+    if base not in ("fwd", "dx", "wgrad"):
+        raise ValueError(f"unknown kernel kind {kind!r}")
+    return base
+
+
+def candidates(kind: str) -> list[triton.Config]:
+    """Token-tile candidates for a kind (expand them per block with :func:`for_block`)."""
+    return wgrad_configs() if base_kind(kind) == "wgrad" else gemm_configs()
+
+
 def for_block(base: list[triton.Config], bm: int, bk: int) -> list[triton.Config]:
     """Expand token-tile configs with every admissible (BLOCK_N, BLOCK_K) for a block."""
     out = []
@@ -86,6 +106,7 @@ def for_block(base: list[triton.Config], bm: int, bk: int) -> list[triton.Config
 def smem_bytes(cfg: triton.Config, elem_bytes: int, kind: str) -> int:
     """Shared memory a config's pipelined operand tiles need."""
     k = cfg.kwargs
+    kind = base_kind(kind)
     if kind == "wgrad":
         per_stage = k["BLOCK_M"] * (k["BLOCK_N"] + k.get("GROUP", 1) * k["BLOCK_K"])
     elif kind == "fwd":
@@ -124,6 +145,7 @@ def default_config(kind: str, bm: int, bk: int, elem_bytes: int) -> triton.Confi
     64-row output slices to stay under 255 registers in mixed blocks.
     """
     wide = elem_bytes >= 4
+    kind_in, kind = kind, base_kind(kind)
     if kind == "wgrad":
         kw = {"BLOCK_M": 32 if wide else 64, "GROUP": 1, "BLOCK_N": min(bm, 64), "BLOCK_K": min(bk, 32 if wide else 64)}
         return triton.Config(kw, num_warps=4, num_stages=3)
@@ -133,7 +155,12 @@ def default_config(kind: str, bm: int, bk: int, elem_bytes: int) -> triton.Confi
     else:
         tiles = {"BLOCK_N": min(bm, reduce_side), "BLOCK_K": min(bk, out_side)}
     kw = {"BLOCK_M": 64 if wide else 128, "SWAP_AB": False, **tiles}
-    return triton.Config(kw, num_warps=4, num_stages=2 if wide else 3)
+    # The conv kernels gather their token operand (per-row pointers and bounds masks live in
+    # registers): with 16-bit operands, 128-token tiles and 4 warps, the sm_80 forward spilled
+    # 24 B and the input gradient 136 B at 255 registers (64x64 blocks); 8 warps hold the same
+    # tile in 178 / 199 registers without spilling.
+    warps = 8 if kind_in.startswith("conv_") and not wide else 4
+    return triton.Config(kw, num_warps=warps, num_stages=2 if wide else 3)
 
 
 # ----------------------------------------------------------- tuned records

@@ -1,7 +1,8 @@
 """Offline static check of the block-sparse Triton kernels (``python -m sparsekern.check``).
 
-Every kernel in ``kernels/bsmm.py`` (forward, input gradient, weight gradient)
-is compiled ahead of time for sm_80 and sm_90 with ``triton.compile`` and a
+Every kernel in ``kernels/bsmm.py`` and ``kernels/bsconv.py`` (forward, input
+gradient, weight gradient of the block-sparse matmul and of the implicit-GEMM
+conv) is compiled ahead of time for sm_80 and sm_90 with ``triton.compile`` and a
 ``GPUTarget``, so no GPU and no CUDA driver are needed: only the ``ptxas`` and
 ``cuobjdump`` that ship inside the Triton wheel. For each compiled kernel the
 check reports
@@ -24,14 +25,17 @@ candidate's spill count and never picks one that spills.
 Coverage: sm_80 and sm_90; fp32 (both ``DOT_PRECISION`` "ieee" and "tf32"),
 fp16 and bf16; sparsity blocks 16x16, 32x32, 64x64, 128x128, 64x32 and 32x128;
 ``HAS_MIXED`` True and False for the forward kernel (True, the heavier
-variant, for the two gradients); per kind the default config and the largest
+variant, for the two gradients). The conv kernels run with ``HAS_MIXED``
+True only and blocks 16x16, 32x32, 64x64, 128x128 and 128x32. Per kind the default config and the largest
 candidate (by shared memory, then tile size) that survives ``configs.prune``
 for the arch's shared memory, the latter for fp16 and fp32-tf32 only (bf16
 shares fp16's tiles and element size; fp32-ieee is slow to compile).
 ``--full`` adds the largest configs for bf16 and fp32-ieee and takes the
 largest candidate of every code path (each value of the non-tile config
 constexprs such as ``SWAP_AB`` or ``GROUP``). ``--quick`` checks a small
-subset (fp16 and fp32-tf32, blocks 64x64 and 32x32, default configs).
+subset (fp16 and fp32-tf32, blocks 64x64 and 32x32, 64x64 only for the conv
+kernels, default configs). ``--only TEXT`` keeps the kernels whose name
+contains ``TEXT`` (``--only bsconv``: the conv kernels).
 
 Limits, on purpose:
 
@@ -42,6 +46,11 @@ Limits, on purpose:
   aligned pointers, unit inner strides (Triton turns an int equal to 1 into a
   constant), and ``M``/``N``/``K``/row strides divisible by 16. Transposed or
   odd-sized operands compile other variants, which are not checked.
+* Conv kernels are specialised for channels_last activations (unit channel
+  stride) with channel counts divisible by 16; the geometry ints (image
+  sizes, taps, conv strides, paddings, dilations, the token count) get no
+  divisibility. A conv stride or dilation of 1 at run time makes Triton
+  specialise it to a constant, a lighter variant than the one checked.
 * ``HAS_BIAS`` is True for the forward kernel and ``UPCAST`` is always False
   (it only exists for the interpreter); the weight-gradient output is taken
   in the operand dtype (the single-split case).
@@ -134,6 +143,7 @@ class KernelSpec:
     unit_strides: frozenset[str]  # inner strides of contiguous operands (== 1)
     unaligned_ints: frozenset[str] = frozenset()  # ints with no divisibility to assume
     extra_constexprs: dict = field(default_factory=dict)
+    module: str = "bsmm"  # the module of sparsekern.kernels that defines the kernel
 
 
 SPECS = {
@@ -159,10 +169,55 @@ SPECS = {
         frozenset({"stride_dyn", "stride_xk"}),
     ),
 }
+# Conv geometry ints: image sizes, taps and conv strides/paddings/dilations are small and odd in practice.
+_CONV_GEOMETRY = frozenset(
+    {"M", "H", "W", "H_out", "W_out", "KW", "CPB", "conv_stride_h", "conv_stride_w", "pad_h", "pad_w", "dil_h", "dil_w"}
+)
+SPECS.update(
+    {
+        "conv_fwd": KernelSpec(
+            "conv_fwd",
+            "_bsconv_fwd_kernel",
+            frozenset({"x_ptr", "wt_ptr", "wf_ptr", "bias_ptr", "y_ptr"}),
+            frozenset({"stride_xc", "stride_yc"}),  # channels_last activations
+            _CONV_GEOMETRY | {"n_frozen"},
+            {"HAS_BIAS": True},
+            module="bsconv",
+        ),
+        "conv_dx": KernelSpec(
+            "conv_dx",
+            "_bsconv_dx_kernel",
+            frozenset({"dy_ptr", "wt_ptr", "wf_ptr", "dx_ptr"}),
+            frozenset({"stride_dyc", "stride_dxc"}),
+            _CONV_GEOMETRY | {"HQ", "WQ", "KH", "n_frozen"},
+            module="bsconv",
+        ),
+        "conv_wgrad": KernelSpec(
+            "conv_wgrad",
+            "_bsconv_dw_kernel",
+            frozenset({"dy_ptr", "x_ptr", "dw_ptr"}),
+            frozenset({"stride_dyc", "stride_xc"}),
+            _CONV_GEOMETRY,
+            module="bsconv",
+        ),
+    }
+)
 # (kind, HAS_MIXED) pairs: the forward kernel both ways, the gradients with the heavier mixed path.
-VARIANTS = (("fwd", False), ("fwd", True), ("dx", True), ("wgrad", True))
+# The conv kernels (kernels/bsconv.py) only with the mixed path: their forward differs from the matmul's
+# in the gather, which HAS_MIXED does not touch.
+VARIANTS = (
+    ("fwd", False),
+    ("fwd", True),
+    ("dx", True),
+    ("wgrad", True),
+    ("conv_fwd", True),
+    ("conv_dx", True),
+    ("conv_wgrad", True),
+)
 BLOCKS = ((16, 16), (32, 32), (64, 64), (128, 128), (64, 32), (32, 128))
+CONV_BLOCKS = ((16, 16), (32, 32), (64, 64), (128, 128), (128, 32))
 QUICK_BLOCKS = ((64, 64), (32, 32))
+QUICK_CONV_BLOCKS = ((64, 64),)
 QUICK_PRECISIONS = ("fp16", "fp32-tf32")
 # Outside --full, only these get the largest config too: bf16 has fp16's tiles and element size (its
 # registers, spills and shared memory have matched fp16's everywhere), and fp32-ieee's FMA dot is
@@ -195,8 +250,7 @@ def _pick_configs(kind: str, bm: int, bk: int, elem_bytes: int, arch: Arch, scop
     picked = {_config_key(default): ["default", default]}
     if scope == "quick":
         return [tuple(v) for v in picked.values()]
-    base = cfgs.wgrad_configs() if kind == "wgrad" else cfgs.gemm_configs()
-    cands = cfgs.prune(cfgs.for_block(base, bm, bk), elem_bytes, kind, arch.smem_per_block)
+    cands = cfgs.prune(cfgs.for_block(cfgs.candidates(kind), bm, bk), elem_bytes, kind, arch.smem_per_block)
 
     def size(c):
         k = c.kwargs
@@ -213,18 +267,27 @@ def _pick_configs(kind: str, bm: int, bk: int, elem_bytes: int, arch: Arch, scop
     return [tuple(v) for v in picked.values()]
 
 
-def build_jobs(scope: str = "default") -> list[dict]:
-    """Every (kernel variant, arch, precision, block, config) to compile, as picklable dicts."""
+def build_jobs(scope: str = "default", only: str | None = None) -> list[dict]:
+    """Every (kernel variant, arch, precision, block, config) to compile, as picklable dicts.
+
+    ``only`` keeps the kernels whose function name contains it (``bsconv``: the conv kernels).
+    """
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     precisions = QUICK_PRECISIONS if scope == "quick" else tuple(PRECISIONS)
-    blocks = QUICK_BLOCKS if scope == "quick" else BLOCKS
+    variants = [v for v in VARIANTS if only is None or only in SPECS[v[0]].fn_name]
+    if not variants:
+        raise ValueError(f"no kernel name contains {only!r}; kernels: {[s.fn_name for s in SPECS.values()]}")
     jobs = []
     for cap in (90, 80):
         for prec in precisions:
-            for bm, bk in blocks:
+            for kind, mixed in variants:
+                if kind.startswith("conv_"):
+                    blocks = QUICK_CONV_BLOCKS if scope == "quick" else CONV_BLOCKS
+                else:
+                    blocks = QUICK_BLOCKS if scope == "quick" else BLOCKS
                 cfg_scope = scope if scope == "full" or prec in LARGEST_PRECISIONS else "quick"
-                for kind, mixed in VARIANTS:
+                for bm, bk in blocks:
                     elem = PRECISIONS[prec].elem_bytes
                     for label, cfg in _pick_configs(kind, bm, bk, elem, ARCHS[cap], cfg_scope):
                         jobs.append(
@@ -300,14 +363,14 @@ def _make_source(fn, signature: dict, consts: dict, divisible: list):
 
 
 def _compile(job: dict):
+    import importlib
+
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from sparsekern.kernels import bsmm
-
     spec = SPECS[job["kind"]]
     prec = PRECISIONS[job["dtype"]]
-    fn = getattr(bsmm, spec.fn_name)
+    fn = getattr(importlib.import_module(f"sparsekern.kernels.{spec.module}"), spec.fn_name)
     constexprs = dict(
         BM=job["bm"],
         BK=job["bk"],
@@ -539,24 +602,27 @@ def _default_jobs() -> int:
 def _progress(i: int, n: int, row: dict) -> None:
     cfg = _config_text(row)
     print(
-        f"[{i:3d}/{n}] {row['kind']:5s}{'+mixed' if row['has_mixed'] else '      '} {row['arch']} "
+        f"[{i:3d}/{n}] {row['kind']:10s}{'+mixed' if row['has_mixed'] else '      '} {row['arch']} "
         f"{row['dtype']:9s} {row['block']:7s} {cfg:30s} {row['status']:5s} ({row.get('seconds', 0):.1f}s)",
         file=sys.stderr,
         flush=True,
     )
 
 
-def run_check(quick: bool = False, jobs: int | None = None, progress: bool = True, full: bool = False) -> list[dict]:
+def run_check(
+    quick: bool = False, jobs: int | None = None, progress: bool = True, full: bool = False, only: str | None = None
+) -> list[dict]:
     """Compile and measure every kernel variant; one dict per compiled kernel, in a stable order.
 
-    ``quick`` checks the small subset, ``full`` adds the largest config of every code path.
+    ``quick`` checks the small subset, ``full`` adds the largest config of every code path,
+    ``only`` keeps the kernels whose name contains it.
     Under ``TRITON_INTERPRET``/``SPARSEKERN_INTERPRET`` the kernels in this process are
     interpreted functions, so the check runs in a clean subprocess instead.
     """
     scope = "quick" if quick else "full" if full else "default"
     if _interpreter_requested():
-        return _run_in_clean_subprocess(scope, jobs)
-    todo = build_jobs(scope)
+        return _run_in_clean_subprocess(scope, jobs, only)
+    todo = build_jobs(scope, only)
     workers = min(jobs or _default_jobs(), len(todo))
     rows: list[dict | None] = [None] * len(todo)
     if workers <= 1:
@@ -579,12 +645,13 @@ def run_check(quick: bool = False, jobs: int | None = None, progress: bool = Tru
     return rows
 
 
-def _run_in_clean_subprocess(scope: str, jobs: int | None) -> list[dict]:
+def _run_in_clean_subprocess(scope: str, jobs: int | None, only: str | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp, "rows.json")
         cmd = [sys.executable, "-m", "sparsekern.check", "--json", str(out)]
         cmd += [] if scope == "default" else [f"--{scope}"]
         cmd += ["--jobs", str(jobs)] if jobs else []
+        cmd += ["--only", only] if only else []
         # The table goes to our stderr so that the caller's stdout only gets what it prints itself.
         subprocess.run(cmd, env=_clean_env(), stdout=sys.stderr)
         if not out.exists():
@@ -647,13 +714,14 @@ def main(argv: list[str] | None = None) -> int:
     scope.add_argument("--full", action="store_true", help="also the largest config of every code path")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
     parser.add_argument("--jobs", type=int, default=None, help="worker processes (default: usable CPUs)")
+    parser.add_argument("--only", metavar="TEXT", help="only kernels whose name contains TEXT (e.g. bsconv, bsmm)")
     args = parser.parse_args(argv)
     if _interpreter_requested():
         # Re-exec rather than unset: the kernels may already be defined as interpreted functions.
         cmd = [sys.executable, "-m", "sparsekern.check", *(sys.argv[1:] if argv is None else argv)]
         return subprocess.run(cmd, env=_clean_env()).returncode
     start = time.perf_counter()
-    rows = run_check(quick=args.quick, jobs=args.jobs, full=args.full)
+    rows = run_check(quick=args.quick, jobs=args.jobs, full=args.full, only=args.only)
     print(format_table(rows))
     bad = failures(rows)
     print(f"\n{len(rows)} kernels checked in {time.perf_counter() - start:.0f}s; {len(bad)} with problems.")

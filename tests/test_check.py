@@ -3,7 +3,7 @@
 The end-to-end test runs ``python -m sparsekern.check --quick`` in a subprocess
 without ``TRITON_INTERPRET``/``SPARSEKERN_INTERPRET`` (conftest turns the
 interpreter on for this process, and the check must compile, not interpret).
-It takes about a minute on two cores with a cold Triton cache.
+It takes about two minutes on two cores with a cold Triton cache.
 """
 
 import os
@@ -16,14 +16,21 @@ from sparsekern import check
 
 pytest.importorskip("triton")
 
-KERNELS = ("_bsmm_fwd_kernel", "_bsmm_dx_kernel", "_bsmm_dw_kernel")
+KERNELS = (
+    "_bsmm_fwd_kernel",
+    "_bsmm_dx_kernel",
+    "_bsmm_dw_kernel",
+    "_bsconv_fwd_kernel",
+    "_bsconv_dx_kernel",
+    "_bsconv_dw_kernel",
+)
 
 
 def _table_rows(stdout: str) -> list[list[str]]:
     rows = []
     for line in stdout.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and cells[0].startswith("_bsmm_"):
+        if line.startswith("|") and cells[0].startswith(("_bsmm_", "_bsconv_")):
             rows.append(cells)
     return rows
 
@@ -79,3 +86,15 @@ def test_tensor_core_count_matches_whole_opcodes():
 )
 def test_occupancy_estimate(regs, shared, warps, cap, expected):
     assert check.occupancy(regs, shared, warps, check.ARCHS[cap]) == expected
+
+
+def test_job_filter_and_conv_coverage():
+    quick_conv = check.build_jobs("quick", only="bsconv")
+    assert {j["kind"] for j in quick_conv} == {"conv_fwd", "conv_dx", "conv_wgrad"}
+    assert {j["cap"] for j in quick_conv} == {80, 90} and all(j["config"].startswith("default") for j in quick_conv)
+    conv = check.build_jobs("default", only="bsconv")
+    assert {j["dtype"] for j in conv} == set(check.PRECISIONS)
+    assert {(j["bm"], j["bk"]) for j in conv} == set(check.CONV_BLOCKS)
+    assert not any(j["kind"].startswith("conv_") for j in check.build_jobs("quick", only="bsmm"))
+    with pytest.raises(ValueError):
+        check.build_jobs("quick", only="no-such-kernel")
