@@ -271,7 +271,8 @@ def test_bad_models():
 # ---------------------------------------------------------------- convolutions
 @pytest.fixture
 def cpu_path(monkeypatch):
-    """SparseConv2d on the CPU path (the Triton conv kernels are not there for the interpreter)."""
+    """SparseConv2d on the CPU path: these tests are about masks and state, and the interpreter is slow
+    (the conv kernels themselves are checked in test_conv_kernels.py and test_conv.py)."""
     import sparsekern.kernels as sk
 
     monkeypatch.setattr(sk, "INTERPRET", False)

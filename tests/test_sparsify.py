@@ -199,10 +199,7 @@ def test_apply_masks_checks_every_layer_before_changing_any():
 
 @pytest.mark.parametrize("granularity", ["block", "element"])
 def test_sparsify_converts_conv_layers(granularity, backend):
-    import sparsekern.kernels as sk
 
-    if backend == "triton" and not hasattr(sk, "bsconv"):
-        pytest.skip("the Triton conv kernels are not in this version (SparseConv2d runs the CPU path)")
     model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 9, 32))
     w = model[0].weight.detach().clone()
     b = model[0].bias.detach().clone()
@@ -337,10 +334,7 @@ def test_global_freezenet_ranks_saliency_over_all_layers():
 
 
 def test_imp_global_with_conv_layers(backend):
-    import sparsekern.kernels as sk
 
-    if backend == "triton" and not hasattr(sk, "bsconv"):
-        pytest.skip("the Triton conv kernels are not in this version (SparseConv2d runs the CPU path)")
     model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 4, 32))
     x = torch.randn(2, 16, 2, 2)
 
