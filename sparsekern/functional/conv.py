@@ -31,6 +31,7 @@ one mode stays valid in the other.
 import torch
 
 from sparsekern import convview, kernels
+from sparsekern.functional._checks import check_layout, check_stores
 from sparsekern.kernels import bsconv_cpu
 from sparsekern.kernels.meta import ConvGeom, Meta
 from sparsekern.layout import BlockLayout
@@ -136,11 +137,10 @@ _conv2d.register_autograd(_backward, setup_context=_setup_context)
 
 # --------------------------------------------------------------- public API
 def _check_operands(x, w_train, w_frozen, layout, weight_shape, bias) -> None:
-    if not isinstance(layout, BlockLayout):
-        raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+    check_layout(layout)
     if len(weight_shape) != 4:
         raise ValueError(f"weight_shape must be (Cout, Cin, kh, kw), got {tuple(weight_shape)}")
-    bm, bk = layout.block_size
+    bk = layout.block_size[1]
     if layout.shape != convview.matrix_shape(weight_shape, bk):
         raise ValueError(
             f"layout has shape {layout.shape}, but a {tuple(weight_shape)} weight with bk={bk} has the matrix view "
@@ -148,23 +148,7 @@ def _check_operands(x, w_train, w_frozen, layout, weight_shape, bias) -> None:
         )
     if x.dim() != 4:
         raise ValueError(f"input must be (N, C, H, W) or (C, H, W), got shape {tuple(x.shape)}")
-    for name, t in (("w_train", w_train), ("w_frozen", w_frozen), ("bias", bias)):
-        if t is None:
-            continue
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but input has dtype {x.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but input is on {x.device}")
-    if layout.device != x.device:
-        raise ValueError(f"layout is on {layout.device} but input is on {x.device}")
-    if tuple(w_train.shape) != (layout.n_train, bm, bk):
-        raise ValueError(f"w_train has shape {tuple(w_train.shape)}, layout expects {(layout.n_train, bm, bk)}")
-    if tuple(w_frozen.shape) != (layout.n_frozen_slots, bm, bk):
-        raise ValueError(
-            f"w_frozen has shape {tuple(w_frozen.shape)}, layout expects {(layout.n_frozen_slots, bm, bk)}"
-        )
-    if bias is not None and tuple(bias.shape) != (weight_shape[0],):
-        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({weight_shape[0]},)")
+    check_stores(x, w_train, w_frozen, layout, bias, weight_shape[0])
 
 
 def sparse_conv2d(

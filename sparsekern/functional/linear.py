@@ -30,6 +30,7 @@ same strides.
 import torch
 
 from sparsekern import kernels
+from sparsekern.functional._checks import check_layout, check_stores
 from sparsekern.kernels import bsmm_cpu
 from sparsekern.kernels.meta import Meta
 from sparsekern.layout import BlockLayout
@@ -135,29 +136,11 @@ _linear.register_autograd(_backward, setup_context=_setup_context)
 
 # --------------------------------------------------------------- public API
 def _check_operands(x, w_train, w_frozen, layout: BlockLayout, bias) -> None:
-    if not isinstance(layout, BlockLayout):
-        raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+    check_layout(layout)
     n, k = layout.shape
-    bm, bk = layout.block_size
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"input has shape {tuple(x.shape)}; its last dimension must be in_features={k}")
-    for name, t in (("w_train", w_train), ("w_frozen", w_frozen), ("bias", bias)):
-        if t is None:
-            continue
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but input has dtype {x.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but input is on {x.device}")
-    if layout.device != x.device:
-        raise ValueError(f"layout is on {layout.device} but input is on {x.device}")
-    if tuple(w_train.shape) != (layout.n_train, bm, bk):
-        raise ValueError(f"w_train has shape {tuple(w_train.shape)}, layout expects {(layout.n_train, bm, bk)}")
-    if tuple(w_frozen.shape) != (layout.n_frozen_slots, bm, bk):
-        raise ValueError(
-            f"w_frozen has shape {tuple(w_frozen.shape)}, layout expects {(layout.n_frozen_slots, bm, bk)}"
-        )
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n},)")
+    check_stores(x, w_train, w_frozen, layout, bias, n)
 
 
 def sparse_linear(
