@@ -32,7 +32,13 @@ DENSE_CROSSOVER = {16: 0.05, 32: 0.15, 64: 0.3, 128: 0.3}
 
 
 def effective_blocks(w_train, w_frozen, storage, aux, element_state, n_frozen) -> torch.Tensor:
-    """Effective values of the computed blocks ``(nnzb, bm, bk)`` in CSR order."""
+    """Effective values of the computed blocks ``(nnzb, bm, bk)`` in CSR order.
+
+    With every computed block trainable (no frozen store), that is ``w_train``
+    itself, returned without a copy: callers must not write into the result.
+    """
+    if w_frozen.shape[0] == 0:
+        return w_train
     s = storage.long()
     stores = torch.cat([w_train, w_frozen])
     vals = stores[torch.where(s >= 0, s, w_train.shape[0] - s - 1)]

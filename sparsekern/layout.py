@@ -496,7 +496,8 @@ class BlockLayout:
 
     def merge_values(self, w_train: torch.Tensor, w_frozen: torch.Tensor) -> torch.Tensor:
         """Effective blocks ``(nnzb, bm, bk)`` from the two stores."""
-        return effective_blocks(w_train, w_frozen, self.storage, self.aux, self.element_state, self.n_frozen)
+        vals = effective_blocks(w_train, w_frozen, self.storage, self.aux, self.element_state, self.n_frozen)
+        return vals.clone() if vals is w_train else vals
 
     def to_dense(self, w_train: torch.Tensor, w_frozen: torch.Tensor) -> torch.Tensor:
         """The effective dense weight ``(N, K)`` (``W * mask``)."""

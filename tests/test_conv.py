@@ -1,9 +1,11 @@
 """``sparse_conv2d`` and ``SparseConv2d`` vs float64 ``F.conv2d`` references, on both CPU backends.
 
 The ``backend`` fixture (conftest.py) runs each test on the Triton kernels under the
-interpreter and on the CPU path (``kernels/bsconv_cpu.py``). Conftest pins the CPU
-dense crossover at block density 0.8, so cases at density 1 run the CPU dense
-fallback and the others the gathered path (``test_cases_cover_both_cpu_regimes``).
+interpreter and on the CPU path (``kernels/bsconv_cpu.py``). The CPU path picks its
+dense fallback from the blocks' share of the dense conv's work, padding channels and
+rows included, which is large for these small odd shapes; this module pins the
+crossover at 1.3 so that the cases run all three CPU paths (dense, plane, gather;
+``test_cases_cover_every_cpu_path_and_every_block_code`` guards that).
 Tolerances come from the reduction length of each pass: forward ``Cin*kh*kw``,
 input gradient ``Cout*kh*kw``, weight and bias gradients ``N*Ho*Wo``.
 """
@@ -23,6 +25,13 @@ from sparsekern.testing import assert_close, reference_conv2d, reference_conv_gr
 NAN = float("nan")
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 DT_NAME = {F32: "fp32", F16: "fp16", BF16: "bf16"}
+
+
+@pytest.fixture(autouse=True)
+def _conv_crossover(monkeypatch):
+    from sparsekern.kernels import bsmm_cpu
+
+    monkeypatch.setattr(bsmm_cpu, "DENSE_CROSSOVER", dict.fromkeys((16, 32, 64, 128), 1.3))
 
 
 def conv_masks(shape, bs, density, kind):
@@ -63,6 +72,12 @@ class ConvProblem:
         self.dtype = dtype
         self.conv = {"stride": stride, "padding": padding, "dilation": dilation}
 
+    def cpu_path(self, x=None):
+        """Which way ``bsconv_cpu`` runs this problem: ``dense``, ``plane`` or ``gather``."""
+        x = self.x if x is None else x
+        g = convview.conv_geometry(x.shape, self.shape, bk=self.lay.block_size[1], **self.conv)
+        return bsconv_cpu.path(Meta(*self.lay.meta()), g)
+
     def run(self, x=None, dy=None, bias=True):
         x = (self.x if x is None else x).clone().requires_grad_()
         wt = self.wt.clone().requires_grad_()
@@ -96,7 +111,7 @@ class ConvProblem:
 # (N, Cin, Cout, H/W, kernel, block, density, kind, stride, padding, dilation)
 CASES = [
     pytest.param((2, 20, 33, 9, 3, 16, 0.5, "mixed", 1, 1, 1), id="3x3-p1-mixed"),
-    pytest.param((2, 17, 40, (7, 5), 1, 16, 0.6, "block", 1, 0, 1), id="1x1-odd"),
+    pytest.param((2, 17, 40, (7, 5), 1, 16, 0.4, "block", 1, 0, 1), id="1x1-odd"),
     pytest.param((2, 18, 35, 11, 3, 16, 0.5, "mixed", (2, 1), (1, 2), 2), id="3x3-s21-p12-d2"),
     pytest.param((1, 5, 16, (8, 9), 4, 16, 0.7, "unstructured", 1, "same", 1), id="4x4-same-asym"),
     pytest.param((2, 3, 16, 15, 7, 16, 1.0, "block", 2, 3, 1), id="7x7-s2-stem-dense"),
@@ -112,14 +127,14 @@ def _problem(case, dtype=F32):
     return ConvProblem(n, cin, cout, hw, k, bs, d, kind, dtype, stride, padding, dilation)
 
 
-def test_cases_cover_both_cpu_regimes_and_every_block_code():
-    regimes, codes = set(), set()
+def test_cases_cover_every_cpu_path_and_every_block_code():
+    paths, codes = set(), set()
     for param in CASES:
         p = _problem(param.values[0])
         codes |= set(p.lay.block_code.unique().tolist())
         if p.lay.nnz_blocks:
-            regimes.add(bsconv_cpu.gathered(Meta(*p.lay.meta())))
-    assert regimes == {True, False}
+            paths.add(p.cpu_path())
+    assert paths == {"dense", "plane", "gather"}
     assert codes == {0, 1, 2, 3}
 
 
@@ -160,40 +175,50 @@ def _block_rows_and_cols(p):
     return (code > 0).any(1), (code > 0).any(0)
 
 
-def test_nan_in_input_channels_of_pruned_block_columns_never_reaches_y(xfail_cpu_dense_nan, backend):
+# (size, stride, the CPU path it runs): planes for stride 1 on a large enough map, gathers otherwise.
+SKIP_GEOMETRIES = [pytest.param((12, 1, "plane"), id="plane"), pytest.param((9, 2, "gather"), id="gather")]
+
+
+@pytest.mark.parametrize("geometry", SKIP_GEOMETRIES)
+def test_nan_in_input_channels_of_pruned_block_columns_never_reaches_y(xfail_cpu_dense_nan, backend, geometry):
     """Input channels whose block column is empty at every tap carry NaN; y and w_train.grad stay exact."""
-    p = ConvProblem(2, 48, 32, 7, 3, 16, 0.0, "block", F32, 1, 1, 1)
+    size, stride, route = geometry
+    p = ConvProblem(2, 48, 32, size, 3, 16, 0.0, "block", F32, stride, 1, 1)
     mask = torch.zeros(p.shape, dtype=torch.bool)
     mask[:, 16:32] = torch.rand(32, 16, 3, 3) < 0.9  # channel block 1 only
     p.mask = mask
     p.lay = BlockLayout.from_masks(convview.to_matrix(mask, 16, False), None, 16)
     p.wt, p.wf = p.lay.split_values(convview.to_matrix(p.w, 16))
-    xfail_cpu_dense_nan(backend, not bsconv_cpu.gathered(Meta(*p.lay.meta())))
+    assert p.cpu_path() == route
     x = p.x.clone()
     x[:, :16] = NAN
     x[:, 32:] = NAN
     y, dy, gx, gw, gb = p.run(x=x)
     clean = torch.where(x.isnan(), 0.0, x)
-    yr = reference_conv2d(clean, p.w, mask, p.bias, padding=1)
+    yr = reference_conv2d(clean, p.w, mask, p.bias, stride=stride, padding=1)
     assert_close(y, yr, F32, 48 * 9, "y")
-    dwr = reference_conv_grads(clean, p.w, mask, None, dy, p.bias, padding=1)[1]
+    dwr = reference_conv_grads(clean, p.w, mask, None, dy, p.bias, stride=stride, padding=1)[1]
     gw_dense = convview.from_matrix(p.lay.to_dense(gw, torch.zeros_like(p.wf)), 48, 3, 3)
     assert_close(gw_dense, dwr, F32, y.numel() // 32, "w_train.grad")
 
 
-def test_nan_in_dy_of_empty_block_rows_never_reaches_x_grad(xfail_cpu_dense_nan, backend):
-    p = ConvProblem(2, 20, 48, 7, 3, 16, 0.0, "block", F32, 1, 1, 1)
+@pytest.mark.parametrize("geometry", SKIP_GEOMETRIES)
+def test_nan_in_dy_of_empty_block_rows_never_reaches_x_grad(backend, geometry):
+    size, stride, route = geometry
+    p = ConvProblem(2, 20, 48, size, 3, 16, 0.0, "block", F32, stride, 1, 1)
     mask = torch.zeros(p.shape, dtype=torch.bool)
     mask[16:32] = torch.rand(16, 20, 3, 3) < 0.9  # block row 1 only
     p.mask = mask
     p.lay = BlockLayout.from_masks(convview.to_matrix(mask, 16, False), None, 16)
     p.wt, p.wf = p.lay.split_values(convview.to_matrix(p.w, 16))
-    xfail_cpu_dense_nan(backend, not bsconv_cpu.gathered(Meta(*p.lay.meta())))
-    dy = torch.randn(2, 48, 7, 7)
+    assert p.cpu_path() == route
+    out = (size + 2 - 3) // stride + 1
+    dy = torch.randn(2, 48, out, out)
     dy[:, :16] = NAN
     dy[:, 32:] = NAN
     y, _, gx, _, _ = p.run(dy=dy, bias=False)
-    dxr = reference_conv_grads(p.x, p.w, mask, None, torch.where(dy.isnan(), 0.0, dy), None, padding=1)[0]
+    clean = torch.where(dy.isnan(), 0.0, dy)
+    dxr = reference_conv_grads(p.x, p.w, mask, None, clean, None, stride=stride, padding=1)[0]
     assert_close(gx, dxr, F32, 48 * 9, "x.grad")
 
 

@@ -21,10 +21,10 @@ through its strides, with less coalesced loads). CPU tensors use
 ``kernels/bsconv_cpu.py``, or the Triton kernels under the interpreter.
 
 Output memory formats, which the fake implementations report for
-``torch.compile``: on CUDA, channels_last. On the CPU, channel-major views
-(``(C, N, H, W)`` in memory) when the gathered path runs, else contiguous
-NCHW; the interpreter writes into the same formats, so a graph compiled in
-one mode stays valid in the other.
+``torch.compile``: on CUDA, channels_last. On the CPU, what the CPU path
+returns (``bsconv_cpu.output_view``: views of channel-major buffers on its
+block paths, contiguous NCHW on its dense fallback); the interpreter writes
+into the same formats, so a graph compiled in one mode stays valid in the other.
 """
 
 # No ``from __future__ import annotations``: torch.library infers the op schemas from annotations.
@@ -39,12 +39,11 @@ from sparsekern.layout import BlockLayout
 __all__ = ["sparse_conv2d"]
 
 
-def _new_output(like: torch.Tensor, shape: tuple[int, int, int, int], meta: list[torch.Tensor]) -> torch.Tensor:
-    n, c, h, w = shape
+def _new_output(like: torch.Tensor, g: ConvGeom, meta: list[torch.Tensor], pass_: str) -> torch.Tensor:
+    """An empty result with the strides the op promises on this device (see the module docstring)."""
     if like.device.type == "cpu":
-        if bsconv_cpu.gathered(Meta(*meta)) and n * h * w > 0:
-            return like.new_empty(c, n, h, w).transpose(0, 1)
-        return like.new_empty(shape)
+        return bsconv_cpu.output_view(like, g, Meta(*meta), pass_)
+    shape = (g.n, g.c_out, g.h_out, g.w_out) if pass_ == "forward" else (g.n, g.c_in, g.h, g.w)
     return like.new_empty(shape).contiguous(memory_format=torch.channels_last)
 
 
@@ -61,7 +60,7 @@ def _conv2d(
 ) -> torch.Tensor:
     g = ConvGeom(*geom)
     if kernels.use_triton(x.device):
-        out = _new_output(x, (g.n, g.c_out, g.h_out, g.w_out), meta)
+        out = _new_output(x, g, meta, "forward")
         return kernels.bsconv.bsconv_forward(x, w_train, w_frozen, bias, Meta(*meta), g, n_frozen, out=out)
     return bsconv_cpu.forward(x, w_train, w_frozen, bias, Meta(*meta), g, n_frozen)
 
@@ -69,7 +68,7 @@ def _conv2d(
 @_conv2d.register_fake
 def _(x, w_train, w_frozen, bias, meta, geom, n_frozen):
     g = ConvGeom(*geom)
-    return _new_output(x, (g.n, g.c_out, g.h_out, g.w_out), meta)
+    return _new_output(x, g, meta, "forward")
 
 
 # ---------------------------------------------------------- backward ops
@@ -84,7 +83,7 @@ def _conv2d_input_grad(
 ) -> torch.Tensor:
     g = ConvGeom(*geom)
     if kernels.use_triton(dy.device):
-        out = _new_output(dy, (g.n, g.c_in, g.h, g.w), meta)
+        out = _new_output(dy, g, meta, "input_grad")
         return kernels.bsconv.bsconv_input_grad(dy, w_train, w_frozen, Meta(*meta), g, n_frozen, out=out)
     return bsconv_cpu.input_grad(dy, w_train, w_frozen, Meta(*meta), g, n_frozen)
 
@@ -92,7 +91,7 @@ def _conv2d_input_grad(
 @_conv2d_input_grad.register_fake
 def _(dy, w_train, w_frozen, meta, geom, n_frozen):
     g = ConvGeom(*geom)
-    return _new_output(dy, (g.n, g.c_in, g.h, g.w), meta)
+    return _new_output(dy, g, meta, "input_grad")
 
 
 @torch.library.custom_op("sparsekern::conv2d_weight_grad", mutates_args=())
