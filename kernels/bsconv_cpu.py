@@ -231,7 +231,9 @@ def _plane_dy(dy: torch.Tensor, g: ConvGeom, rows: int) -> torch.Tensor:
     """``dy`` in the output window of zeroed planes: ``(rows, N*Hp*Wp)``, a reused buffer."""
     hp, wp, _ = _plane(g)
     buf = _ws.get("conv_plane_dy", (rows, g.n, hp, wp), dy)
-    buf.zero_()
+    buf[g.c_out :].zero_()
+    buf[: g.c_out, :, g.h_out :].zero_()
+    buf[: g.c_out, :, : g.h_out, g.w_out :].zero_()
     buf[: g.c_out, :, : g.h_out, : g.w_out].copy_(dy.transpose(0, 1))
     return buf.view(rows, -1)
 
@@ -246,24 +248,29 @@ def _block_walk(meta, g: ConvGeom, bk: int, order=None):
     return rows.tolist(), (cols - tap * per_tap).tolist(), tap.tolist()
 
 
-def _plane_forward(x, vals, meta, g: ConvGeom, buf: torch.Tensor) -> None:
+def _plane_forward(x, vals, bias, meta, g: ConvGeom, buf: torch.Tensor) -> None:
+    """``buf[rows of r] = bias + sum_b W_b @ window_b`` over each block row's computed blocks."""
     bm, bk = vals.shape[1:]
     xs = _plane_input(x, g)
     _, wp, _ = _plane(g)
     planes = buf.shape[1]
     rows, cbs, taps = _block_walk(meta, g, bk)
     bounds = meta.row_offsets.tolist()
+    if bias is not None:
+        bias = F.pad(bias, (0, buf.shape[0] - bias.shape[0])).view(-1, 1)
     for r in range(len(bounds) - 1):
         out = buf[r * bm : (r + 1) * bm]
         if bounds[r] == bounds[r + 1]:
-            out.zero_()
+            out.copy_(bias[r * bm : (r + 1) * bm].expand_as(out)) if bias is not None else out.zero_()
         for j in range(bounds[r], bounds[r + 1]):
             off = _tap_offset(g, taps[j], wp)
             window = xs[cbs[j] * bk : (cbs[j] + 1) * bk, off : off + planes]
-            if j == bounds[r]:
-                torch.mm(vals[j], window, out=out)
-            else:
+            if j > bounds[r]:
                 out.addmm_(vals[j], window)
+            elif bias is not None:  # the bias rides on the first GEMM of the row (beta = 1)
+                torch.addmm(bias[r * bm : (r + 1) * bm], vals[j], window, out=out)
+            else:
+                torch.mm(vals[j], window, out=out)
 
 
 def forward(x, w_train, w_frozen, bias, meta, g: ConvGeom, n_frozen) -> torch.Tensor:
@@ -275,21 +282,21 @@ def forward(x, w_train, w_frozen, bias, meta, g: ConvGeom, n_frozen) -> torch.Te
         y = F.conv2d(xin, w4, bias, (g.stride_h, g.stride_w), padding, (g.dil_h, g.dil_w))
         return y.contiguous()
     buf, y = _output(x, g, meta, "forward")
+    vals = bsmm_cpu.effective_blocks(w_train, w_frozen, meta.storage, meta.aux, meta.element_state, n_frozen)
+    if route == "plane":
+        _plane_forward(x, vals, bias, meta, g, buf)
+        return y
     if meta.col_indices.numel() == 0:
         buf.zero_()
     else:
-        vals = bsmm_cpu.effective_blocks(w_train, w_frozen, meta.storage, meta.aux, meta.element_state, n_frozen)
-        if route == "plane":
-            _plane_forward(x, vals, meta, g, buf)
-        else:
-            hp, wp, _, _ = _padding(g)
-            gather = _TapGather(_padded_input(x, g, hp, wp), g, bk, meta.row_indices, meta.col_indices)
-            w_rows = vals.transpose(0, 1).contiguous()
-            rb = meta.row_offsets.numel() - 1
-            bsmm_cpu._gathered_mm(
-                lambda s, e: w_rows[:, s:e].reshape(bm, (e - s) * bk),
-                None, None, meta.row_offsets, bk, buf.view(rb, bm, -1), gather=gather,
-            )  # fmt: skip
+        hp, wp, _, _ = _padding(g)
+        gather = _TapGather(_padded_input(x, g, hp, wp), g, bk, meta.row_indices, meta.col_indices)
+        w_rows = vals.transpose(0, 1).contiguous()
+        rb = meta.row_offsets.numel() - 1
+        bsmm_cpu._gathered_mm(
+            lambda s, e: w_rows[:, s:e].reshape(bm, (e - s) * bk),
+            None, None, meta.row_offsets, bk, buf.view(rb, bm, -1), gather=gather,
+        )  # fmt: skip
     if bias is not None:
         y += bias.view(1, -1, 1, 1)
     return y
@@ -307,43 +314,112 @@ def _dyt(dy: torch.Tensor, rows: int) -> torch.Tensor:
     return out.view(rows, -1)
 
 
-def input_grad(dy, w_train, w_frozen, meta, g: ConvGeom, n_frozen) -> torch.Tensor:
+def backward(dy, x, w_train, w_frozen, meta, g: ConvGeom, n_frozen, input_grad: bool, weight_grad: bool):
+    """``(dx or None, dw or None)``: both gradients from one preparation of ``dy``.
+
+    ``dw`` holds the trainable blocks (``train_index`` order), zero off their
+    trainable elements.
+    """
+    bm, bk = w_train.shape[1:]
+    route = path(meta, g)
+    if route == "dense":
+        return _dense_backward(dy, x, w_train, w_frozen, meta, g, n_frozen, input_grad, weight_grad)
+    rb = meta.row_offsets.numel() - 1
+    n_train = meta.train_index.numel()
+    dx = dw = None
+    if route == "plane":
+        dys = _plane_dy(dy, g, rb * bm) if meta.col_indices.numel() else None
+        if input_grad:
+            dx = _plane_input_grad(dys, w_train, w_frozen, meta, g, n_frozen)
+        if weight_grad:
+            dw = _plane_weight_grad(dys, x, meta, g, bm, bk) if n_train else x.new_zeros(0, bm, bk)
+    else:
+        dyt = _dyt(dy, rb * bm) if meta.col_indices.numel() else None
+        if input_grad:
+            dx = _gather_input_grad(dyt, w_train, w_frozen, meta, g, n_frozen)
+        if weight_grad:
+            dw = _gather_weight_grad(dyt, x, meta, g, bm, bk) if n_train else x.new_zeros(0, bm, bk)
+    return dx, None if dw is None else bsmm_cpu.mask_mixed_grad_(dw, meta)
+
+
+def _dense_backward(dy, x, w_train, w_frozen, meta, g: ConvGeom, n_frozen, input_grad: bool, weight_grad: bool):
+    """Both gradients in one ``convolution_backward`` call on the masked weight, as ``nn.Conv2d`` runs them."""
+    bm, bk = w_train.shape[1:]
+    xin, padding = _dense_pad_input(x, g)
+    w4 = _dense_weight4d(w_train, w_frozen, meta, n_frozen, g)
+    stride, dilation = (g.stride_h, g.stride_w), (g.dil_h, g.dil_w)
+    padding = (padding, padding) if isinstance(padding, int) else padding
+    gx, gw, _ = torch.ops.aten.convolution_backward(
+        dy, xin, w4, None, stride, padding, dilation, False, [0, 0], 1, [input_grad, weight_grad, False]
+    )
+    dx = dw = None
+    if input_grad:
+        if tuple(gx.shape) != (g.n, g.c_in, g.h, g.w):  # explicitly padded (or cropped) input
+            _, _, hp, wp = xin.shape
+            dx = dy.new_zeros(g.n, g.c_in, g.h, g.w)
+            h1, w1 = max(0, min(g.h, hp - g.pad_h)), max(0, min(g.w, wp - g.pad_w))
+            dx[:, :, :h1, :w1] = gx[:, :, g.pad_h : g.pad_h + h1, g.pad_w : g.pad_w + w1]
+        else:
+            dx = gx.contiguous()
+    if weight_grad:
+        tidx = meta.train_index.long()
+        rb, cb = meta.row_offsets.numel() - 1, meta.col_offsets.numel() - 1
+        gm = F.pad(gw.permute(0, 2, 3, 1), (0, g.c_pad - g.c_in, 0, 0, 0, 0, 0, rb * bm - g.c_out))
+        dw = gm.reshape(rb, bm, cb, bk)[meta.row_indices.long()[tidx], :, meta.col_indices.long()[tidx], :]
+        dw = bsmm_cpu.mask_mixed_grad_(dw, meta)
+    return dx, dw
+
+
+def _plane_input_grad(dys, w_train, w_frozen, meta, g: ConvGeom, n_frozen) -> torch.Tensor:
+    """``dx`` on planes: each block adds ``W_b^T @ dy_row`` into the window its tap read."""
+    bm, bk = w_train.shape[1:]
+    buf, dx = _output(w_train, g, meta, "input_grad")
+    buf.zero_()
+    if meta.col_indices.numel() == 0:
+        return dx
+    _, wp, tail = _plane(g)
+    planes = buf.shape[1] - tail
+    vals = bsmm_cpu.effective_blocks(w_train, w_frozen, meta.storage, meta.aux, meta.element_state, n_frozen)
+    rows, cbs, taps = _block_walk(meta, g, bk)
+    for j, (r, cb, t) in enumerate(zip(rows, cbs, taps, strict=True)):
+        off = _tap_offset(g, t, wp)
+        # addmm_ writes the strided window in place (rows of buf, shifted by the tap).
+        buf[cb * bk : (cb + 1) * bk, off : off + planes].addmm_(vals[j].t(), dys[r * bm : (r + 1) * bm])
+    return dx
+
+
+def _plane_weight_grad(dys, x, meta, g: ConvGeom, bm: int, bk: int) -> torch.Tensor:
+    """``dW_b = dy_row @ window_b^T`` on planes; ``dys`` is zero outside the output window."""
+    xs = _plane_input(x, g)
+    _, wp, tail = _plane(g)
+    planes = xs.shape[1] - tail
+    rows, cbs, taps = _block_walk(meta, g, bk, meta.train_index.long())
+    dw = x.new_empty(len(rows), bm, bk)
+    for j, (r, cb, t) in enumerate(zip(rows, cbs, taps, strict=True)):
+        off = _tap_offset(g, t, wp)
+        torch.mm(dys[r * bm : (r + 1) * bm], xs[cb * bk : (cb + 1) * bk, off : off + planes].t(), out=dw[j])
+    return dw
+
+
+def _gather_input_grad(dyt, w_train, w_frozen, meta, g: ConvGeom, n_frozen) -> torch.Tensor:
+    """``dx`` by block-column GEMMs into the used columns, each tap's slabs added back where they were read."""
     bm, bk = w_train.shape[1:]
     m = g.n * g.h_out * g.w_out
-    route = path(meta, g)
-    if route == "plane":
-        return _plane_input_grad(dy, w_train, w_frozen, meta, g, n_frozen)
-    if route == "dense":
-        w4 = _dense_weight4d(w_train, w_frozen, meta, n_frozen, g)
-        _, explicit = _dense_padding(g)
-        if explicit is None:
-            shape = (g.n, g.c_in, g.h, g.w)
-            dx = torch.nn.grad.conv2d_input(
-                shape, w4, dy, (g.stride_h, g.stride_w), (g.pad_h, g.pad_w), (g.dil_h, g.dil_w)
-            )
-            return dx.contiguous()
-        hp, wp, _, _ = _padding(g)
-        dxp = torch.nn.grad.conv2d_input((g.n, g.c_in, hp, wp), w4, dy, (g.stride_h, g.stride_w), 0, (g.dil_h, g.dil_w))
-        dx = dy.new_zeros(g.n, g.c_in, g.h, g.w)
-        h1, w1 = max(0, min(g.h, hp - g.pad_h)), max(0, min(g.w, wp - g.pad_w))
-        dx[:, :, :h1, :w1] = dxp[:, :, g.pad_h : g.pad_h + h1, g.pad_w : g.pad_w + w1]
-        return dx
     hp, wp, _, _ = _padding(g)
     hp, wp = max(hp, g.pad_h + g.h), max(wp, g.pad_w + g.w)
-    dxp = _ws.get("conv_dxp", (g.c_pad, g.n, hp, wp), dy)
+    dxp = _ws.get("conv_dxp", (g.c_pad, g.n, hp, wp), w_train)
     dxp.zero_()
     if meta.col_indices.numel():
         rb = meta.row_offsets.numel() - 1
         used, per_tap = _used_columns(meta.col_indices), g.c_pad // bk
-        dyt = _dyt(dy, rb * bm).view(rb, bm, m)
         vals = bsmm_cpu.effective_blocks(w_train, w_frozen, meta.storage, meta.aux, meta.element_state, n_frozen)
         w_cols = vals[meta.block_index_t.long()].permute(2, 0, 1).contiguous()
         # Empty block columns have empty ranges, so the used columns' ranges abut.
         offsets = torch.cat([meta.col_offsets.long()[used], meta.col_offsets.long()[-1:]])
-        dcols = _ws.get("conv_cols", (used.numel(), bk, m), dy)
+        dcols = _ws.get("conv_cols", (used.numel(), bk, m), w_train)
         bsmm_cpu._gathered_mm(
             lambda s, e: w_cols[:, s:e].reshape(bk, (e - s) * bm),
-            dyt, meta.row_indices_t.long(), offsets, bm, dcols,
+            dyt.view(rb, bm, m), meta.row_indices_t.long(), offsets, bm, dcols,
         )  # fmt: skip
         dcols = dcols.view(used.numel(), bk, g.n, g.h_out, g.w_out)
         # Add each tap's slabs back where the tap read them, one strided add_ per run of adjacent
@@ -359,59 +435,14 @@ def input_grad(dy, w_train, w_frozen, meta, g: ConvGeom, n_frozen) -> torch.Tens
             r, s = divmod(taps[u0], g.kw)
             c0 = first[u0]
             _tap_view(dxp, g, bk, r, s)[c0 : c0 + u1 - u0].add_(dcols[u0:u1])
-    buf, dx = _output(dy, g, meta, "input_grad")
+    buf, dx = _output(w_train, g, meta, "input_grad")
     buf.copy_(dxp[: g.c_in, :, g.pad_h : g.pad_h + g.h, g.pad_w : g.pad_w + g.w])
     return dx
 
 
-def _plane_input_grad(dy, w_train, w_frozen, meta, g: ConvGeom, n_frozen) -> torch.Tensor:
-    """``dx`` on planes: each block adds ``W_b^T @ dy_row`` into the window its tap read."""
-    bm, bk = w_train.shape[1:]
-    buf, dx = _output(dy, g, meta, "input_grad")
-    buf.zero_()
-    if meta.col_indices.numel() == 0:
-        return dx
-    _, wp, tail = _plane(g)
-    planes = buf.shape[1] - tail
-    dys = _plane_dy(dy, g, (meta.row_offsets.numel() - 1) * bm)
-    vals = bsmm_cpu.effective_blocks(w_train, w_frozen, meta.storage, meta.aux, meta.element_state, n_frozen)
-    rows, cbs, taps = _block_walk(meta, g, bk)
-    for j, (r, cb, t) in enumerate(zip(rows, cbs, taps, strict=True)):
-        off = _tap_offset(g, t, wp)
-        # addmm_ writes the strided window in place (rows of buf, shifted by the tap).
-        buf[cb * bk : (cb + 1) * bk, off : off + planes].addmm_(vals[j].t(), dys[r * bm : (r + 1) * bm])
-    return dx
-
-
-def weight_grad(dy, x, meta, g: ConvGeom, block_size) -> torch.Tensor:
-    bm, bk = block_size
+def _gather_weight_grad(dyt, x, meta, g: ConvGeom, bm: int, bk: int) -> torch.Tensor:
     tidx = meta.train_index.long()
-    n_train = tidx.numel()
-    if n_train == 0:
-        return x.new_zeros(0, bm, bk)
-    rb, cb = meta.row_offsets.numel() - 1, meta.col_offsets.numel() - 1
-    t_rows = meta.row_indices.long()[tidx]
-    t_cols = meta.col_indices.long()[tidx]
-    route = path(meta, g)
-    if route == "dense":
-        xin, padding = _dense_pad_input(x, g)
-        w_shape = (g.c_out, g.c_in, g.kh, g.kw)
-        g4 = torch.nn.grad.conv2d_weight(xin, w_shape, dy, (g.stride_h, g.stride_w), padding, (g.dil_h, g.dil_w))
-        gm = F.pad(g4.permute(0, 2, 3, 1), (0, g.c_pad - g.c_in, 0, 0, 0, 0, 0, rb * bm - g.c_out))
-        dw = gm.reshape(rb, bm, cb, bk)[t_rows, :, t_cols, :]
-        return bsmm_cpu.mask_mixed_grad_(dw, meta)
-    if route == "plane":
-        xs = _plane_input(x, g)
-        dys = _plane_dy(dy, g, rb * bm)
-        _, wp, tail = _plane(g)
-        planes = xs.shape[1] - tail
-        rows, cbs, taps = _block_walk(meta, g, bk, tidx)
-        dw = x.new_empty(n_train, bm, bk)
-        for j, (r, cb, t) in enumerate(zip(rows, cbs, taps, strict=True)):
-            off = _tap_offset(g, t, wp)
-            torch.mm(dys[r * bm : (r + 1) * bm], xs[cb * bk : (cb + 1) * bk, off : off + planes].t(), out=dw[j])
-        return bsmm_cpu.mask_mixed_grad_(dw, meta)
+    t_rows, t_cols = meta.row_indices.long()[tidx], meta.col_indices.long()[tidx]
     hp, wp, _, _ = _padding(g)
     gather = _TapGather(_padded_input(x, g, hp, wp), g, bk, t_rows, t_cols)
-    dw = bsmm_cpu.gathered_weight_grad(_dyt(dy, rb * bm), t_rows, rb, bm, bk, gather)
-    return bsmm_cpu.mask_mixed_grad_(dw, meta)
+    return bsmm_cpu.gathered_weight_grad(dyt, t_rows, meta.row_offsets.numel() - 1, bm, bk, gather)

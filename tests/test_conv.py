@@ -231,8 +231,9 @@ def test_opcheck_custom_ops(backend):
     tests = ("test_schema", "test_autograd_registration", "test_faketensor")
     ops = torch.ops.sparsekern
     torch.library.opcheck(ops.conv2d.default, (x, wt, p.wf, p.bias, meta, g, nf), test_utils=tests)
-    torch.library.opcheck(ops.conv2d_input_grad.default, (dy, p.wt, p.wf, meta, g, nf), test_utils=tests)
-    torch.library.opcheck(ops.conv2d_weight_grad.default, (dy, p.x, meta, g, 16, 16), test_utils=tests)
+    for want in ((True, True), (True, False), (False, True)):
+        args = (dy, p.x, p.wt, p.wf, meta, g, nf, *want)
+        torch.library.opcheck(ops.conv2d_backward.default, args, test_utils=tests)
 
 
 # ------------------------------------------------------------------ module
@@ -387,3 +388,32 @@ def test_failed_set_masks_leaves_module_unchanged():
     assert layer.weight_train is param
     after = layer.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("wants", [(True, True), (True, False), (False, True)], ids=["both", "x-only", "w-only"])
+def test_backward_computes_only_requested_grads(monkeypatch, wants):
+    """The CPU backward is asked exactly for the gradients autograd needs, and returns them right."""
+    calls = []
+    real = bsconv_cpu.backward
+
+    def spy(*args):
+        calls.append(args[-2:])
+        return real(*args)
+
+    monkeypatch.setattr(bsconv_cpu, "backward", spy)
+    import sparsekern.kernels as sk
+
+    monkeypatch.setattr(sk, "INTERPRET", False)
+    p = ConvProblem(2, 20, 33, 9, 3, 16, 0.5, "mixed", F32, 1, 1, 1)
+    x = p.x.clone().requires_grad_(wants[0])
+    wt = p.wt.clone().requires_grad_(wants[1])
+    y = sparse_conv2d(x, wt, p.wf, p.lay, p.shape, None, padding=1)
+    dy = torch.randn(y.shape)
+    y.backward(dy)
+    assert calls == [wants]
+    dxr, dwr, _ = reference_conv_grads(p.x, p.w, p.mask, p.frozen, dy, None, padding=1)
+    if wants[0]:
+        assert_close(x.grad, dxr, F32, 33 * 9, "x.grad")
+    if wants[1]:
+        gw = convview.from_matrix(p.lay.to_dense(wt.grad, torch.zeros_like(p.wf)), 20, 3, 3)
+        assert_close(gw, dwr, F32, 2 * 81, "w_train.grad")

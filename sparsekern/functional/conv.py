@@ -8,9 +8,9 @@ gradient of        computed as                           op
 =================  ====================================  ===================================
 ``y``              implicit-GEMM conv over the computed  ``sparsekern::conv2d``
                    blocks of each block row
-``x``              transposed conv over the computed     ``sparsekern::conv2d_input_grad``
-                   blocks of each block column
-``w_train``        ``dy.T @ im2col(x)`` at trainable     ``sparsekern::conv2d_weight_grad``
+``x``              transposed conv over the computed     ``sparsekern::conv2d_backward``
+                   blocks of each block column           (one op for both gradients, each
+``w_train``        ``dy.T @ im2col(x)`` at trainable     computed only when asked for)
                    blocks, masked in mixed ones
 ``bias``           ``dy.sum((0, 2, 3))``                 plain torch
 =================  ====================================  ===================================
@@ -71,41 +71,46 @@ def _(x, w_train, w_frozen, bias, meta, geom, n_frozen):
     return _new_output(x, g, meta, "forward")
 
 
-# ---------------------------------------------------------- backward ops
-@torch.library.custom_op("sparsekern::conv2d_input_grad", mutates_args=())
-def _conv2d_input_grad(
+# ---------------------------------------------------------- backward op
+@torch.library.custom_op("sparsekern::conv2d_backward", mutates_args=())
+def _conv2d_backward(
     dy: torch.Tensor,
+    x: torch.Tensor,
     w_train: torch.Tensor,
     w_frozen: torch.Tensor,
     meta: list[torch.Tensor],
     geom: list[int],
     n_frozen: int,
-) -> torch.Tensor:
-    g = ConvGeom(*geom)
-    if kernels.use_triton(dy.device):
-        out = _new_output(dy, g, meta, "input_grad")
-        return kernels.bsconv.bsconv_input_grad(dy, w_train, w_frozen, Meta(*meta), g, n_frozen, out=out)
-    return bsconv_cpu.input_grad(dy, w_train, w_frozen, Meta(*meta), g, n_frozen)
+    input_grad: bool,
+    weight_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dx, dw)``; a gradient not asked for comes back as an empty tensor.
 
-
-@_conv2d_input_grad.register_fake
-def _(dy, w_train, w_frozen, meta, geom, n_frozen):
-    g = ConvGeom(*geom)
-    return _new_output(dy, g, meta, "input_grad")
-
-
-@torch.library.custom_op("sparsekern::conv2d_weight_grad", mutates_args=())
-def _conv2d_weight_grad(
-    dy: torch.Tensor, x: torch.Tensor, meta: list[torch.Tensor], geom: list[int], bm: int, bk: int
-) -> torch.Tensor:
+    One op for both, so the CPU path prepares ``dy`` (a transposing copy)
+    once; the Triton path launches the two kernels.
+    """
+    g, m = ConvGeom(*geom), Meta(*meta)
+    bm, bk = w_train.shape[1:]
     if kernels.use_triton(x.device):
-        return kernels.bsconv.bsconv_weight_grad(dy, x, Meta(*meta), ConvGeom(*geom), (bm, bk))
-    return bsconv_cpu.weight_grad(dy, x, Meta(*meta), ConvGeom(*geom), (bm, bk))
+        dx = dw = None
+        if input_grad:
+            out = _new_output(dy, g, meta, "input_grad")
+            dx = kernels.bsconv.bsconv_input_grad(dy, w_train, w_frozen, m, g, n_frozen, out=out)
+        if weight_grad:
+            dw = kernels.bsconv.bsconv_weight_grad(dy, x, m, g, (bm, bk))
+    else:
+        dx, dw = bsconv_cpu.backward(dy, x, w_train, w_frozen, m, g, n_frozen, input_grad, weight_grad)
+    return (
+        x.new_empty(0) if dx is None else dx,
+        x.new_empty(0, bm, bk) if dw is None else dw,
+    )
 
 
-@_conv2d_weight_grad.register_fake
-def _(dy, x, meta, geom, bm, bk):
-    return x.new_empty(meta[11].shape[0], bm, bk)
+@_conv2d_backward.register_fake
+def _(dy, x, w_train, w_frozen, meta, geom, n_frozen, input_grad, weight_grad):
+    bm, bk = w_train.shape[1:]
+    dx = _new_output(dy, ConvGeom(*geom), meta, "input_grad") if input_grad else x.new_empty(0)
+    return dx, x.new_empty(meta[11].shape[0] if weight_grad else 0, bm, bk)
 
 
 # ----------------------------------------------------------------- autograd
@@ -121,11 +126,11 @@ def _backward(ctx, dy):
     x, w_train, w_frozen, *meta = ctx.saved_tensors
     dy = dy.to(x.dtype)
     dx = dw = db = None
-    if ctx.needs_input_grad[0]:
-        dx = _conv2d_input_grad(dy, w_train, w_frozen, meta, ctx.geom, ctx.n_frozen)
-    if ctx.needs_input_grad[1]:
-        bm, bk = w_train.shape[1:]
-        dw = _conv2d_weight_grad(dy, x, meta, ctx.geom, bm, bk)
+    want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if want_x or want_w:
+        gx, gw = _conv2d_backward(dy, x, w_train, w_frozen, meta, ctx.geom, ctx.n_frozen, want_x, want_w)
+        dx = gx if want_x else None
+        dw = gw if want_w else None
     if ctx.has_bias and ctx.needs_input_grad[3]:
         db = dy.sum((0, 2, 3))
     return dx, dw, None, db, [None] * len(meta), None, None
