@@ -136,7 +136,11 @@ def _dense_padding(g: ConvGeom):
 def _dense_weight4d(w_train, w_frozen, meta, n_frozen, g: ConvGeom) -> torch.Tensor:
     bm, bk = w_train.shape[1:]
     wm = bsmm_cpu._dense_weight(w_train, w_frozen, meta, n_frozen, g.c_out, g.kh * g.kw * g.c_pad)
-    return wm.view(g.c_out, g.kh, g.kw, g.c_pad)[..., : g.c_in].permute(0, 3, 1, 2)
+    # A fresh NCHW copy, not the permuted view: a (Cout, kh, kw, Cin)-strided weight (and, for 1x1 kernels,
+    # even .contiguous() of it) looks channels_last to torch, which then runs the conv channels_last and
+    # converts x, dy and the results (1x1 1024->256 at 14x14: about 20 ms of copies per step).
+    w4 = wm.view(g.c_out, g.kh, g.kw, g.c_pad)[..., : g.c_in].permute(0, 3, 1, 2)
+    return w4.clone(memory_format=torch.contiguous_format)
 
 
 def _dense_pad_input(x, g: ConvGeom):
@@ -147,16 +151,24 @@ def _dense_pad_input(x, g: ConvGeom):
     return x, padding
 
 
+# Above this share of the dense conv's work (keyed by the block's smaller side) the blocks lose to one
+# F.conv2d on the masked weight. Measured on this project's 2-core CPU (fp32, batch 32, full step):
+# with 32x32 blocks the block path wins up to 0.3 for 3x3 256->256 at 14x14 (106.9 vs 110.6 ms) and
+# 3x3 64->64 at 56x56 (113 vs 148 ms), loses at 0.4, and wins up to 0.4 for 1x1 1024->256 at 14x14;
+# with 64x64 blocks it still wins at 0.5 on 3x3 256->256 (132 vs 166 ms). 16 and 128 are not measured.
+DENSE_CROSSOVER = {16: 0.15, 32: 0.3, 64: 0.6, 128: 0.6}
+
+
 def gathered(meta, g: ConvGeom) -> bool:
     """Whether the block path runs (else the dense fallback).
 
     Decided on the computed blocks' share of the dense conv's FLOPs, padding
-    channels included, against ``bsmm_cpu.DENSE_CROSSOVER``: a 3-channel stem
+    channels and rows included, against ``DENSE_CROSSOVER``: a 3-channel stem
     in 32-wide blocks computes 10x its dense work even at block density 1.
     """
     bm, bk = meta.element_state.shape[1:]  # (n_mixed, bm, bk) even when n_mixed == 0
     work = meta.col_indices.numel() * bm * bk
-    return work <= bsmm_cpu.DENSE_CROSSOVER.get(min(bm, bk), 0.3) * g.c_out * g.c_in * g.kh * g.kw
+    return work <= DENSE_CROSSOVER.get(min(bm, bk), 0.3) * g.c_out * g.c_in * g.kh * g.kw
 
 
 # The plane path computes Hp*Wp positions per image for Ho*Wo outputs; beyond this ratio the gathered

@@ -46,16 +46,17 @@ def _seed(request):
 
 @pytest.fixture(autouse=True)
 def _pin_cpu_dense_crossover(monkeypatch):
-    """Pin the CPU path's dense crossover to the value the test cases were laid out for.
+    """Pin the CPU paths' dense crossovers (linear and conv) to the value the test cases were laid out for.
 
     Cases pick densities on either side of ``bsmm_cpu.DENSE_CROSSOVER`` to run
     both the gathered path and the dense fallback (guard tests assert both are
     hit). The shipped value is a tuning choice measured on one machine; pinning
     it here keeps a retune from silently moving cases between the two paths.
     """
-    from sparsekern.kernels import bsmm_cpu
+    from sparsekern.kernels import bsconv_cpu, bsmm_cpu
 
     monkeypatch.setattr(bsmm_cpu, "DENSE_CROSSOVER", dict.fromkeys((16, 32, 64, 128), 0.8))
+    monkeypatch.setattr(bsconv_cpu, "DENSE_CROSSOVER", dict.fromkeys((16, 32, 64, 128), 0.8))
 
 
 # ------------------------------------------------ backend routing, launch counts

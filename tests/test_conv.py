@@ -29,9 +29,7 @@ DT_NAME = {F32: "fp32", F16: "fp16", BF16: "bf16"}
 
 @pytest.fixture(autouse=True)
 def _conv_crossover(monkeypatch):
-    from sparsekern.kernels import bsmm_cpu
-
-    monkeypatch.setattr(bsmm_cpu, "DENSE_CROSSOVER", dict.fromkeys((16, 32, 64, 128), 1.3))
+    monkeypatch.setattr(bsconv_cpu, "DENSE_CROSSOVER", dict.fromkeys((16, 32, 64, 128), 1.3))
 
 
 def conv_masks(shape, bs, density, kind):
