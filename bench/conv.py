@@ -259,3 +259,47 @@ def headline(rows: list[dict[str, object]]) -> str | None:
     if not parts:
         return None
     return f"Headline, {layer}, SparseConv2d full step vs nn.Conv2d: " + "; ".join(parts) + "."
+
+
+# ------------------------------------------------------------------ tuning
+def tune(cfg: SuiteConfig, device: torch.device) -> dict[str, dict]:
+    """Autotune the conv kernels for the suite's layers (density 0.5), ignoring stored configs.
+
+    One training step per layer makes ``kernels/bsconv.py`` benchmark its
+    candidates (through ``bsmm``'s config machinery) for this suite's shapes;
+    returns ``bsmm.tuned_records()``, which holds the conv kinds too.
+    """
+    import os
+
+    from sparsekern.kernels import bsmm
+    from sparsekern.kernels import configs as kcfg
+
+    os.environ["SPARSEKERN_IGNORE_TUNED"] = "1"
+    os.environ["SPARSEKERN_AUTOTUNE"] = "1"
+    kcfg.load_tuned.cache_clear()
+    bsmm._tuned_cache.clear()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    try:
+        for case in cfg.cases:
+            for block in cfg.blocks:
+                progress(f"tuning conv {case.name} ({dtype_name(cfg.dtype)}, {block}x{block} blocks)")
+                base = nn.Conv2d(case.c_in, case.c_out, case.kernel, case.stride, case.padding)
+                base = base.to(device=device, dtype=cfg.dtype, memory_format=fmt)
+                layer = SparseConv2d.from_dense(
+                    base, mask=block_mask(tuple(base.weight.shape), block, 0.5, gen).to(device), block_size=block
+                )
+                x = torch.randn(cfg.batch, case.c_in, case.size, case.size, device=device, dtype=cfg.dtype)
+                x = x.contiguous(memory_format=fmt).requires_grad_(True)
+                layer(x).float().square().mean().backward()
+                torch.cuda.synchronize(device)
+    finally:
+        os.environ.pop("SPARSEKERN_IGNORE_TUNED", None)
+        kcfg.load_tuned.cache_clear()
+    return bsmm.tuned_records()
+
+
+def write_tuned(records: dict[str, dict]) -> list[str]:
+    from bench.linear import write_tuned as write
+
+    return write(records)

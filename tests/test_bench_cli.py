@@ -154,6 +154,37 @@ def test_layout_quick_run_writes_csv_json_markdown(layout_quick_run):
     assert "| weight" in proc.stdout and "set_masks / 100 train steps" in proc.stdout, "the table is printed"
 
 
+# ---------------------------------------------------------------- conv suite
+@pytest.fixture(scope="module")
+def conv_quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_conv")
+    proc = _run(["-m", "bench", "--suite", "conv", "--quick", "--device", "cpu", "--roofline", "--out", str(out)])
+    return out, proc
+
+
+def test_conv_quick_run_writes_csv_json_markdown(conv_quick_run):
+    out, proc = conv_quick_run
+    csv_path, json_path, md_path = (_one(out, f"conv_cpu_*.{ext}") for ext in ("csv", "json", "md"))
+    with csv_path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in [*REQUIRED, "layer", "floor_ms"] if c not in reader.fieldnames]
+        assert not missing, f"CSV lacks columns {missing}; has {reader.fieldnames}"
+        rows = list(reader)
+    assert {r["provider"] for r in rows} == {"dense", "masked", "sparsekern"}
+    assert {r["mode"] for r in rows} == {"forward", "backward", "step"}
+    for r in rows:
+        assert r["layer"] == "3x3 32->32 @8" and r["dtype"] == "float32", r
+        p20, p50, p80 = float(r["p20"]), float(r["p50"]), float(r["p80"])
+        assert 0 < p20 <= p50 <= p80, r
+        assert float(r["floor_ms"]) > 0 and float(r["flops"]) > 0, r
+    sparse = [r for r in rows if (r["provider"], r["mode"]) == ("sparsekern", "step")]
+    assert float(sparse[0]["flop_fraction"]) == pytest.approx(0.5), "quick: density 0.5 in 16x16 blocks"
+    doc = json.loads(json_path.read_text())
+    assert len(doc["rows"]) == len(rows)
+    md = md_path.read_text()
+    assert "| layer" in md and "| layer" in proc.stdout and "step vs dense" in md
+
+
 # ----------------------------------------------------------------- e2e suite
 @pytest.fixture(scope="module")
 def e2e_quick_run(tmp_path_factory):
