@@ -323,3 +323,36 @@ _T0 = time.perf_counter()
 def progress(msg: str) -> None:
     """One line to stderr, prefixed with seconds since the run began."""
     print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def time_phases_interleaved(
+    steps: dict[str, Callable[[Laps], object]],
+    *,
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    total: str | None = "step",
+) -> dict[str, dict[str, dict[str, float]]]:
+    """:func:`time_phases` for several providers at once, their steps taken in turn (A B C A B C ...).
+
+    Each provider's samples then come from the same stretch of time, so drift
+    of the machine (clock boost, other tenants) hits all of them alike and
+    their ratios are measured side by side. Returns ``{provider: {phase: percentiles}}``.
+    """
+    per: dict[str, dict[str, list[float]]] = {name: {} for name in steps}
+    totals: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(warmup + repeats):
+        for name, step in steps.items():
+            laps = Laps(device)
+            step(laps)
+            if i < warmup:
+                continue
+            for phase, ms in laps.times.items():
+                per[name].setdefault(phase, []).append(ms)
+            totals[name].append(sum(laps.times.values()))
+    out = {}
+    for name in steps:
+        out[name] = {phase: percentiles(v) for phase, v in per[name].items()}
+        if total is not None:
+            out[name][total] = percentiles(totals[name])
+    return out

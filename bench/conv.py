@@ -9,7 +9,9 @@ Layers (``Cin -> Cout``, kernel, stride, input size), from ResNet-50:
   3 real channels and ``bk - 3`` padding, so blocks cost up to ``bk / 3`` times
   the useful work; the FLOP fraction column shows it.
 
-Providers, timed in the same run on the same weight, input and ``dy``:
+Providers, timed in turn (one step each, round after round) on the same weight,
+input and ``dy``, so each density carries its own dense time from the same
+stretch of time:
 ``dense`` (``nn.Conv2d``, cuDNN on GPU, oneDNN on CPU), ``masked``
 (``F.conv2d(x, w * mask)`` each step, what mask libraries do) and
 ``sparsekern`` (``SparseConv2d.from_dense``). Modes as in the linear suite:
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import roofline
-from bench.common import dtype_name, markdown_table, progress, time_phases
+from bench.common import dtype_name, markdown_table, progress, time_phases_interleaved
 from sparsekern.methods.blocks import block_grid, expand_blocks
 from sparsekern.nn import SparseConv2d
 
@@ -191,8 +193,7 @@ def run_case(case: ConvCase, cfg: SuiteConfig, device, env, gen: torch.Generator
     }
     rows: list[dict[str, object]] = []
 
-    def add(provider, block, density, module, fractions):
-        stats = time_phases(lambda laps: step(module, x, dy, laps), **timing)
+    def add(provider, block, density, stats, module, fractions):
         costs = pass_costs(module if isinstance(module, SparseConv2d) else None, case, cfg, out)
         for mode, st in stats.items():
             frac = fractions.get(mode, math.nan) if isinstance(fractions, dict) else fractions
@@ -201,14 +202,22 @@ def run_case(case: ConvCase, cfg: SuiteConfig, device, env, gen: torch.Generator
         summary = ", ".join(f"{m} {st['p50']:.2f}" for m, st in stats.items())
         progress(f"  {case.name:<20} {provider:<11} block={block or '-':<4} density={density:<5} p50 ms: {summary}")
 
-    add("dense", "", 1.0, base, 1.0)
     wshape = tuple(base.weight.shape)
     for block in cfg.blocks:
         for density in cfg.densities:
             mask = block_mask(wshape, block, density, gen).to(device)
-            add("masked", block, density, MaskedConv2d(base, mask), 1.0)
+            masked = MaskedConv2d(base, mask)
             layer = SparseConv2d.from_dense(base, mask=mask, block_size=block)
-            add("sparsekern", block, density, layer, flop_fractions(layer, case, tokens))
+            # The three providers take their steps in turn, so each density has its own dense
+            # measurement from the same stretch of time (this machine's speed drifts by 10-30%).
+            stats = time_phases_interleaved(
+                {name: (lambda laps, m=m: step(m, x, dy, laps)) for name, m in
+                 (("dense", base), ("masked", masked), ("sparsekern", layer))},
+                **timing,
+            )  # fmt: skip
+            add("dense", block, density, stats["dense"], base, 1.0)
+            add("masked", block, density, stats["masked"], masked, 1.0)
+            add("sparsekern", block, density, stats["sparsekern"], layer, flop_fractions(layer, case, tokens))
     return rows
 
 
@@ -231,7 +240,7 @@ def tables(rows: list[dict[str, object]]) -> str:
     body = []
     for layer, prov, block, density in keys:
         got = {m: by[(layer, prov, block, density, m)] for m in TRAIN_MODES}
-        dense = by.get((layer, "dense", "", 1.0, "step"))
+        dense = by.get((layer, "dense", block, density, "step"))
         masked = by.get((layer, "masked", block, density, "step"))
         step_ms = got["step"]["p50"]
         vs_dense = dense["p50"] / step_ms if dense else math.nan
@@ -243,7 +252,8 @@ def tables(rows: list[dict[str, object]]) -> str:
             + [f"{got['step']['flop_fraction']:.3f}"]
         )
     text = markdown_table(head, body, align="lrrl" + "r" * (len(head) - 4))
-    text += "\n\nTimes are p50 ms; speedups are dense (or masked) step time / sparsekern step time; "
+    text += "\n\nTimes are p50 ms; each density's providers are timed in turn (dense, masked, sparsekern, ...), "
+    text += "so every speedup divides two p50s from the same stretch of time; "
     text += "FLOP fraction = computed-block FLOPs of a full step / dense FLOPs (padding channels count)."
     return text
 
@@ -251,9 +261,9 @@ def tables(rows: list[dict[str, object]]) -> str:
 def headline(rows: list[dict[str, object]]) -> str | None:
     by = {(r["layer"], r["provider"], r["block"], r["density"], r["mode"]): r["p50"] for r in rows}
     layer = "3x3 256->256 @14"
-    dense = by.get((layer, "dense", "", 1.0, "step"))
     parts = []
     for (lay, prov, block, density, mode), ms in by.items():
+        dense = by.get((lay, "dense", block, density, mode))
         if lay == layer and prov == "sparsekern" and mode == "step" and density in (0.1, 0.5) and dense:
             parts.append(f"{block}x{block} blocks, density {density:g}: {dense / ms:.2f}x dense")
     if not parts:
