@@ -13,6 +13,7 @@ markdown table that was printed. Column meanings are in :data:`COLUMNS`.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import json
@@ -356,3 +357,24 @@ def time_phases_interleaved(
         if total is not None:
             out[name][total] = percentiles(totals[name])
     return out
+
+
+@contextlib.contextmanager
+def autotune_session():
+    """Autotune on first use and ignore stored configs inside; yields a function returning the tuned records.
+
+    Suites' ``tune()`` run one training step per shape inside, which makes the
+    kernels benchmark their candidates; stored configs are used again afterwards.
+    """
+    from sparsekern.kernels import bsmm
+    from sparsekern.kernels import configs as kcfg
+
+    os.environ["SPARSEKERN_IGNORE_TUNED"] = "1"
+    os.environ["SPARSEKERN_AUTOTUNE"] = "1"
+    kcfg.load_tuned.cache_clear()
+    bsmm._tuned_cache.clear()
+    try:
+        yield bsmm.tuned_records
+    finally:
+        os.environ.pop("SPARSEKERN_IGNORE_TUNED", None)
+        kcfg.load_tuned.cache_clear()

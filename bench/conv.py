@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import roofline
-from bench.common import dtype_name, markdown_table, progress, time_phases_interleaved
+from bench.common import autotune_session, dtype_name, markdown_table, progress, time_phases_interleaved
 from sparsekern.methods.blocks import block_grid, expand_blocks
 from sparsekern.nn import SparseConv2d
 
@@ -279,34 +279,21 @@ def tune(cfg: SuiteConfig, device: torch.device) -> dict[str, dict]:
     candidates (through ``bsmm``'s config machinery) for this suite's shapes;
     returns ``bsmm.tuned_records()``, which holds the conv kinds too.
     """
-    import os
-
-    from sparsekern.kernels import bsmm
-    from sparsekern.kernels import configs as kcfg
-
-    os.environ["SPARSEKERN_IGNORE_TUNED"] = "1"
-    os.environ["SPARSEKERN_AUTOTUNE"] = "1"
-    kcfg.load_tuned.cache_clear()
-    bsmm._tuned_cache.clear()
     gen = torch.Generator().manual_seed(cfg.seed)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    try:
+    with autotune_session() as records:
         for case in cfg.cases:
             for block in cfg.blocks:
                 progress(f"tuning conv {case.name} ({dtype_name(cfg.dtype)}, {block}x{block} blocks)")
                 base = nn.Conv2d(case.c_in, case.c_out, case.kernel, case.stride, case.padding)
                 base = base.to(device=device, dtype=cfg.dtype, memory_format=fmt)
-                layer = SparseConv2d.from_dense(
-                    base, mask=block_mask(tuple(base.weight.shape), block, 0.5, gen).to(device), block_size=block
-                )
+                mask = block_mask(tuple(base.weight.shape), block, 0.5, gen).to(device)
+                layer = SparseConv2d.from_dense(base, mask=mask, block_size=block)
                 x = torch.randn(cfg.batch, case.c_in, case.size, case.size, device=device, dtype=cfg.dtype)
                 x = x.contiguous(memory_format=fmt).requires_grad_(True)
                 layer(x).float().square().mean().backward()
                 torch.cuda.synchronize(device)
-    finally:
-        os.environ.pop("SPARSEKERN_IGNORE_TUNED", None)
-        kcfg.load_tuned.cache_clear()
-    return bsmm.tuned_records()
+    return records()
 
 
 def write_tuned(records: dict[str, dict]) -> list[str]:

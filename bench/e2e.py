@@ -46,7 +46,6 @@ from __future__ import annotations
 import copy
 import gc
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +55,7 @@ from torch.nn.utils import parametrize
 
 import sparsekern
 from bench import roofline
-from bench.common import Laps, dtype_name, markdown_table, progress, time_phases
+from bench.common import Laps, autotune_session, dtype_name, markdown_table, progress, time_phases
 from sparsekern import SparseLinear
 from sparsekern.methods.blocks import block_grid, expand_blocks, keep_top_blocks, pool_blocks
 
@@ -495,14 +494,7 @@ def tune(cfg: SuiteConfig, device: torch.device) -> dict[str, dict]:
     One training step per model makes ``kernels/bsmm.py`` benchmark its candidates
     for this suite's token counts; returns ``bsmm.tuned_records()``.
     """
-    from sparsekern.kernels import bsmm
-    from sparsekern.kernels import configs as kcfg
-
-    os.environ["SPARSEKERN_IGNORE_TUNED"] = "1"
-    os.environ["SPARSEKERN_AUTOTUNE"] = "1"
-    kcfg.load_tuned.cache_clear()
-    bsmm._tuned_cache.clear()
-    try:
+    with autotune_session() as records:
         for name in cfg.models:
             progress(f"tuning e2e {name} ({dtype_name(cfg.dtype)}, {cfg.block}x{cfg.block} blocks)")
             base, x, target, loss_fn, _ = build(name, cfg, device)
@@ -512,10 +504,7 @@ def tune(cfg: SuiteConfig, device: torch.device) -> dict[str, dict]:
                 torch.cuda.synchronize(device)
             except Exception as exc:  # the run reports it per row; tuning goes on with the other models
                 progress(f"  tuning e2e {name} failed: {type(exc).__name__}: {exc}")
-    finally:
-        os.environ.pop("SPARSEKERN_IGNORE_TUNED", None)
-        kcfg.load_tuned.cache_clear()
-    return bsmm.tuned_records()
+    return records()
 
 
 def write_tuned(records: dict[str, dict]) -> list[str]:

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import roofline
-from bench.common import Laps, dtype_name, markdown_table, progress, time_fn, time_phases
+from bench.common import Laps, autotune_session, dtype_name, markdown_table, progress, time_fn, time_phases
 from sparsekern import SparseLinear
 from sparsekern.testing import random_block_mask
 
@@ -553,27 +553,17 @@ def tune(cfg: SuiteConfig, device: torch.device) -> dict[str, dict]:
     the forward, input-gradient and weight-gradient kernels. Returns
     ``bsmm.tuned_records()``; the suite run afterwards uses these configs.
     """
-    import os
-
-    from sparsekern.kernels import bsmm
-    from sparsekern.kernels import configs as kcfg
-
-    os.environ["SPARSEKERN_IGNORE_TUNED"] = "1"
-    os.environ["SPARSEKERN_AUTOTUNE"] = "1"
-    kcfg.load_tuned.cache_clear()
-    bsmm._tuned_cache.clear()
     base, x0, dy = make_base(cfg, device)
     x = x0.detach().requires_grad_(True)
     gen = torch.Generator().manual_seed(cfg.seed)
-    for block in cfg.blocks:
-        progress(f"tuning block {block} ({dtype_name(cfg.dtype)}, {cfg.tokens} tokens)")
-        mask = random_block_mask((cfg.out_features, cfg.in_features), block, 0.5, generator=gen).to(device)
-        layer = SparseLinear.from_dense(base, mask=mask, block_size=block)
-        layer(x).backward(dy)
-        torch.cuda.synchronize(device)
-    os.environ.pop("SPARSEKERN_IGNORE_TUNED")
-    kcfg.load_tuned.cache_clear()
-    return bsmm.tuned_records()
+    with autotune_session() as records:
+        for block in cfg.blocks:
+            progress(f"tuning block {block} ({dtype_name(cfg.dtype)}, {cfg.tokens} tokens)")
+            mask = random_block_mask((cfg.out_features, cfg.in_features), block, 0.5, generator=gen).to(device)
+            layer = SparseLinear.from_dense(base, mask=mask, block_size=block)
+            layer(x).backward(dy)
+            torch.cuda.synchronize(device)
+    return records()
 
 
 def write_tuned(records: dict[str, dict]) -> list[str]:
