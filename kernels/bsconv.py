@@ -52,8 +52,8 @@ vectorised torch). The weight gradient splits the token reduction when there
 are too few trainable blocks to fill the GPU (``bsmm.wgrad_splits``).
 
 Precision, configs, the interpreter's bf16 upcast and the builtins-only rule
-are those of ``kernels/bsmm.py``, whose jit helpers (``_mma``,
-``_load_w_tile``, ``_line_program``) and config machinery this module reuses;
+are those of ``kernels/bsmm.py``, whose jit helpers (``kernels/tiles.py``)
+and config machinery this module reuses;
 a conv kind (``conv_fwd``/``conv_dx``/``conv_wgrad``) shares its matmul twin's
 candidates and default but is tuned under its own key.
 
@@ -80,8 +80,8 @@ import triton
 import triton.language as tl
 
 from . import bsmm
-from .bsmm import _line_program, _load_w_tile, _mma
 from .meta import ConvGeom, Meta
+from .tiles import _line_program, _mma, _mma_weight, _wgrad_run, _wgrad_store
 
 __all__ = ["bsconv_forward", "bsconv_input_grad", "bsconv_weight_grad", "ConvGeom", "Meta"]
 
@@ -194,14 +194,10 @@ def _bsconv_fwd_kernel(
             mask=inside[:, None] & (offs_c < C_in)[None, :],
             other=0.0,
         )
-        if SWAP_AB:
-            w_offs = offs_bn[:, None] * BK + (kk + offs_bk)[None, :]
-            w = _load_w_tile(wt_ptr, wf_ptr, es_ptr, s, a, n_frozen, w_offs, BM * BK, HAS_MIXED)
-            acc = _mma(w, tl.trans(x), acc, DOT_PRECISION, UPCAST)
-        else:
-            w_offs = offs_bn[None, :] * BK + (kk + offs_bk)[:, None]
-            w = _load_w_tile(wt_ptr, wf_ptr, es_ptr, s, a, n_frozen, w_offs, BM * BK, HAS_MIXED)
-            acc = _mma(x, w, acc, DOT_PRECISION, UPCAST)
+        acc = _mma_weight(
+            x, acc, wt_ptr, wf_ptr, es_ptr, s, a, n_frozen, offs_bn, kk + offs_bk,
+            BM, BK, HAS_MIXED, True, SWAP_AB, DOT_PRECISION, UPCAST,
+        )  # fmt: skip
     if SWAP_AB:
         acc = tl.trans(acc)
 
@@ -344,14 +340,10 @@ def _bsconv_dx_kernel(
                 mask=hit[:, None] & (offs_n < C_out)[None, :],
                 other=0.0,
             )
-            if SWAP_AB:
-                w_offs = (nn + offs_bn)[None, :] * BK + offs_bk[:, None]
-                wtile = _load_w_tile(wt_ptr, wf_ptr, es_ptr, s, a, n_frozen, w_offs, BM * BK, HAS_MIXED)
-                acc = _mma(wtile, tl.trans(dy), acc, DOT_PRECISION, UPCAST)
-            else:
-                w_offs = (nn + offs_bn)[:, None] * BK + offs_bk[None, :]
-                wtile = _load_w_tile(wt_ptr, wf_ptr, es_ptr, s, a, n_frozen, w_offs, BM * BK, HAS_MIXED)
-                acc = _mma(dy, wtile, acc, DOT_PRECISION, UPCAST)
+            acc = _mma_weight(
+                dy, acc, wt_ptr, wf_ptr, es_ptr, s, a, n_frozen, nn + offs_bn, offs_bk,
+                BM, BK, HAS_MIXED, False, SWAP_AB, DOT_PRECISION, UPCAST,
+            )  # fmt: skip
     if SWAP_AB:
         acc = tl.trans(acc)
 
@@ -427,37 +419,24 @@ def _bsconv_dw_kernel(
     tl.static_assert(BM % BLOCK_N == 0, "BLOCK_N must divide the block's rows")
     tl.static_assert(BK % BLOCK_K == 0, "BLOCK_K must divide the block's columns")
     tl.static_assert(GROUP == 1 or BLOCK_K == BK, "grouped blocks are gathered whole")
-    SUB_N: tl.constexpr = BM // BLOCK_N
-    SUB_K: tl.constexpr = BK // BLOCK_K
     WIDE: tl.constexpr = GROUP * BLOCK_K
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    t0 = pid // (SUB_N * SUB_K)
-    sub = pid % (SUB_N * SUB_K)
-    if tl.load(train_rank_ptr + t0) % GROUP != 0:
+    leads, t0, r, member, in_group, b, c, offs_bk, offs_bn = _wgrad_run(
+        train_index_ptr, train_rank_ptr, train_left_ptr, row_indices_ptr, col_indices_ptr,
+        BM, BK, BLOCK_N, BLOCK_K, GROUP,
+    )  # fmt: skip
+    if not leads:
         return
-    count = tl.minimum(tl.load(train_left_ptr + t0), GROUP)
-    b0 = tl.load(train_index_ptr + t0)
-    r = tl.load(row_indices_ptr + b0)
-
-    # Column j of the wide tile is column j % BLOCK_K of group member j // BLOCK_K.
-    offs_j = tl.arange(0, WIDE)
-    member = offs_j // BLOCK_K
-    in_group = member < count
-    b = tl.load(train_index_ptr + t0 + member, mask=in_group, other=0)
-    c = tl.load(col_indices_ptr + b, mask=in_group, other=0)
     tap = c // CPB
     tap_h = (tap // KW) * dil_h - pad_h
     tap_w = (tap % KW) * dil_w - pad_w
-    offs_bk = (sub % SUB_K) * BLOCK_K + offs_j % BLOCK_K
     offs_c = (c % CPB) * BK + offs_bk
     mask_k = in_group & (offs_c < C_in)
     x_cols = offs_c.to(tl.int64) * stride_xc
-    offs_bn = (sub // SUB_K) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_n = r * BM + offs_bn
     mask_n = offs_n < C_out
     dy_cols = offs_n.to(tl.int64) * stride_dyc
 
+    split = tl.program_id(1)
     m_start = split * rows_per_split
     m_end = tl.minimum(M, m_start + rows_per_split)
     acc = tl.full((BLOCK_N, WIDE), 0.0, dtype=tl.float32)
@@ -475,14 +454,7 @@ def _bsconv_dw_kernel(
         x = tl.load(x_ptrs + x_cols[None, :], mask=inside & mask_m[:, None] & mask_k[None, :], other=0.0)
         acc = _mma(tl.trans(dy), x, acc, DOT_PRECISION, UPCAST)
 
-    local = offs_bn[:, None] * BK + offs_bk[None, :]
-    if HAS_MIXED:
-        a = tl.load(aux_ptr + b, mask=in_group, other=-1)
-        e = tl.load(es_ptr + a.to(tl.int64)[None, :] * (BM * BK) + local, mask=(a >= 0)[None, :], other=2)
-        acc = tl.where(e == 2, acc, 0.0)
-    t = (t0 + member).to(tl.int64)
-    dw_ptrs = dw_ptr + split.to(tl.int64) * stride_dws + t[None, :] * (BM * BK) + local
-    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=in_group[None, :])
+    _wgrad_store(acc, dw_ptr, es_ptr, aux_ptr, stride_dws, t0, member, in_group, b, offs_bk, offs_bn, BM, BK, HAS_MIXED)
 
 
 # ------------------------------------------------------------------ launchers

@@ -52,62 +52,9 @@ import triton.language as tl
 
 from . import configs as cfgs
 from .meta import Meta
+from .tiles import _line_program, _mma, _mma_weight, _wgrad_run, _wgrad_store
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-# --------------------------------------------------------------------- helpers
-@triton.jit
-def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def _load_w_tile(
-    wt_ptr,
-    wf_ptr,
-    es_ptr,
-    s,
-    a,
-    n_frozen,
-    offs,
-    BLOCK_ELEMS: tl.constexpr,
-    HAS_MIXED: tl.constexpr,
-):
-    """Load a tile of one weight block at in-block offsets ``offs``.
-
-    ``s >= 0`` reads the trainable store, ``s < 0`` the frozen slot ``-s - 1``.
-    A trainable mixed block (``a >= 0``) takes its non-trainable elements from
-    its fixed slot, so optimizer drift in those positions is never seen.
-    """
-    base = tl.where(s >= 0, wt_ptr + s.to(tl.int64) * BLOCK_ELEMS, wf_ptr + (-s - 1).to(tl.int64) * BLOCK_ELEMS)
-    w = tl.load(base + offs)
-    if HAS_MIXED:
-        if a >= 0:
-            e = tl.load(es_ptr + a.to(tl.int64) * BLOCK_ELEMS + offs)
-            f = tl.load(wf_ptr + (n_frozen + a).to(tl.int64) * BLOCK_ELEMS + offs)
-            w = tl.where(e == 2, w, f)
-    return w
-
-
-@triton.jit
-def _line_program(order_ptr, offsets_ptr, M, BLOCK_M: tl.constexpr, SUB: tl.constexpr):
-    """Decode a forward/input-gradient program id into its token tile and weight line.
-
-    A *line* is a block row (forward) or block column (input gradient); lines
-    are visited in ``order`` (longest first), each split into ``SUB`` output
-    slices, with token tiles fastest so that a line's programs launch together.
-    Returns ``(pid_m, sub, line, start, end)``, ``[start, end)`` being the
-    line's positions in the traversal.
-    """
-    pid = tl.program_id(0)
-    num_m = (M + BLOCK_M - 1) // BLOCK_M  # not tl.cdiv: see the module docstring
-    rest = pid // num_m
-    line = tl.load(order_ptr + rest // SUB)
-    return pid % num_m, rest % SUB, line, tl.load(offsets_ptr + line), tl.load(offsets_ptr + line + 1)
 
 
 # --------------------------------------------------------------------- kernels
@@ -182,15 +129,10 @@ def _bsmm_fwd_kernel(
             mask=mask_m[:, None] & (offs_k < K)[None, :],
             other=0.0,
         )
-        if SWAP_AB:
-            w_offs = offs_bn[:, None] * BK + (kk + offs_bk)[None, :]
-            w = _load_w_tile(wt_ptr, wf_ptr, es_ptr, s, a, n_frozen, w_offs, BM * BK, HAS_MIXED)
-            acc = _mma(w, tl.trans(x), acc, DOT_PRECISION, UPCAST)
-        else:
-            # W_rc^T tile: (BLOCK_K, BLOCK_N) from the row-major (BM, BK) block.
-            w_offs = offs_bn[None, :] * BK + (kk + offs_bk)[:, None]
-            w = _load_w_tile(wt_ptr, wf_ptr, es_ptr, s, a, n_frozen, w_offs, BM * BK, HAS_MIXED)
-            acc = _mma(x, w, acc, DOT_PRECISION, UPCAST)
+        acc = _mma_weight(
+            x, acc, wt_ptr, wf_ptr, es_ptr, s, a, n_frozen, offs_bn, kk + offs_bk,
+            BM, BK, HAS_MIXED, True, SWAP_AB, DOT_PRECISION, UPCAST,
+        )  # fmt: skip
     if SWAP_AB:
         acc = tl.trans(acc)
 
@@ -271,14 +213,10 @@ def _bsmm_dx_kernel(
             mask=mask_m[:, None] & (offs_n < N)[None, :],
             other=0.0,
         )
-        if SWAP_AB:
-            w_offs = (nn + offs_bn)[None, :] * BK + offs_bk[:, None]
-            w = _load_w_tile(wt_ptr, wf_ptr, es_ptr, s, a, n_frozen, w_offs, BM * BK, HAS_MIXED)
-            acc = _mma(w, tl.trans(dy), acc, DOT_PRECISION, UPCAST)
-        else:
-            w_offs = (nn + offs_bn)[:, None] * BK + offs_bk[None, :]
-            w = _load_w_tile(wt_ptr, wf_ptr, es_ptr, s, a, n_frozen, w_offs, BM * BK, HAS_MIXED)
-            acc = _mma(dy, w, acc, DOT_PRECISION, UPCAST)
+        acc = _mma_weight(
+            dy, acc, wt_ptr, wf_ptr, es_ptr, s, a, n_frozen, nn + offs_bn, offs_bk,
+            BM, BK, HAS_MIXED, False, SWAP_AB, DOT_PRECISION, UPCAST,
+        )  # fmt: skip
     if SWAP_AB:
         acc = tl.trans(acc)
 
@@ -339,32 +277,19 @@ def _bsmm_dw_kernel(
     tl.static_assert(BM % BLOCK_N == 0, "BLOCK_N must divide the block's rows")
     tl.static_assert(BK % BLOCK_K == 0, "BLOCK_K must divide the block's columns")
     tl.static_assert(GROUP == 1 or BLOCK_K == BK, "grouped blocks are gathered whole")
-    SUB_N: tl.constexpr = BM // BLOCK_N
-    SUB_K: tl.constexpr = BK // BLOCK_K
     WIDE: tl.constexpr = GROUP * BLOCK_K
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    t0 = pid // (SUB_N * SUB_K)
-    sub = pid % (SUB_N * SUB_K)
-    if tl.load(train_rank_ptr + t0) % GROUP != 0:
+    leads, t0, r, member, in_group, b, c, offs_bk, offs_bn = _wgrad_run(
+        train_index_ptr, train_rank_ptr, train_left_ptr, row_indices_ptr, col_indices_ptr,
+        BM, BK, BLOCK_N, BLOCK_K, GROUP,
+    )  # fmt: skip
+    if not leads:
         return
-    count = tl.minimum(tl.load(train_left_ptr + t0), GROUP)
-    b0 = tl.load(train_index_ptr + t0)
-    r = tl.load(row_indices_ptr + b0)
-
-    # Column j of the wide tile is column j % BLOCK_K of group member j // BLOCK_K.
-    offs_j = tl.arange(0, WIDE)
-    member = offs_j // BLOCK_K
-    in_group = member < count
-    b = tl.load(train_index_ptr + t0 + member, mask=in_group, other=0)
-    c = tl.load(col_indices_ptr + b, mask=in_group, other=0)
-    offs_bk = (sub % SUB_K) * BLOCK_K + offs_j % BLOCK_K
     offs_k = c * BK + offs_bk
     mask_k = in_group & (offs_k < K)
-    offs_bn = (sub // SUB_K) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_n = r * BM + offs_bn
     mask_n = offs_n < N
 
+    split = tl.program_id(1)
     m_start = split * rows_per_split
     m_end = tl.minimum(M, m_start + rows_per_split)
     acc = tl.full((BLOCK_N, WIDE), 0.0, dtype=tl.float32)
@@ -382,15 +307,7 @@ def _bsmm_dw_kernel(
             other=0.0,
         )
         acc = _mma(tl.trans(dy), x, acc, DOT_PRECISION, UPCAST)
-
-    local = offs_bn[:, None] * BK + offs_bk[None, :]
-    if HAS_MIXED:
-        a = tl.load(aux_ptr + b, mask=in_group, other=-1)
-        e = tl.load(es_ptr + a.to(tl.int64)[None, :] * (BM * BK) + local, mask=(a >= 0)[None, :], other=2)
-        acc = tl.where(e == 2, acc, 0.0)
-    t = (t0 + member).to(tl.int64)
-    dw_ptrs = dw_ptr + split.to(tl.int64) * stride_dws + t[None, :] * (BM * BK) + local
-    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=in_group[None, :])
+    _wgrad_store(acc, dw_ptr, es_ptr, aux_ptr, stride_dws, t0, member, in_group, b, offs_bk, offs_bn, BM, BK, HAS_MIXED)
 
 
 # ------------------------------------------------------------------ launchers
