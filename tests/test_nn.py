@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -616,3 +617,20 @@ def test_failed_set_masks_leaves_module_unchanged(layer, bad):
     assert set(opt.state) == {param, layer.bias}
     assert all(opt.state[param][k] is v for k, v in state.items())
     assert torch.equal(layer(x), y)
+
+
+def test_warns_once_when_no_block_is_empty(monkeypatch):
+    """An element mask that leaves no block empty skips nothing: said once, not on every layer."""
+    import sparsekern.nn._base as base
+
+    monkeypatch.setattr(base, "_warned_no_empty_block", False)
+    unstructured = torch.rand(64, 64) < 0.5  # 16x16 blocks of a random mask: all mixed
+    with pytest.warns(UserWarning, match="no block is empty"):
+        SparseLinear(64, 64, block_size=16, mask=unstructured)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SparseLinear(64, 64, block_size=16, mask=unstructured)  # the second time it stays quiet
+    monkeypatch.setattr(base, "_warned_no_empty_block", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SparseLinear(64, 64, block_size=16, mask=random_block_mask((64, 64), 16, 0.5))  # blocks: no warning

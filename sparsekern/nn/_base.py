@@ -15,6 +15,8 @@ lives here:
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -29,6 +31,24 @@ def _bool_mask(mask: torch.Tensor, name: str, shape: tuple[int, ...]) -> torch.T
     if mask.is_complex():
         raise TypeError(f"{name} must be bool or real, got {mask.dtype}")
     return mask if mask.dtype == torch.bool else mask != 0
+
+
+_warned_no_empty_block = False
+
+
+def _warn_if_nothing_skipped(layout: BlockLayout, what: str) -> None:
+    """Say once per process when a layout skips no work: every block computed and mixed (an element mask)."""
+    global _warned_no_empty_block
+    rb, cb = layout.grid
+    if _warned_no_empty_block or rb * cb < 4 or layout.n_mixed < rb * cb:
+        return
+    _warned_no_empty_block = True
+    warnings.warn(
+        f"{what}: every block of its {layout.shape} weight holds kept and pruned elements, so no block is empty "
+        "and no work is skipped; such layouts run slower than a dense layer. Prune in blocks (e.g. "
+        "sparsekern.sparsify(..., granularity='block')) to gain speed. (Said once per process.)",
+        stacklevel=4,
+    )
 
 
 class BlockSparseWeight(nn.Module):
@@ -65,6 +85,7 @@ class BlockSparseWeight(nn.Module):
         self._install_layout(layout)
 
     def _install_layout(self, layout: BlockLayout) -> None:
+        _warn_if_nothing_skipped(layout, type(self).__name__)
         self._layout = layout
         self.register_buffer("block_code", layout.block_code)
         self.register_buffer("element_state", layout.element_state)
