@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from sparsekern.layout import BlockLayout
+from sparsekern.nn._ingest import dense_weight_and_mask
 
 
 def _bool_mask(mask: torch.Tensor, name: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -89,6 +90,19 @@ class BlockSparseWeight(nn.Module):
         self._layout = layout
         self.register_buffer("block_code", layout.block_code)
         self.register_buffer("element_state", layout.element_state)
+
+    @staticmethod
+    def _dense_parts(module: nn.Module, mask: torch.Tensor | None):
+        """``(weight, mask, bias)`` of a dense module for ``from_dense``.
+
+        The module's own torch prune / torch.ao mask wins over ``weight != 0``
+        when no ``mask`` is given (``nn/_ingest.py``); values come back detached.
+        """
+        w, foreign = dense_weight_and_mask(module)
+        if mask is None:
+            mask = foreign if foreign is not None else w != 0
+        bias = None if module.bias is None else dense_weight_and_mask(module, "bias")[0]
+        return w, mask, bias
 
     def _copy_dense_(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         """Load a dense weight (cut to the masks) and bias in place."""

@@ -25,7 +25,6 @@ from sparsekern import convview
 from sparsekern.functional import sparse_conv2d
 from sparsekern.layout import normalize_block_size
 from sparsekern.nn._base import BlockSparseWeight
-from sparsekern.nn._ingest import dense_weight_and_mask
 
 __all__ = ["SparseConv2d"]
 
@@ -132,10 +131,7 @@ class SparseConv2d(BlockSparseWeight):
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"from_dense expects an nn.Conv2d, got {type(conv).__name__}")
-        w, foreign = dense_weight_and_mask(conv)
-        if mask is None:
-            mask = foreign if foreign is not None else w != 0
-        bias = None if conv.bias is None else dense_weight_and_mask(conv, "bias")[0]
+        w, mask, bias = cls._dense_parts(conv, mask)
         mod = cls(
             conv.in_channels,
             conv.out_channels,

@@ -26,7 +26,6 @@ from torch import nn
 from sparsekern.functional import sparse_linear
 from sparsekern.layout import normalize_block_size
 from sparsekern.nn._base import BlockSparseWeight
-from sparsekern.nn._ingest import dense_weight_and_mask
 
 __all__ = ["SparseLinear"]
 
@@ -105,10 +104,7 @@ class SparseLinear(BlockSparseWeight):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_dense expects an nn.Linear, got {type(linear).__name__}")
-        w, foreign = dense_weight_and_mask(linear)
-        if mask is None:
-            mask = foreign if foreign is not None else w != 0
-        bias = None if linear.bias is None else dense_weight_and_mask(linear, "bias")[0]
+        w, mask, bias = cls._dense_parts(linear, mask)
         mod = cls(
             linear.in_features,
             linear.out_features,
