@@ -16,7 +16,7 @@ setup(
     # The Triton kernels live in top-level kernels/ but install only as
     # sparsekern.kernels: a bare "kernels" package already exists on PyPI.
     package_dir={"sparsekern.kernels": "kernels"},
-    package_data={"sparsekern.kernels": ["tuned/*.json"]},
+    package_data={"sparsekern.kernels": ["tuned/*.json", "native/*.cpp"]},
     install_requires=["torch>=2.4", "triton>=3.0; platform_system=='Linux'", "numpy"],
     extras_require={"dev": ["pytest", "pytest-benchmark", "ruff"], "examples": ["scikit-learn"]},
 )

@@ -59,15 +59,17 @@ def speedups(rows: list[dict[str, str]], select: str | None = None):
             raise SystemExit(f"--select {select!r} not in {['|'.join(g) for g in groups]}")
         chosen = match[0]
     rows = [r for r in rows if (r["device"], r["dtype"], r["shape"]) == chosen]
-    dense = {r["mode"]: _float(r["p50"]) for r in rows if r["provider"] == "dense"}
+    # A case's own dense row (timed in turn with its providers) when the run has one, else the run's dense row.
+    dense = {(r["block"], r["density"], r["mode"]): _float(r["p50"]) for r in rows if r["provider"] == "dense"}
     out: dict[str, dict[tuple[str, str], list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        if r["provider"] not in STYLES or r["mode"] not in dense:
+        base = dense.get((r["block"], r["density"], r["mode"]), dense.get(("", "1.0", r["mode"])))
+        if r["provider"] not in STYLES or base is None:
             continue
         t = _float(r["p50"])
         if math.isnan(t) or t <= 0:
             continue
-        out[r["mode"]][(r["provider"], r["block"])].append((_float(r["density"]), dense[r["mode"]] / t))
+        out[r["mode"]][(r["provider"], r["block"])].append((_float(r["density"]), base / t))
     for lines in out.values():
         for pts in lines.values():
             pts.sort()

@@ -1,15 +1,21 @@
-"""CPU path for the block-sparse matmul: gathered block GEMMs that skip work.
+"""CPU path for the block-sparse matmul: native kernels, gathered block GEMMs, or one dense GEMM.
 
 Same operands and results as the Triton launchers in ``bsmm.py`` (see there
-for shapes). Each block row (forward, weight gradient) or block column (input
-gradient) becomes one GEMM over the gathered slices of the activations, so the
-GEMMs keep BLAS-sized inner dimensions while only computed blocks are touched.
-The loop runs over block rows or columns, never over blocks, and empty ones
-are skipped.
+for shapes). Three implementations, chosen per call by :func:`path`:
 
-Activations are transposed once per call (``(K, M)`` rows of ``bk`` can then be
-gathered as contiguous slabs); that copy is the fixed overhead that makes the
-dense path win near full density, see :func:`use_dense`.
+* ``native``: fp32 with the native kernels built (``native.py``). They read
+  only the computed blocks and keep a block row's sums in registers.
+* ``gathered``: other dtypes, or no native build. Each block row (forward,
+  weight gradient) or block column (input gradient) becomes one GEMM over the
+  gathered slices of the activations, so the GEMMs keep BLAS-sized inner
+  dimensions while only computed blocks are touched. The loop runs over block
+  rows or columns, never over blocks, and empty ones are skipped.
+* ``dense``: above a measured block density, one dense GEMM on the masked
+  weight beats both (see ``DENSE_CROSSOVER`` and ``NATIVE_CROSSOVER``).
+
+The gathered path transposes activations once per call (``(K, M)`` rows of
+``bk`` can then be gathered as contiguous slabs); that copy is the fixed
+overhead that makes the dense path win early for it, see :func:`use_dense`.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import threading
 
 import torch
 
+from . import native
+
 # Above this block density (keyed by the block's smaller side) the gathered
 # path loses to one dense GEMM on the masked weight: the per-block-row GEMMs
 # have only bm output rows, which MKL runs well below its dense rate. Measured
@@ -29,6 +37,13 @@ import torch
 # The 16 and 128 entries are not measured: 16 extrapolates the trend, 128
 # reuses 64's value.
 DENSE_CROSSOVER = {16: 0.05, 32: 0.15, 64: 0.3, 128: 0.3}
+
+# The same crossover for the native kernels (fp32), measured the same way (full step, native
+# against the dense fallback, interleaved; the fallback itself runs at 0.82-0.95x nn.Linear):
+# 64x64 native is 1.24x nn.Linear at density 0.5, 0.98x at 0.6, 0.82x at 0.75 (fallback 0.77x);
+# 32x32 is 1.01x at 0.5 and 0.76x at 0.75 (fallback 0.85x); 128x128 is 1.06x at 0.5 but 0.50x at
+# 0.75 (its 2x64-wide weight panels no longer fit L2); 16x16 is 2.7x at 0.1 and 0.64x at 0.5.
+NATIVE_CROSSOVER = {16: 0.3, 32: 0.65, 64: 0.8, 128: 0.5}
 
 
 def effective_blocks(w_train, w_frozen, storage, aux, element_state, n_frozen) -> torch.Tensor:
@@ -57,15 +72,29 @@ def effective_blocks(w_train, w_frozen, storage, aux, element_state, n_frozen) -
     return vals
 
 
-def use_dense(meta) -> bool:
-    """Whether this layout runs as one dense GEMM on the masked weight (see ``DENSE_CROSSOVER``)."""
+def native_applies(dtype: torch.dtype) -> bool:
+    """Whether the native kernels run this dtype here (fp32, built, not disabled)."""
+    return dtype == torch.float32 and native.available()
+
+
+def path(meta, dtype: torch.dtype = torch.float32) -> str:
+    """``"dense"``, ``"native"`` or ``"gathered"``: which implementation runs this layout and dtype."""
+    nat = native_applies(dtype)
     rb, cb = meta.row_offsets.numel() - 1, meta.col_offsets.numel() - 1
     side = min(meta.element_state.shape[1:])  # (n_mixed, bm, bk) even when n_mixed == 0
-    return meta.col_indices.numel() > DENSE_CROSSOVER.get(side, 0.3) * rb * cb
+    crossover = (NATIVE_CROSSOVER if nat else DENSE_CROSSOVER).get(side, 0.3)
+    if meta.col_indices.numel() > crossover * rb * cb:
+        return "dense"
+    return "native" if nat else "gathered"
 
 
-def transposed_output(meta, m: int) -> bool:
-    """Whether the gathered path returns ``(M, N)`` results as a transposed view.
+def use_dense(meta, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this layout runs as one dense GEMM on the masked weight (see :func:`path`)."""
+    return path(meta, dtype) == "dense"
+
+
+def transposed_output(meta, m: int, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the CPU path returns ``(M, N)`` results as a transposed view (the gathered path does).
 
     The GEMMs run as ``(bm, L) @ (L, M)`` because that orientation is 1.8x
     faster here than ``(M, L) @ (L, bm)``; the result is ``Y.T`` in memory.
@@ -73,7 +102,7 @@ def transposed_output(meta, m: int) -> bool:
     (memory bandwidth is the bottleneck on this CPU, about 3 GB/s), and the
     next sparse layer's own transpose of its input then costs nothing.
     """
-    return m > 0 and not use_dense(meta)
+    return m > 0 and path(meta, dtype) == "gathered"
 
 
 class _Workspace(threading.local):
@@ -109,6 +138,11 @@ def _transposed(t: torch.Tensor, rows: int, slot: str) -> torch.Tensor:
     out[: t.shape[1]].copy_(t.t())
     out[t.shape[1] :].zero_()
     return out
+
+
+def _unit_cols(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with unit column stride, as the native kernels read rows in place (a copy only when needed)."""
+    return t if t.stride(1) == 1 else t.contiguous()
 
 
 def _dense_weight(w_train, w_frozen, meta, n_frozen, n, k) -> torch.Tensor:
@@ -172,9 +206,14 @@ def _gathered_mm(lhs_of, src, index, offsets, width, out, gather=None):
 def forward(x, w_train, w_frozen, bias, meta, n_out, n_frozen) -> torch.Tensor:
     bm, bk = w_train.shape[1:]
     m, k = x.shape
-    if use_dense(meta) or m == 0:
+    how = path(meta, x.dtype)
+    if how == "dense" or m == 0:
         return torch.nn.functional.linear(x, _dense_weight(w_train, w_frozen, meta, n_frozen, n_out, k), bias)
     vals = effective_blocks(w_train, w_frozen, meta.storage, meta.aux, meta.element_state, n_frozen)
+    if how == "native":  # blocks as (bk, bm): a row of the block is then one output vector
+        b = None if bias is None else bias.contiguous()
+        wt = vals.transpose(1, 2).contiguous()
+        return native.group_mm(_unit_cols(x), wt, meta.row_offsets, meta.col_indices, None, b, n_out)
     rb, cb = meta.row_offsets.numel() - 1, meta.col_offsets.numel() - 1
     xt = _transposed(x, cb * bk, "xt").view(cb, bk, m)
     # (bm, nnzb, bk): a block row's blocks side by side are then a (bm, L) view.
@@ -192,9 +231,14 @@ def forward(x, w_train, w_frozen, bias, meta, n_out, n_frozen) -> torch.Tensor:
 def input_grad(dy, w_train, w_frozen, meta, n_in, n_frozen) -> torch.Tensor:
     bm, bk = w_train.shape[1:]
     m, n = dy.shape
-    if use_dense(meta) or m == 0:
+    how = path(meta, dy.dtype)
+    if how == "dense" or m == 0:
         return dy @ _dense_weight(w_train, w_frozen, meta, n_frozen, n, n_in)
     vals = effective_blocks(w_train, w_frozen, meta.storage, meta.aux, meta.element_state, n_frozen)
+    if how == "native":  # the transposed walk reads the blocks in place, through block_index_t
+        return native.group_mm(
+            _unit_cols(dy), vals.contiguous(), meta.col_offsets, meta.row_indices_t, meta.block_index_t, None, n_in
+        )
     rb, cb = meta.row_offsets.numel() - 1, meta.col_offsets.numel() - 1
     dyt = _transposed(dy, rb * bm, "dyt").view(rb, bm, m)
     # Column order, each block transposed: a column's blocks stack into (bk, L).
@@ -216,9 +260,13 @@ def weight_grad(dy, x, meta, block_size) -> torch.Tensor:
     if n_train == 0:
         return x.new_zeros(0, bm, bk)
     rb, cb = meta.row_offsets.numel() - 1, meta.col_offsets.numel() - 1
+    how = path(meta, x.dtype)
+    if how == "native" and m > 0:
+        rows, cols = meta.row_indices[tidx].contiguous(), meta.col_indices[tidx].contiguous()
+        return mask_mixed_grad_(native.sampled_mm(_unit_cols(dy), _unit_cols(x), rows, cols, bm, bk), meta)
     t_rows = meta.row_indices.long()[tidx]
     t_cols = meta.col_indices.long()[tidx]
-    if use_dense(meta) or m == 0:
+    if how == "dense" or m == 0:
         g = dy.t() @ x
         if (rb * bm, cb * bk) != (n, k):
             g = torch.nn.functional.pad(g, (0, cb * bk - k, 0, rb * bm - n))

@@ -56,6 +56,7 @@ def _pin_cpu_dense_crossover(monkeypatch):
     from sparsekern.kernels import bsconv_cpu, bsmm_cpu
 
     monkeypatch.setattr(bsmm_cpu, "DENSE_CROSSOVER", dict.fromkeys((16, 32, 64, 128), 0.8))
+    monkeypatch.setattr(bsmm_cpu, "NATIVE_CROSSOVER", dict.fromkeys((16, 32, 64, 128), 0.8))
     monkeypatch.setattr(bsconv_cpu, "DENSE_CROSSOVER", dict.fromkeys((16, 32, 64, 128), 0.8))
 
 

@@ -49,7 +49,7 @@ def _new_output(like: torch.Tensor, rows: int, cols: int, meta: list[torch.Tenso
     whether the interpreter runs, so graphs compiled in one mode stay valid
     in the other (torch's compile cache does not know about the interpreter).
     """
-    if like.device.type == "cpu" and bsmm_cpu.transposed_output(_meta(meta), rows):
+    if like.device.type == "cpu" and bsmm_cpu.transposed_output(_meta(meta), rows, like.dtype):
         return like.new_empty(cols, rows).t()
     return like.new_empty(rows, cols)
 

@@ -1,0 +1,187 @@
+"""Builds and loads the native CPU kernels (``native/bsmm.cpp``) and wraps them for torch tensors.
+
+The source depends on nothing but a C++17 compiler with OpenMP: no torch
+headers, so it builds in about a second the first time a process needs it.
+The library is cached under ``$SPARSEKERN_CACHE_DIR`` (default
+``~/.cache/sparsekern``), keyed by the source, the flags, the compiler and the
+CPU, because ``-march=native`` code only runs on the CPU it was built for.
+
+It is loaded with ctypes, which releases the GIL during calls. Its OpenMP
+runtime is torch's own: torch has loaded ``libgomp.so.1`` already, and the
+dynamic linker resolves the library's dependency to it, so the two share one
+thread pool. The thread count follows ``torch.get_num_threads()``.
+
+``SPARSEKERN_NATIVE=0`` turns the native kernels off; so does a failed build,
+which warns once and names the reason. Either way the CPU path then runs its
+torch-level implementation, which is slower (see ``bsmm_cpu.py``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("native") / "bsmm.cpp"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+
+_P, _I, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_SIGNATURES = {
+    "sk_group_mm": [_P, _I, _I, _I, _P, _P, _I, _P, _P, _I, _I, _P, _P, _I, _I, _INT],
+    "sk_sampled_mm": [_P, _I, _I, _P, _I, _I, _I, _P, _P, _I, _I, _I, _P, _INT],
+    "sk_release": [],
+}
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_error: str | None = None
+
+
+def enabled() -> bool:
+    """Whether the native kernels may be used at all (``SPARSEKERN_NATIVE`` is not ``0``)."""
+    return os.environ.get("SPARSEKERN_NATIVE", "1") != "0"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_id() -> str:
+    """What ``-march=native`` depends on: the machine and, on Linux, the CPU's model and flags."""
+    ident = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "flags", "Features")):
+                    ident += line
+                if line.strip() == "":  # the first processor's entries are enough
+                    break
+    except OSError:
+        pass
+    return ident
+
+
+def _build() -> ctypes.CDLL:
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_id()]).encode()).hexdigest()
+    cache = Path(os.environ.get("SPARSEKERN_CACHE_DIR", Path.home() / ".cache" / "sparsekern"))
+    target = cache / f"bsmm-{key[:16]}.so"
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        # Build to a private name, then rename: concurrent processes (pytest-xdist, DDP ranks)
+        # never load a half-written library.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        try:
+            proc = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{cxx} failed to build {SOURCE.name}:\n{proc.stderr.strip()[-2000:]}")
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(target))
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, (_INT if name != "sk_release" else None)
+    return lib
+
+
+def lib() -> ctypes.CDLL | None:
+    """The loaded library, building it on first use; ``None`` when disabled or unbuildable (warned once)."""
+    global _lib, _error
+    if not enabled():
+        return None
+    if _lib is not None or _error is not None:
+        return _lib
+    with _lock:
+        if _lib is None and _error is None:
+            try:
+                _lib = _build()
+            except Exception as e:  # any build or load failure means: use the torch-level path
+                _error = str(e)
+                warnings.warn(
+                    f"sparsekern: native CPU kernels unavailable ({_error}); CPU tensors use the slower "
+                    "torch-level path. Set SPARSEKERN_NATIVE=0 to silence this.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+    return _lib
+
+
+def available() -> bool:
+    return lib() is not None
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def _check(rc: int, what: str) -> None:
+    if rc == 2:
+        raise MemoryError(f"sparsekern native {what}: could not allocate the packing workspace")
+    if rc != 0:
+        raise ValueError(f"sparsekern native {what}: unsupported block size (each side must be a multiple of 16)")
+
+
+def _out(out, shape, like, contiguous: bool) -> torch.Tensor:
+    if out is None:
+        return like.new_empty(shape)
+    ok = tuple(out.shape) == tuple(shape) and out.dtype == like.dtype and out.device == like.device
+    if not ok or not (out.is_contiguous() if contiguous else out.stride(-1) == 1):
+        need = "contiguous" if contiguous else "with unit column stride"
+        raise ValueError(f"out must be a {like.dtype} tensor of shape {tuple(shape)}, {need}")
+    return out
+
+
+def group_mm(a, blocks, offsets, idx, sel, bias, out_cols, out=None) -> torch.Tensor:
+    """``out[t, g*W + w] = bias + sum_{p in group g} a[t, idx[p]*L + l] @ blocks[sel[p]][l, w]``, as ``(M, out_cols)``.
+
+    ``a`` is ``(M, a_cols)`` with unit column stride; ``blocks`` is a contiguous
+    ``(nb, L, W)``; ``offsets`` (``G + 1``), ``idx`` and ``sel`` (or ``None``
+    for the identity) are contiguous int32. ``out``, when given, needs unit
+    column stride only.
+    """
+    m, a_cols = a.shape
+    _, L, W = blocks.shape
+    out = _out(out, (m, out_cols), a, contiguous=False)
+    rc = lib().sk_group_mm(
+        _ptr(a), a.stride(0), m, a_cols, _ptr(blocks), _ptr(offsets), offsets.numel() - 1, _ptr(idx), _ptr(sel),
+        L, W, _ptr(bias), _ptr(out), out.stride(0), out_cols, torch.get_num_threads(),
+    )  # fmt: skip
+    _check(rc, "group_mm")
+    return out
+
+
+def sampled_mm(dy, x, rows, cols, bm: int, bk: int, out=None) -> torch.Tensor:
+    """``dw[b] = dy[:, rows[b]*bm : +bm].T @ x[:, cols[b]*bk : +bk]``, zero past the edges, as ``(nb, bm, bk)``."""
+    m, n = dy.shape
+    k = x.shape[1]
+    dw = _out(out, (rows.numel(), bm, bk), x, contiguous=True)
+    rc = lib().sk_sampled_mm(
+        _ptr(dy), dy.stride(0), n, _ptr(x), x.stride(0), k, m, _ptr(rows), _ptr(cols), rows.numel(), bm, bk,
+        _ptr(dw), torch.get_num_threads(),
+    )  # fmt: skip
+    _check(rc, "sampled_mm")
+    return dw
+
+
+def release_workspace() -> None:
+    """Free the calling thread's packing buffers (they grow to the largest operand seen, and are kept for reuse)."""
+    if _lib is not None:
+        _lib.sk_release()
