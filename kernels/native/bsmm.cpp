@@ -33,6 +33,8 @@ struct Workspace {
     size_t n = 0;
     ~Workspace() { std::free(p); }
     float* get(size_t want) {
+        // Never answer nullptr for an empty request (M == 0): callers read nullptr as out of memory.
+        if (want == 0) want = 1;
         if (want <= n) return p;
         std::free(p);
         const size_t huge = size_t(1) << 21;
