@@ -91,6 +91,9 @@ def _build() -> ctypes.CDLL:
             proc = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"{cxx} failed to build {SOURCE.name}:\n{proc.stderr.strip()[-2000:]}")
+            # mkstemp made the file private (0600) and the linker keeps that, adding only execute
+            # bits; other users of a shared cache directory could then not load it.
+            os.chmod(tmp, 0o755)
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
