@@ -145,22 +145,27 @@ def _unit_cols(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(1) == 1 else t.contiguous()
 
 
-def _dense_weight(w_train, w_frozen, meta, n_frozen, n, k) -> torch.Tensor:
+def _dense_weight(w_train, w_frozen, meta, n_frozen, n, k, slot: str | None = None) -> torch.Tensor:
     """The effective weight as a dense ``(n, k)`` tensor.
 
-    Built in block-major order, where every copy moves whole contiguous blocks,
-    then turned into rows with one permuted copy. With every block computed the
-    CSR order is the row-major block order, so no scatter (and no zero fill) is needed.
+    Each block is copied once, straight into its place in the row-major
+    result (a permuted view of it). With ``slot`` the result lives in that
+    reused workspace buffer, valid until the next call with the same slot:
+    a fresh 64 MB tensor costs about 15 ms of page faults here, as much as
+    the copy itself.
     """
     bm, bk = w_train.shape[1:]
     rb, cb = meta.row_offsets.numel() - 1, meta.col_offsets.numel() - 1
     vals = effective_blocks(w_train, w_frozen, meta.storage, meta.aux, meta.element_state, n_frozen)
-    if vals.shape[0] == rb * cb:
-        grid = vals
+    shape = (rb * bm, cb * bk)
+    out = vals.new_empty(shape) if slot is None else _ws.get(slot, shape, vals)
+    grid = out.view(rb, bm, cb, bk).transpose(1, 2)  # (rb, cb, bm, bk) view of the row-major result
+    if vals.shape[0] == rb * cb:  # every block computed: CSR order is the row-major block order
+        grid.copy_(vals.view(rb, cb, bm, bk))
     else:
-        grid = vals.new_zeros(rb * cb, bm, bk)
-        grid.index_copy_(0, meta.row_indices.long() * cb + meta.col_indices.long(), vals)
-    return grid.view(rb, cb, bm, bk).transpose(1, 2).reshape(rb * bm, cb * bk)[:n, :k]
+        out.zero_()
+        grid[meta.row_indices.long(), meta.col_indices.long()] = vals
+    return out[:n, :k]
 
 
 # A row's gathered reduction is cut into chunks of about this many elements:
@@ -208,7 +213,8 @@ def forward(x, w_train, w_frozen, bias, meta, n_out, n_frozen) -> torch.Tensor:
     m, k = x.shape
     how = path(meta, x.dtype)
     if how == "dense" or m == 0:
-        return torch.nn.functional.linear(x, _dense_weight(w_train, w_frozen, meta, n_frozen, n_out, k), bias)
+        w = _dense_weight(w_train, w_frozen, meta, n_frozen, n_out, k, slot="dense_w")
+        return torch.nn.functional.linear(x, w, bias)
     vals = effective_blocks(w_train, w_frozen, meta.storage, meta.aux, meta.element_state, n_frozen)
     if how == "native":  # blocks as (bk, bm): a row of the block is then one output vector
         b = None if bias is None else bias.contiguous()
@@ -233,7 +239,7 @@ def input_grad(dy, w_train, w_frozen, meta, n_in, n_frozen) -> torch.Tensor:
     m, n = dy.shape
     how = path(meta, dy.dtype)
     if how == "dense" or m == 0:
-        return dy @ _dense_weight(w_train, w_frozen, meta, n_frozen, n, n_in)
+        return dy @ _dense_weight(w_train, w_frozen, meta, n_frozen, n, n_in, slot="dense_w")
     vals = effective_blocks(w_train, w_frozen, meta.storage, meta.aux, meta.element_state, n_frozen)
     if how == "native":  # the transposed walk reads the blocks in place, through block_index_t
         return native.group_mm(
@@ -267,11 +273,15 @@ def weight_grad(dy, x, meta, block_size) -> torch.Tensor:
     t_rows = meta.row_indices.long()[tidx]
     t_cols = meta.col_indices.long()[tidx]
     if how == "dense" or m == 0:
-        g = dy.t() @ x
-        if (rb * bm, cb * bk) != (n, k):
-            g = torch.nn.functional.pad(g, (0, cb * bk - k, 0, rb * bm - n))
+        # The dense product goes to a reused buffer (no page faults); only dW itself is fresh.
+        g = _ws.get("dense_g", (rb * bm, cb * bk), x)
+        if m == 0 or (rb * bm, cb * bk) != (n, k):
+            g.zero_()
+        if m:
+            torch.mm(dy.t(), x, out=g[:n, :k])
         if n_train == rb * cb:  # every block trainable: a permuted copy, no indexed gather
-            dw = g.view(rb, bm, cb, bk).transpose(1, 2).reshape(n_train, bm, bk)
+            dw = x.new_empty(n_train, bm, bk)  # never a view of the workspace, even when the copy is trivial
+            dw.view(rb, cb, bm, bk).copy_(g.view(rb, bm, cb, bk).transpose(1, 2))
         else:
             dw = g.view(rb, bm, cb, bk)[t_rows, :, t_cols, :]
     else:

@@ -73,7 +73,7 @@ def _cpu_id() -> str:
     return ident
 
 
-def _build() -> ctypes.CDLL:
+def _build(_retry: bool = True) -> ctypes.CDLL:
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
@@ -98,7 +98,13 @@ def _build() -> ctypes.CDLL:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    lib = ctypes.CDLL(str(target))
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError:  # a damaged cache entry (say, a disk that filled up): build it again, once
+        target.unlink(missing_ok=True)
+        if _retry:
+            return _build(_retry=False)
+        raise
     for name, argtypes in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, (_INT if name != "sk_release" else None)
@@ -142,6 +148,24 @@ def _check(rc: int, what: str) -> None:
         raise ValueError(f"sparsekern native {what}: unsupported block size (each side must be a multiple of 16)")
 
 
+def _require(cond: bool, what: str) -> None:
+    if not cond:
+        raise ValueError(f"sparsekern native kernels: {what}")
+
+
+def _operands(floats: dict, ints: dict) -> None:
+    """The kernels trust pointers: check dtypes, devices and layouts here, where a mistake is still an error."""
+    for name, t in floats.items():
+        if t is not None:
+            _require(t.dtype == torch.float32 and t.device.type == "cpu", f"{name} must be a float32 CPU tensor")
+            unit = t.dim() < 2 or t.numel() == 0 or t.stride(-1) == 1
+            _require(unit, f"{name} must have unit stride in its last dimension")
+    for name, t in ints.items():
+        if t is not None:
+            ok = t.dtype == torch.int32 and t.device.type == "cpu" and t.is_contiguous()
+            _require(ok, f"{name} must be a contiguous int32 CPU tensor")
+
+
 def _out(out, shape, like, contiguous: bool) -> torch.Tensor:
     if out is None:
         return like.new_empty(shape)
@@ -162,6 +186,14 @@ def group_mm(a, blocks, offsets, idx, sel, bias, out_cols, out=None) -> torch.Te
     """
     m, a_cols = a.shape
     _, L, W = blocks.shape
+    _operands({"a": a, "blocks": blocks, "bias": bias}, {"offsets": offsets, "idx": idx, "sel": sel})
+    _require(blocks.is_contiguous(), "blocks must be contiguous")
+    _require(
+        out_cols <= (offsets.numel() - 1) * W, f"out_cols {out_cols} exceeds the groups' {offsets.numel() - 1} x {W}"
+    )
+    _require(
+        bias is None or bias.numel() >= out_cols, f"bias has {0 if bias is None else bias.numel()} < {out_cols} entries"
+    )
     out = _out(out, (m, out_cols), a, contiguous=False)
     rc = lib().sk_group_mm(
         _ptr(a), a.stride(0), m, a_cols, _ptr(blocks), _ptr(offsets), offsets.numel() - 1, _ptr(idx), _ptr(sel),
@@ -175,6 +207,9 @@ def sampled_mm(dy, x, rows, cols, bm: int, bk: int, out=None) -> torch.Tensor:
     """``dw[b] = dy[:, rows[b]*bm : +bm].T @ x[:, cols[b]*bk : +bk]``, zero past the edges, as ``(nb, bm, bk)``."""
     m, n = dy.shape
     k = x.shape[1]
+    _operands({"dy": dy, "x": x}, {"rows": rows, "cols": cols})
+    _require(x.shape[0] == m, f"dy has {m} rows but x has {x.shape[0]}")
+    _require(rows.numel() == cols.numel(), "rows and cols must have one entry per block")
     dw = _out(out, (rows.numel(), bm, bk), x, contiguous=True)
     rc = lib().sk_sampled_mm(
         _ptr(dy), dy.stride(0), n, _ptr(x), x.stride(0), k, m, _ptr(rows), _ptr(cols), rows.numel(), bm, bk,

@@ -244,3 +244,23 @@ def test_build_from_scratch_and_release(monkeypatch, tmp_path):
     p = Problem(20, 64, 64, 32, 0.5, "block")
     native.release_workspace()
     assert_close(p.forward(), reference_linear(p.x, p.w, p.mask, p.bias), torch.float32, p.k, "y after release")
+
+
+def test_wrappers_refuse_what_the_kernels_would_misread():
+    """The kernels trust raw pointers, so the wrappers check dtypes, index types and row counts."""
+    _native_or_skip()
+    p = Problem(8, 32, 32, 16, 0.5, "block")
+    wt = p.wt.transpose(1, 2).contiguous()
+    ro, ci = p.meta.row_offsets, p.meta.col_indices
+    with pytest.raises(ValueError, match="a must be a float32"):
+        native.group_mm(p.x.double(), wt, ro, ci, None, None, p.n)
+    with pytest.raises(ValueError, match="idx must be a contiguous int32"):
+        native.group_mm(p.x, wt, ro, ci.long(), None, None, p.n)
+    with pytest.raises(ValueError, match="out_cols 40 exceeds"):
+        native.group_mm(p.x, wt, ro, ci, None, None, 40)
+    with pytest.raises(ValueError, match="bias has 31 < 32"):
+        native.group_mm(p.x, wt, ro, ci, None, p.bias[:31], p.n)
+    t = p.meta.train_index.long()
+    rows, cols = p.meta.row_indices[t], p.meta.col_indices[t]
+    with pytest.raises(ValueError, match="dy has 8 rows but x has 7"):
+        native.sampled_mm(p.dy, p.x[:7], rows, cols, 16, 16)

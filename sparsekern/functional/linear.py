@@ -16,13 +16,14 @@ Each gradient is computed only when ``ctx.needs_input_grad`` asks for it.
 Frozen and pruned values never receive a gradient: ``w_frozen`` is a buffer.
 
 Where the work runs: CUDA tensors use the Triton kernels; CPU tensors use the
-gathered-GEMM CPU path, or the Triton kernels in Triton's interpreter when
-``SPARSEKERN_INTERPRET=1`` was set before import. Because the ops carry fake
+CPU path (``kernels/bsmm_cpu.py``: native kernels for fp32, gathered GEMMs
+otherwise, dense above a density), or the Triton kernels in Triton's
+interpreter when ``SPARSEKERN_INTERPRET=1`` was set before import. Because the ops carry fake
 implementations, ``torch.compile(fullgraph=True)`` traces through them.
 
 The CPU gathered path returns its ``(M, N)`` results as transposed views (see
-``kernels.bsmm_cpu.transposed_output``); the fake implementations report the
-same strides.
+``kernels.bsmm_cpu.transposed_output``, which also depends on the dtype); the
+fake implementations report the same strides.
 """
 
 # No ``from __future__ import annotations`` here: torch.library infers the op
