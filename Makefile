@@ -28,9 +28,9 @@ $(STAMP): setup.py pyproject.toml
 test: venv
 	$(PY) -m pytest -q tests
 
-# The default CPU run, < 3 min on an idle 2-core machine (estimated 2.5-2.7 min): the linear suite
-# (90 s measured) and the e2e suite's training steps (about 60 s, estimated from its dense steps:
-# MLP 0.9 s, CNN 0.33 s, transformer block 0.27 s, 4 steps per provider and density), then the plots.
+# The default CPU run, < 3 min on an idle 2-core machine (2 min 30 s and 2 min 50 s measured): the
+# linear suite (about 110 s: dense is timed again beside every case) and the e2e suite's training
+# steps (about 40 s), then the plots.
 bench: venv
 	$(PY) -m bench --suite linear,e2e --out $(RESULTS)
 	$(PY) bench/plot.py "$$(ls -t $(RESULTS)/linear_*.csv | head -n 1)" $(RESULTS)

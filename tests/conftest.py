@@ -48,8 +48,9 @@ def _seed(request):
 def _pin_cpu_dense_crossover(monkeypatch):
     """Pin the CPU paths' dense crossovers (linear and conv) to the value the test cases were laid out for.
 
-    Cases pick densities on either side of ``bsmm_cpu.DENSE_CROSSOVER`` to run
-    both the gathered path and the dense fallback (guard tests assert both are
+    Cases pick densities on either side of ``bsmm_cpu.DENSE_CROSSOVER`` (and
+    ``NATIVE_CROSSOVER``, its fp32 counterpart for the native kernels) to run
+    both the sparse path and the dense fallback (guard tests assert both are
     hit). The shipped value is a tuning choice measured on one machine; pinning
     it here keeps a retune from silently moving cases between the two paths.
     """
