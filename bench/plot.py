@@ -59,11 +59,14 @@ def speedups(rows: list[dict[str, str]], select: str | None = None):
             raise SystemExit(f"--select {select!r} not in {['|'.join(g) for g in groups]}")
         chosen = match[0]
     rows = [r for r in rows if (r["device"], r["dtype"], r["shape"]) == chosen]
-    # A case's own dense row (timed in turn with its providers) when the run has one, else the run's dense row.
-    dense = {(r["block"], r["density"], r["mode"]): _float(r["p50"]) for r in rows if r["provider"] == "dense"}
+    # A case's own dense row (timed in turn with its providers) when the run has one, else the run's
+    # dense row, the one without a block.
+    dense = [r for r in rows if r["provider"] == "dense"]
+    per_case = {(r["block"], r["density"], r["mode"]): _float(r["p50"]) for r in dense if r["block"]}
+    per_run = {r["mode"]: _float(r["p50"]) for r in dense if not r["block"]}
     out: dict[str, dict[tuple[str, str], list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        base = dense.get((r["block"], r["density"], r["mode"]), dense.get(("", "1.0", r["mode"])))
+        base = per_case.get((r["block"], r["density"], r["mode"]), per_run.get(r["mode"]))
         if r["provider"] not in STYLES or base is None:
             continue
         t = _float(r["p50"])

@@ -193,6 +193,17 @@ def e2e_quick_run(tmp_path_factory):
     return out, proc
 
 
+def test_plot_writes_png_for_e2e(e2e_quick_run, tmp_path):
+    """``make bench`` plots the e2e CSV too, whose dense rows carry no block (density written as 1)."""
+    pytest.importorskip("matplotlib")
+    out, _ = e2e_quick_run
+    csv_path = _one(out, "e2e_cpu_*.csv")
+    proc = _run([str(REPO / "bench" / "plot.py"), str(csv_path), str(tmp_path)])
+    png = tmp_path / (csv_path.stem + ".png")
+    assert png.exists(), f"no {png.name}; plot printed {proc.stdout!r}"
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
 def test_e2e_quick_run_writes_csv_json_markdown(e2e_quick_run):
     out, proc = e2e_quick_run
     csv_path, json_path, md_path = (_one(out, f"e2e_cpu_*.{ext}") for ext in ("csv", "json", "md"))
