@@ -268,6 +268,24 @@ def test_module_matches_masked_dense_conv_and_trains_only_trainable(backend):
     assert {n for n, _ in sparse.named_parameters()} == {"weight_train", "bias"}
 
 
+def test_autocast_computes_in_the_autocast_dtype_like_conv2d(backend):
+    """Under ``torch.autocast`` (CPU, bf16) the module returns bf16 like ``nn.Conv2d`` and its fp32
+    stores get fp32 gradients."""
+    mask, frozen = conv_masks((32, 20, 3, 3), 16, 0.6, "mixed")
+    dense = nn.Conv2d(20, 32, 3, padding=1)
+    sparse = SparseConv2d.from_dense(dense, mask=mask, frozen_mask=frozen, block_size=16)
+    x = torch.randn(2, 20, 9, 9, requires_grad=True)
+    with torch.autocast("cpu", dtype=BF16):
+        y = sparse(x)
+        dense_dtype = dense(x).dtype
+    assert y.dtype == dense_dtype == BF16
+    y.float().square().mean().backward()
+    assert sparse.weight_train.grad.dtype == x.grad.dtype == F32
+    assert bool(sparse.weight_train.grad.abs().sum() > 0)
+    xb, wb, bb = (t.detach().to(BF16) for t in (x, dense.weight, dense.bias))
+    assert_close(y, reference_conv2d(xb, wb, mask, bb, padding=1), BF16, 20 * 9, "y")
+
+
 def test_state_dict_round_trip_dense_load_and_to_dense(backend):
     mask, frozen = conv_masks((32, 20, 3, 3), 16, 0.5, "mixed")
     a = SparseConv2d(20, 32, 3, padding=1, block_size=16, mask=mask, frozen_mask=frozen)

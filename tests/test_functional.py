@@ -151,6 +151,27 @@ def test_without_bias(backend, dtype):
     check_all(p, y, x.grad, wt.grad, None)
 
 
+@pytest.mark.parametrize("density", [0.5, 1.0], ids=["sparse", "densepath"])
+def test_autocast_computes_in_the_autocast_dtype_like_f_linear(backend, density):
+    """Under ``torch.autocast`` (CPU, bf16) fp32 stores and input give a bf16 result, as ``F.linear``
+    does, and the fp32 leaves get fp32 gradients of the bf16 computation."""
+    p = Problem(21, 70, 100, (32, 16), F32, density, "mixed")
+    x, wt, b = p.x.requires_grad_(), p.wt.requires_grad_(), p.bias.requires_grad_()
+    with torch.autocast("cpu", dtype=BF16):
+        y = sparse_linear(x, wt, p.wf, p.lay, b)
+        dense_dtype = torch.nn.functional.linear(p.x, p.w, p.bias).dtype
+    assert y.dtype == dense_dtype == BF16
+    dy = p.dy.to(BF16)
+    y.backward(dy)
+    assert x.grad.dtype == wt.grad.dtype == b.grad.dtype == F32
+    xb, wb, bb = (t.detach().to(BF16) for t in (p.x, p.w, p.bias))
+    assert_close(y, reference_linear(xb, wb, p.mask, bb), BF16, p.k, "y")
+    dx_ref, dw_ref, db_ref = reference_grads(xb, wb, p.mask, p.frozen, dy, bb)
+    assert_close(x.grad, dx_ref, BF16, p.n, "x.grad")
+    assert_close(wt.grad, p.train_blocks(dw_ref), BF16, p.m, "w_train.grad")
+    assert_close(b.grad, db_ref, BF16, p.m, "bias.grad")
+
+
 @pytest.mark.parametrize("density", [0.5, 1.0], ids=["gathered", "densepath"])
 def test_leading_batch_dims(backend, density):
     """A 3-D input is flattened to tokens; the output and ``x.grad`` keep the leading dims."""

@@ -31,7 +31,7 @@ into the same formats, so a graph compiled in one mode stays valid in the other.
 import torch
 
 from sparsekern import convview, kernels
-from sparsekern.functional._checks import check_layout, check_stores
+from sparsekern.functional._checks import autocast_operands, check_layout, check_stores
 from sparsekern.kernels import bsconv_cpu
 from sparsekern.kernels.meta import ConvGeom, Meta
 from sparsekern.layout import BlockLayout
@@ -180,6 +180,8 @@ def sparse_conv2d(
     Returns:
         ``(N, Cout, Ho, Wo)`` (or ``(Cout, Ho, Wo)``); gradients reach ``w_train``
         only at trainable elements. The memory format is described in the module docstring.
+        Under ``torch.autocast`` every operand is cast to the autocast dtype first, as
+        ``F.conv2d`` does.
 
     Example:
         >>> mask = torch.rand(32, 16, 3, 3) < 0.5
@@ -190,6 +192,7 @@ def sparse_conv2d(
     """
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
+    x, w_train, w_frozen, bias = autocast_operands(x, w_train, w_frozen, bias)
     _check_operands(x, w_train, w_frozen, layout, weight_shape, bias)
     g = convview.conv_geometry(x.shape, weight_shape, stride, padding, dilation, layout.block_size[1])
     y = _conv2d(x, w_train, w_frozen, bias, layout.meta(), list(g), layout.n_frozen)

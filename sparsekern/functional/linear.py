@@ -31,7 +31,7 @@ fake implementations report the same strides.
 import torch
 
 from sparsekern import kernels
-from sparsekern.functional._checks import check_layout, check_stores
+from sparsekern.functional._checks import autocast_operands, check_layout, check_stores
 from sparsekern.kernels import bsmm_cpu
 from sparsekern.kernels.meta import Meta
 from sparsekern.layout import BlockLayout
@@ -162,7 +162,9 @@ def sparse_linear(
 
     Returns:
         ``(*, out_features)``. Equal to ``F.linear(input, W * mask, bias)``;
-        gradients reach ``w_train`` only at trainable elements.
+        gradients reach ``w_train`` only at trainable elements. Under
+        ``torch.autocast`` every operand is cast to the autocast dtype first,
+        as ``F.linear`` does.
 
     Example:
         >>> lay = BlockLayout.from_masks(torch.rand(64, 96) < 0.5, block_size=32)
@@ -170,6 +172,7 @@ def sparse_linear(
         >>> sparse_linear(torch.randn(5, 96), w_train, w_frozen, lay).shape
         torch.Size([5, 64])
     """
+    input, w_train, w_frozen, bias = autocast_operands(input, w_train, w_frozen, bias)
     _check_operands(input, w_train, w_frozen, layout, bias)
     n, k = layout.shape
     lead = input.shape[:-1]
