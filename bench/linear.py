@@ -3,6 +3,10 @@
 Providers, timed in the same run on the same weight, input and ``dy``:
 
 * ``dense``: ``nn.Linear``, the baseline every speedup is measured against.
+  It is timed once per shape (the row without a block, the weight-gradient
+  table's baseline) and again for every (block, density) case, its steps
+  taken in turn with ``masked`` and ``sparsekern``; a case's ratios divide by
+  its own dense row, so the machine's drift between cases cancels.
 * ``masked``: ``F.linear(x, w * mask, b)`` each step, what mask libraries
   (``torch.nn.utils.prune`` and the like) do; it computes everything.
 * ``sparsekern``: ``SparseLinear.from_dense(base, mask=mask, block_size=block)``.

@@ -3,9 +3,10 @@
 Same operands and results as the Triton launchers in ``bsmm.py`` (see there
 for shapes). Three implementations, chosen per call by :func:`path`:
 
-* ``native``: fp32 with the native kernels built (``native.py``). They read
-  only the computed blocks and keep a block row's sums in registers.
-* ``gathered``: other dtypes, or no native build. Each block row (forward,
+* ``native``: fp32 or bf16 with the native kernels built (``native.py``).
+  They read only the computed blocks and keep a block row's sums in registers
+  (fp32 sums for bf16 too, rounded once).
+* ``gathered``: fp16, or no native build. Each block row (forward,
   weight gradient) or block column (input gradient) becomes one GEMM over the
   gathered slices of the activations, so the GEMMs keep BLAS-sized inner
   dimensions while only computed blocks are touched. The loop runs over block
@@ -38,12 +39,13 @@ from . import native
 # reuses 64's value.
 DENSE_CROSSOVER = {16: 0.05, 32: 0.15, 64: 0.3, 128: 0.3}
 
-# The same crossover for the native kernels (fp32), measured the same way (full step, native
-# against the dense fallback, interleaved; the fallback itself runs at 0.82-0.95x nn.Linear):
-# 64x64 native is 1.24x nn.Linear at density 0.5, 0.98x at 0.6, 0.82x at 0.75 (fallback 0.77x);
-# 32x32 is 1.01x at 0.5 and 0.76x at 0.75 (fallback 0.85x); 128x128 is 1.06x at 0.5 but 0.50x at
-# 0.75 (its 2x64-wide weight panels no longer fit L2); 16x16 is 2.7x at 0.1 and 0.64x at 0.5.
-NATIVE_CROSSOVER = {16: 0.3, 32: 0.65, 64: 0.8, 128: 0.5}
+# The same crossover for the native kernels (fp32, used for bf16 too), measured the same way: full
+# step, native against the dense fallback, interleaved. Against the fallback as it stands (reused
+# buffers, 0.93-1.00x nn.Linear): 64x64 native is 1.30x nn.Linear at density 0.5, 1.15x at 0.6,
+# 1.06x at 0.7; 32x32 is 1.12x at 0.5, 0.96x at 0.6, 0.82x at 0.7. Measured before the fallback
+# and the kernels' last changes (fallback then 0.82-0.95x): 128x128 native 1.06x at 0.5 but 0.50x
+# at 0.75 (its 2x64-wide weight panels no longer fit L2); 16x16 2.7x at 0.1 and 0.64x at 0.5.
+NATIVE_CROSSOVER = {16: 0.3, 32: 0.6, 64: 0.8, 128: 0.5}
 
 
 def effective_blocks(w_train, w_frozen, storage, aux, element_state, n_frozen) -> torch.Tensor:
@@ -73,8 +75,8 @@ def effective_blocks(w_train, w_frozen, storage, aux, element_state, n_frozen) -
 
 
 def native_applies(dtype: torch.dtype) -> bool:
-    """Whether the native kernels run this dtype here (fp32, built, not disabled)."""
-    return dtype == torch.float32 and native.available()
+    """Whether the native kernels run this dtype here (fp32 or bf16, built, not disabled)."""
+    return dtype in native.DTYPES and native.available()
 
 
 def path(meta, dtype: torch.dtype = torch.float32) -> str:
@@ -94,7 +96,13 @@ def use_dense(meta, dtype: torch.dtype = torch.float32) -> bool:
 
 
 def transposed_output(meta, m: int, dtype: torch.dtype = torch.float32) -> bool:
-    """Whether the CPU path returns ``(M, N)`` results as a transposed view (the gathered path does).
+    """Whether the CPU path returns ``(M, N)`` results as a transposed view: the gathered path, for the
+    dtypes the native kernels never take (fp16).
+
+    A function of the layout's density and the dtype only, never of whether the native kernels
+    were built in this process: compiled graphs bake these strides in, and a graph cached with
+    the kernels available must stay valid without them. When fp32/bf16 falls back to the gathered
+    path, that path copies its result to row-major instead.
 
     The GEMMs run as ``(bm, L) @ (L, M)`` because that orientation is 1.8x
     faster here than ``(M, L) @ (L, bm)``; the result is ``Y.T`` in memory.
@@ -102,7 +110,7 @@ def transposed_output(meta, m: int, dtype: torch.dtype = torch.float32) -> bool:
     (memory bandwidth is the bottleneck on this CPU, about 3 GB/s), and the
     next sparse layer's own transpose of its input then costs nothing.
     """
-    return m > 0 and path(meta, dtype) == "gathered"
+    return m > 0 and dtype not in native.DTYPES and path(meta, dtype) == "gathered"
 
 
 class _Workspace(threading.local):
@@ -125,6 +133,17 @@ class _Workspace(threading.local):
 
 
 _ws = _Workspace()
+
+
+def release_workspace() -> None:
+    """Free the calling thread's CPU-path buffers: this module's (the dense fallback's weight and
+    product, the gathered path's slabs) and the native kernels' packing buffers.
+
+    They grow to the largest operands the thread has seen and are kept for reuse, because
+    fresh multi-MB allocations are page-faulted on every call.
+    """
+    _ws.buffers.clear()
+    native.release_workspace()
 
 
 def _transposed(t: torch.Tensor, rows: int, slot: str) -> torch.Tensor:
@@ -217,8 +236,8 @@ def forward(x, w_train, w_frozen, bias, meta, n_out, n_frozen) -> torch.Tensor:
         return torch.nn.functional.linear(x, w, bias)
     vals = effective_blocks(w_train, w_frozen, meta.storage, meta.aux, meta.element_state, n_frozen)
     if how == "native":  # blocks as (bk, bm): a row of the block is then one output vector
-        b = None if bias is None else bias.contiguous()
-        wt = vals.transpose(1, 2).contiguous()
+        b = None if bias is None else bias.float().contiguous()
+        wt = vals.transpose(1, 2).float().contiguous()
         return native.group_mm(_unit_cols(x), wt, meta.row_offsets, meta.col_indices, None, b, n_out)
     rb, cb = meta.row_offsets.numel() - 1, meta.col_offsets.numel() - 1
     xt = _transposed(x, cb * bk, "xt").view(cb, bk, m)
@@ -231,7 +250,8 @@ def forward(x, w_train, w_frozen, bias, meta, n_out, n_frozen) -> torch.Tensor:
     )  # fmt: skip
     if bias is not None:
         yt[:n_out] += bias[:, None]
-    return yt[:n_out].t()
+    y = yt[:n_out].t()
+    return y if transposed_output(meta, m, x.dtype) else y.contiguous()
 
 
 def input_grad(dy, w_train, w_frozen, meta, n_in, n_frozen) -> torch.Tensor:
@@ -243,7 +263,13 @@ def input_grad(dy, w_train, w_frozen, meta, n_in, n_frozen) -> torch.Tensor:
     vals = effective_blocks(w_train, w_frozen, meta.storage, meta.aux, meta.element_state, n_frozen)
     if how == "native":  # the transposed walk reads the blocks in place, through block_index_t
         return native.group_mm(
-            _unit_cols(dy), vals.contiguous(), meta.col_offsets, meta.row_indices_t, meta.block_index_t, None, n_in
+            _unit_cols(dy),
+            vals.float().contiguous(),
+            meta.col_offsets,
+            meta.row_indices_t,
+            meta.block_index_t,
+            None,
+            n_in,
         )
     rb, cb = meta.row_offsets.numel() - 1, meta.col_offsets.numel() - 1
     dyt = _transposed(dy, rb * bm, "dyt").view(rb, bm, m)
@@ -254,7 +280,8 @@ def input_grad(dy, w_train, w_frozen, meta, n_in, n_frozen) -> torch.Tensor:
         lambda s, e: w_cols[:, s:e].reshape(bk, (e - s) * bm),
         dyt, meta.row_indices_t.long(), meta.col_offsets, bm, dxt.view(cb, bk, m),
     )  # fmt: skip
-    return dxt[:n_in].t()
+    dx = dxt[:n_in].t()
+    return dx if transposed_output(meta, m, dy.dtype) else dx.contiguous()
 
 
 def weight_grad(dy, x, meta, block_size) -> torch.Tensor:
@@ -269,7 +296,8 @@ def weight_grad(dy, x, meta, block_size) -> torch.Tensor:
     how = path(meta, x.dtype)
     if how == "native" and m > 0:
         rows, cols = meta.row_indices[tidx].contiguous(), meta.col_indices[tidx].contiguous()
-        return mask_mixed_grad_(native.sampled_mm(_unit_cols(dy), _unit_cols(x), rows, cols, bm, bk), meta)
+        dw = native.sampled_mm(_unit_cols(dy), _unit_cols(x), rows, cols, bm, bk)
+        return mask_mixed_grad_(dw.to(x.dtype), meta)
     t_rows = meta.row_indices.long()[tidx]
     t_cols = meta.col_indices.long()[tidx]
     if how == "dense" or m == 0:

@@ -1,15 +1,21 @@
 """Builds and loads the native CPU kernels (``native/bsmm.cpp``) and wraps them for torch tensors.
 
+What they cover: the block-sparse linear passes (forward, input gradient,
+weight gradient) on CPU tensors, fp32 or bf16 activations (fp32 sums), block
+sides that are multiples of 16. POSIX systems only (the workspace uses
+``madvise``); elsewhere the build fails and the CPU path says so once.
+
 The source depends on nothing but a C++17 compiler with OpenMP: no torch
 headers, so it builds in about a second the first time a process needs it.
 The library is cached under ``$SPARSEKERN_CACHE_DIR`` (default
 ``~/.cache/sparsekern``), keyed by the source, the flags, the compiler and the
 CPU, because ``-march=native`` code only runs on the CPU it was built for.
 
-It is loaded with ctypes, which releases the GIL during calls. Its OpenMP
-runtime is torch's own: torch has loaded ``libgomp.so.1`` already, and the
-dynamic linker resolves the library's dependency to it, so the two share one
-thread pool. The thread count follows ``torch.get_num_threads()``.
+It is loaded with ctypes, which releases the GIL during calls. Built with GCC,
+its OpenMP runtime is torch's own: torch has loaded ``libgomp.so.1`` already,
+and the dynamic linker resolves the library's dependency to it, so the two
+share one thread pool (``CXX=clang++`` links LLVM's libomp instead: a second
+pool). The thread count follows ``torch.get_num_threads()``.
 
 ``SPARSEKERN_NATIVE=0`` turns the native kernels off; so does a failed build,
 which warns once and names the reason. Either way the CPU path then runs its
@@ -36,8 +42,8 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 _P, _I, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
-    "sk_group_mm": [_P, _I, _I, _I, _P, _P, _I, _P, _P, _I, _I, _P, _P, _I, _I, _INT],
-    "sk_sampled_mm": [_P, _I, _I, _P, _I, _I, _I, _P, _P, _I, _I, _I, _P, _INT],
+    "sk_group_mm": [_P, _I, _I, _I, _P, _P, _I, _P, _P, _I, _I, _P, _P, _I, _I, _INT, _INT],
+    "sk_sampled_mm": [_P, _I, _I, _P, _I, _I, _I, _P, _P, _I, _I, _I, _P, _INT, _INT],
     "sk_release": [],
 }
 
@@ -153,17 +159,37 @@ def _require(cond: bool, what: str) -> None:
         raise ValueError(f"sparsekern native kernels: {what}")
 
 
-def _operands(floats: dict, ints: dict) -> None:
+#: Activation dtypes the kernels read and write; weights, bias and dW are always fp32.
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _operands(activations: dict, floats: dict, ints: dict) -> None:
     """The kernels trust pointers: check dtypes, devices and layouts here, where a mistake is still an error."""
+    for name, t in activations.items():
+        _require(t.dtype in DTYPES and t.device.type == "cpu", f"{name} must be a float32 or bfloat16 CPU tensor")
+        _require(t.numel() == 0 or t.stride(-1) == 1, f"{name} must have unit stride in its last dimension")
     for name, t in floats.items():
         if t is not None:
             _require(t.dtype == torch.float32 and t.device.type == "cpu", f"{name} must be a float32 CPU tensor")
-            unit = t.dim() < 2 or t.numel() == 0 or t.stride(-1) == 1
-            _require(unit, f"{name} must have unit stride in its last dimension")
+            _require(t.numel() == 0 or t.stride(-1) == 1, f"{name} must have unit stride in its last dimension")
     for name, t in ints.items():
         if t is not None:
             ok = t.dtype == torch.int32 and t.device.type == "cpu" and t.is_contiguous()
             _require(ok, f"{name} must be a contiguous int32 CPU tensor")
+
+
+def _in_range(t, bound: int, name: str, what: str) -> None:
+    """Index values the kernels use as offsets must lie in ``[0, bound)`` (an O(n) check, n = blocks)."""
+    if t is not None and t.numel():
+        _require(int(t.min()) >= 0 and int(t.max()) < bound, f"{name} holds indices outside the {bound} {what}")
+
+
+def _loaded() -> ctypes.CDLL:
+    got = lib()
+    if got is None:
+        why = "SPARSEKERN_NATIVE=0" if not enabled() else _error
+        raise RuntimeError(f"sparsekern native kernels are unavailable ({why})")
+    return got
 
 
 def _out(out, shape, like, contiguous: bool) -> torch.Tensor:
@@ -179,15 +205,19 @@ def _out(out, shape, like, contiguous: bool) -> torch.Tensor:
 def group_mm(a, blocks, offsets, idx, sel, bias, out_cols, out=None) -> torch.Tensor:
     """``out[t, g*W + w] = bias + sum_{p in group g} a[t, idx[p]*L + l] @ blocks[sel[p]][l, w]``, as ``(M, out_cols)``.
 
-    ``a`` is ``(M, a_cols)`` with unit column stride; ``blocks`` is a contiguous
-    ``(nb, L, W)``; ``offsets`` (``G + 1``), ``idx`` and ``sel`` (or ``None``
-    for the identity) are contiguous int32. ``out``, when given, needs unit
-    column stride only.
+    ``a`` is ``(M, a_cols)``, fp32 or bf16, with unit column stride; the
+    result has ``a``'s dtype (fp32 sums, rounded once). ``blocks`` is a
+    contiguous fp32 ``(nb, L, W)``, ``bias`` fp32; ``offsets`` (``G + 1``),
+    ``idx`` and ``sel`` (or ``None`` for the identity) are contiguous int32.
+    ``out``, when given, needs unit column stride only.
     """
     m, a_cols = a.shape
     _, L, W = blocks.shape
-    _operands({"a": a, "blocks": blocks, "bias": bias}, {"offsets": offsets, "idx": idx, "sel": sel})
+    _operands({"a": a}, {"blocks": blocks, "bias": bias}, {"offsets": offsets, "idx": idx, "sel": sel})
     _require(blocks.is_contiguous(), "blocks must be contiguous")
+    _in_range(idx, -(-a_cols // L), "idx", "column blocks of a")
+    _in_range(sel, blocks.shape[0], "sel", "blocks")
+    _require(offsets.numel() >= 1 and int(offsets[-1]) == idx.numel(), "offsets must end at len(idx)")
     _require(
         out_cols <= (offsets.numel() - 1) * W, f"out_cols {out_cols} exceeds the groups' {offsets.numel() - 1} x {W}"
     )
@@ -195,25 +225,31 @@ def group_mm(a, blocks, offsets, idx, sel, bias, out_cols, out=None) -> torch.Te
         bias is None or bias.numel() >= out_cols, f"bias has {0 if bias is None else bias.numel()} < {out_cols} entries"
     )
     out = _out(out, (m, out_cols), a, contiguous=False)
-    rc = lib().sk_group_mm(
+    rc = _loaded().sk_group_mm(
         _ptr(a), a.stride(0), m, a_cols, _ptr(blocks), _ptr(offsets), offsets.numel() - 1, _ptr(idx), _ptr(sel),
-        L, W, _ptr(bias), _ptr(out), out.stride(0), out_cols, torch.get_num_threads(),
+        L, W, _ptr(bias), _ptr(out), out.stride(0), out_cols, a.dtype == torch.bfloat16, torch.get_num_threads(),
     )  # fmt: skip
     _check(rc, "group_mm")
     return out
 
 
 def sampled_mm(dy, x, rows, cols, bm: int, bk: int, out=None) -> torch.Tensor:
-    """``dw[b] = dy[:, rows[b]*bm : +bm].T @ x[:, cols[b]*bk : +bk]``, zero past the edges, as ``(nb, bm, bk)``."""
+    """``dw[b] = dy[:, rows[b]*bm : +bm].T @ x[:, cols[b]*bk : +bk]``, zero past the edges, as fp32 ``(nb, bm, bk)``.
+
+    ``dy`` and ``x`` are both fp32 or both bf16.
+    """
     m, n = dy.shape
     k = x.shape[1]
-    _operands({"dy": dy, "x": x}, {"rows": rows, "cols": cols})
+    _operands({"dy": dy, "x": x}, {}, {"rows": rows, "cols": cols})
     _require(x.shape[0] == m, f"dy has {m} rows but x has {x.shape[0]}")
+    _require(dy.dtype == x.dtype, f"dy is {dy.dtype} but x is {x.dtype}")
     _require(rows.numel() == cols.numel(), "rows and cols must have one entry per block")
-    dw = _out(out, (rows.numel(), bm, bk), x, contiguous=True)
-    rc = lib().sk_sampled_mm(
+    _in_range(rows, -(-n // bm), "rows", "block rows of dy")
+    _in_range(cols, -(-k // bk), "cols", "block columns of x")
+    dw = _out(out, (rows.numel(), bm, bk), x.new_empty(0, dtype=torch.float32), contiguous=True)
+    rc = _loaded().sk_sampled_mm(
         _ptr(dy), dy.stride(0), n, _ptr(x), x.stride(0), k, m, _ptr(rows), _ptr(cols), rows.numel(), bm, bk,
-        _ptr(dw), torch.get_num_threads(),
+        _ptr(dw), x.dtype == torch.bfloat16, torch.get_num_threads(),
     )  # fmt: skip
     _check(rc, "sampled_mm")
     return dw

@@ -141,3 +141,45 @@ def xfail_cpu_dense_nan(request):
             )
 
     return apply
+
+
+# ------------------------------------------------------ native CPU kernels
+def _lift_cpu_crossovers(monkeypatch):
+    from sparsekern.kernels import bsmm_cpu
+
+    monkeypatch.setattr(bsmm_cpu, "NATIVE_CROSSOVER", dict.fromkeys((16, 32, 64, 128), 0.99))
+    monkeypatch.setattr(bsmm_cpu, "DENSE_CROSSOVER", dict.fromkeys((16, 32, 64, 128), 0.99))
+
+
+@pytest.fixture
+def native_only(monkeypatch):
+    """The native kernels, or a skip where they cannot be built; every layout short of full
+    density then takes them (the dense crossovers are lifted to 0.99)."""
+    from sparsekern.kernels import native
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable here: {native._error}")
+    _lift_cpu_crossovers(monkeypatch)
+
+
+@pytest.fixture(params=["native", "gathered"])
+def cpu_impl(request, monkeypatch):
+    """fp32/bf16 CPU calls routed to the native kernels or to the torch-level gathered path
+    (what a machine without a C++ compiler runs); crossovers lifted as in ``native_only``."""
+    if request.param == "native":
+        request.getfixturevalue("native_only")
+    else:
+        monkeypatch.setenv("SPARSEKERN_NATIVE", "0")
+        _lift_cpu_crossovers(monkeypatch)
+    return request.param
+
+
+@pytest.fixture
+def fresh_native_build(monkeypatch, tmp_path):
+    """An empty kernel cache in ``tmp_path`` and a module that has loaded nothing yet."""
+    from sparsekern.kernels import native
+
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_error", None)
+    monkeypatch.setenv("SPARSEKERN_CACHE_DIR", str(tmp_path))
+    return tmp_path

@@ -172,6 +172,18 @@ def test_autocast_computes_in_the_autocast_dtype_like_f_linear(backend, density)
     assert_close(b.grad, db_ref, BF16, p.m, "bias.grad")
 
 
+def test_autocast_leaves_float64_alone(backend):
+    """Autocast never casts float64 (``F.linear`` on float64 stays float64 under it); neither do the sparse ops."""
+    if backend == "triton":
+        pytest.skip("the Triton kernels take fp32, fp16 and bf16 only; the CPU path also runs float64")
+    p = Problem(5, 40, 48, 16, torch.float64, 0.5, "block")
+    with torch.autocast("cpu", dtype=BF16):
+        y = sparse_linear(p.x, p.wt, p.wf, p.lay, p.bias)
+        assert torch.nn.functional.linear(p.x, p.w, p.bias).dtype == torch.float64
+    assert y.dtype == torch.float64
+    assert_close(y, reference_linear(p.x, p.w, p.mask, p.bias), torch.float64, p.k, "y")
+
+
 @pytest.mark.parametrize("density", [0.5, 1.0], ids=["gathered", "densepath"])
 def test_leading_batch_dims(backend, density):
     """A 3-D input is flattened to tokens; the output and ``x.grad`` keep the leading dims."""

@@ -13,42 +13,31 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from test_native import NAN, Problem, make_masks
+from native_cases import NAN, Problem, make_masks
 
 from sparsekern.kernels import bsmm_cpu, native
 from sparsekern.testing import assert_close, reference_linear
 
 
-@pytest.fixture
-def native_only(monkeypatch):
-    if not native.available():
-        pytest.skip(f"native kernels unavailable here: {native._error}")
-    monkeypatch.setattr(bsmm_cpu, "NATIVE_CROSSOVER", dict.fromkeys((16, 32, 64, 128), 0.99))
-    monkeypatch.setattr(bsmm_cpu, "DENSE_CROSSOVER", dict.fromkeys((16, 32, 64, 128), 0.99))
-
-
-def check_all(p):
-    dx_ref, dw_ref, _ = p.ref()
-    assert_close(p.forward(), reference_linear(p.x, p.w, p.mask, p.bias), torch.float32, p.k, "y")
-    assert_close(p.forward(bias=False), reference_linear(p.x, p.w, p.mask), torch.float32, p.k, "y (no bias)")
-    assert_close(p.input_grad(), dx_ref, torch.float32, p.n, "dx")
-    assert_close(p.weight_grad(), p.dw_blocks(dw_ref), torch.float32, max(p.m, 1), "dw")
-
-
-# M around the register tiles (6, 12) and token tiles (48, 96); N, K off the block grid.
+# M around the register tiles (6, 12) and the 96-token tile; N, K off the block grid.
 @pytest.mark.parametrize("m", [1, 5, 6, 11, 13, 47, 49, 95, 97])
 @pytest.mark.parametrize("bs", [(64, 16), (16, 128), (128, 16), (32, 64)])
 def test_tile_remainders_and_rectangular_blocks(native_only, m, bs):
     p = Problem(m, 131, 75, bs, 0.4, "mixed")
     assert bsmm_cpu.path(p.meta) == "native"
-    check_all(p)
+    p.check_all()
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (3, 1, 200), (4, 200, 1), (13, 17, 15)])
 @pytest.mark.parametrize("bs", [16, 128, (16, 128), (128, 16)])
-def test_operands_smaller_than_one_block(native_only, shape, bs):
-    p = Problem(*shape, bs, 0.5, "unstructured")
-    check_all(p)
+def test_operands_smaller_than_one_block(native_only, monkeypatch, shape, bs):
+    """One partial block (or a row or column of them), each kept: edges on every side of a computed block."""
+    p = Problem(*shape, bs, 1.0, "block")
+    assert p.lay.nnz_blocks >= 1
+    # A single computed block is full density, which the dense crossover (0.99) would take: run native.
+    monkeypatch.setattr(bsmm_cpu, "NATIVE_CROSSOVER", dict.fromkeys((16, 32, 64, 128), 1.0))
+    assert bsmm_cpu.path(p.meta) == "native"
+    p.check_all()
 
 
 def test_zero_stride_operands(native_only):
@@ -56,7 +45,8 @@ def test_zero_stride_operands(native_only):
     p = Problem(29, 96, 80, (32, 16), 0.5, "mixed")
     p.x = torch.randn(1, p.k).expand(p.m, p.k)
     p.dy = torch.ones(()).expand(p.m, p.n)
-    check_all(p)
+    assert bsmm_cpu.path(p.meta) == "native"
+    p.check_all()
 
 
 def test_empty_token_count_on_a_fresh_thread(native_only):
@@ -87,6 +77,7 @@ def test_concurrent_callers_match_serial(native_only):
     """Two Python threads at once (each with its own thread_local workspace) give bit-identical results."""
     probs = [Problem(m, n, k, bs, 0.4, "mixed") for m, n, k, bs in [(301, 130, 200, 32), (97, 64, 300, (16, 64))]]
     probs += [Problem(200, 200, 90, 64, 0.4, "mixed"), Problem(33, 300, 250, (128, 32), 0.4, "mixed")]
+    assert all(bsmm_cpu.path(p.meta) == "native" for p in probs)
 
     def all3(p):
         return p.forward(), p.input_grad(), p.weight_grad()
@@ -137,13 +128,11 @@ def test_wholly_pruned_operands_never_reach_the_result(native_only, seed):
     assert_close(p.weight_grad(), p.dw_blocks(dw_ref), torch.float32, m, "dw")
 
 
-def test_built_library_is_readable_by_everyone(monkeypatch, tmp_path):
+def test_built_library_is_readable_by_everyone(fresh_native_build):
     """A shared SPARSEKERN_CACHE_DIR serves other users: the library must not keep mkstemp's private mode."""
     if native._compiler() is None:
         pytest.skip("no C++ compiler here")
-    monkeypatch.setattr(native, "_lib", None)
-    monkeypatch.setattr(native, "_error", None)
-    monkeypatch.setenv("SPARSEKERN_CACHE_DIR", str(tmp_path))
+    tmp_path = fresh_native_build
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert native.available()

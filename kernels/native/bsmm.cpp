@@ -10,6 +10,9 @@
 // which is what made the unpacked version TLB-bound. The packed buffers are a per-thread grow-only
 // workspace on 2 MiB-aligned, huge-page-advised memory; sk_release frees the calling thread's.
 //
+// bf16 activations and outputs are converted on the way in (packing) and out (the tile store); all
+// arithmetic is fp32. The weight blocks and bias arrive as fp32 (the caller converts those few bytes).
+//
 // Vectors are GCC vector extensions (16 floats), so the same source builds for AVX-512, AVX2 or NEON
 // with -march=native. No source here depends on torch: it builds in about a second.
 #include <algorithm>
@@ -53,8 +56,29 @@ struct Workspace {
 };
 thread_local Workspace ws_a, ws_b;
 
+// bf16 is the top half of an fp32: widening is a shift; narrowing rounds to nearest even, and keeps
+// NaN a (quiet) NaN instead of letting the rounding carry run into the exponent.
+typedef uint16_t bf16;
+inline float widen(float x) { return x; }
+inline float widen(bf16 h) {
+    const uint32_t u = uint32_t(h) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+inline void narrow(float x, float* out) { *out = x; }
+inline void narrow(float x, bf16* out) {
+    uint32_t u;
+    std::memcpy(&u, &x, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u)
+        *out = bf16((u >> 16) | 0x40u);
+    else
+        *out = bf16((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
 // dst[c][t][0:L] = src[t, c*L + 0:L] for the column blocks c with used[c]; zero past `cols`.
-void pack(const float* src, int64_t ld, int64_t M, int64_t cols, int64_t L, const uint8_t* used, float* dst,
+template <typename T>
+void pack(const T* src, int64_t ld, int64_t M, int64_t cols, int64_t L, const uint8_t* used, float* dst,
           int nthreads) {
     const int64_t cb = (cols + L - 1) / L;
     const int64_t TC = 256;  // tokens per work item: enough work to amortise scheduling
@@ -65,9 +89,9 @@ void pack(const float* src, int64_t ld, int64_t M, int64_t cols, int64_t L, cons
         if (!used[c]) continue;
         const int64_t w = std::min(L, cols - c * L);
         float* d = dst + (c * M + t0) * L;
-        const float* s = src + t0 * ld + c * L;
+        const T* s = src + t0 * ld + c * L;
         for (int64_t t = t0; t < t1; ++t, d += L, s += ld) {
-            std::memcpy(d, s, sizeof(float) * w);
+            for (int64_t q = 0; q < w; ++q) d[q] = widen(s[q]);
             if (w < L) std::memset(d + w, 0, sizeof(float) * (L - w));
         }
     }
@@ -89,9 +113,9 @@ inline void with_rows(int64_t r, F&& f) {
 // One MR-token by 16*NV-column output tile of a group (a block row in the forward pass, a block
 // column in the input gradient), accumulated in registers over all of the group's blocks:
 //   out[t, col0 + w] = bias + sum_{p in [s, e)} sum_l P[idx[p]][t][l] * B[sel[p]][l][slab*16NV + w]
-template <int NV, int MR>
+template <int NV, int MR, typename OT>
 inline void group_tile(const float* P, int64_t M, int64_t L, const float* B, int64_t W, int64_t woff,
-                       const int32_t* idx, const int32_t* sel, int32_t s, int32_t e, const float* bias, float* out,
+                       const int32_t* idx, const int32_t* sel, int32_t s, int32_t e, const float* bias, OT* out,
                        int64_t ldo, int64_t col0, int64_t out_cols) {
     v16 acc[MR][NV];
     for (int v = 0; v < NV; ++v) {
@@ -114,15 +138,15 @@ inline void group_tile(const float* P, int64_t M, int64_t L, const float* B, int
             }
         }
     }
-    const int64_t valid = out_cols - col0;
+    const int64_t valid = std::min<int64_t>(out_cols - col0, NV * 16);  // the last block may be partial
     for (int i = 0; i < MR; ++i) {
-        float* o = out + i * ldo + col0;
-        if (valid >= NV * 16) {
-            for (int v = 0; v < NV; ++v) st(o + 16 * v, acc[i][v]);
-        } else {  // the last, partial block of the output: store only its real columns
+        OT* o = out + i * ldo + col0;
+        if (std::is_same_v<OT, float> && valid == NV * 16) {
+            for (int v = 0; v < NV; ++v) st(reinterpret_cast<float*>(o) + 16 * v, acc[i][v]);
+        } else {
             float tmp[NV * 16];
             for (int v = 0; v < NV; ++v) st(tmp + 16 * v, acc[i][v]);
-            std::memcpy(o, tmp, sizeof(float) * valid);
+            for (int64_t q = 0; q < valid; ++q) narrow(tmp[q], o + q);
         }
     }
 }
@@ -131,9 +155,9 @@ inline void group_tile(const float* P, int64_t M, int64_t L, const float* B, int
 // while the groups' weights stream through it. TM balances that reuse against the weights' traffic:
 // for 64-wide groups (4096x4096 fp32, 2048 tokens, density 0.1 and 0.5) TM = 96 measured 7-13%
 // faster than 48, 24 slower still, and 144 the same as 96.
-template <int NV, int MR, int TM>
+template <int NV, int MR, int TM, typename OT>
 void group_mm(const float* P, int64_t M, const float* B, const int32_t* offsets, int64_t G, const int32_t* idx,
-              const int32_t* sel, int64_t L, int64_t W, const float* bias, float* out, int64_t ldo,
+              const int32_t* sel, int64_t L, int64_t W, const float* bias, OT* out, int64_t ldo,
               int64_t out_cols, int nthreads) {
     const int64_t tiles = (M + TM - 1) / TM;
     const int64_t slabs = W / (16 * NV);
@@ -146,10 +170,10 @@ void group_mm(const float* P, int64_t M, const float* B, const int32_t* offsets,
             const int64_t woff = slab * NV * 16;
             int64_t t = t0;
             for (; t + MR <= t1; t += MR)
-                group_tile<NV, MR>(P + t * L, M, L, B, W, woff, idx, sel, offsets[g], offsets[g + 1], bias,
+                group_tile<NV, MR, OT>(P + t * L, M, L, B, W, woff, idx, sel, offsets[g], offsets[g + 1], bias,
                                    out + t * ldo, ldo, col0, out_cols);
             with_rows<MR - 1>(t1 - t, [&](auto rows) {
-                group_tile<NV, decltype(rows)::value>(P + t * L, M, L, B, W, woff, idx, sel, offsets[g],
+                group_tile<NV, decltype(rows)::value, OT>(P + t * L, M, L, B, W, woff, idx, sel, offsets[g],
                                                       offsets[g + 1], bias, out + t * ldo, ldo, col0, out_cols);
             });
         }
@@ -218,10 +242,11 @@ extern "C" {
 // blocks' storage index, B = blocks as stored (bm, bk), L = bm, W = bk):
 //   out[t, g*W + w] = bias[g*W + w] + sum_{p in group g} sum_l A[t, idx[p]*L + l] * B[sel[p]][l][w]
 // A is (M, a_cols) with row stride lda and unit column stride; out is (M, out_cols) with row stride
-// ldo. Returns 0, or non-zero when W is not a multiple of 16 or memory ran out (nothing written).
-int sk_group_mm(const float* A, int64_t lda, int64_t M, int64_t a_cols, const float* B, const int32_t* offsets,
+// ldo; both are fp32, or both bf16 when is_bf16. Returns 0, or non-zero when W is not a multiple of
+// 16 or memory ran out (nothing written).
+int sk_group_mm(const void* A, int64_t lda, int64_t M, int64_t a_cols, const float* B, const int32_t* offsets,
                 int64_t G, const int32_t* idx, const int32_t* sel, int64_t L, int64_t W, const float* bias,
-                float* out, int64_t ldo, int64_t out_cols, int nthreads) {
+                void* out, int64_t ldo, int64_t out_cols, int is_bf16, int nthreads) {
     if (W % 16 != 0 || L <= 0) return 1;
     const int64_t cb = (a_cols + L - 1) / L;
     uint8_t* used = mark_used(cb, idx, offsets[G]);
@@ -230,24 +255,34 @@ int sk_group_mm(const float* A, int64_t lda, int64_t M, int64_t a_cols, const fl
         std::free(used);
         return 2;
     }
-    pack(A, lda, M, a_cols, L, used, P, nthreads);
-    std::free(used);
-    // Register tiles: MR tokens by NV vectors of 16 columns (24 accumulators of 32 zmm registers).
-    if (W % 64 == 0)
-        group_mm<4, 6, 96>(P, M, B, offsets, G, idx, sel, L, W, bias, out, ldo, out_cols, nthreads);
-    else if (W % 32 == 0)
-        group_mm<2, 12, 96>(P, M, B, offsets, G, idx, sel, L, W, bias, out, ldo, out_cols, nthreads);
+    if (is_bf16)
+        pack(static_cast<const bf16*>(A), lda, M, a_cols, L, used, P, nthreads);
     else
-        group_mm<1, 12, 96>(P, M, B, offsets, G, idx, sel, L, W, bias, out, ldo, out_cols, nthreads);
+        pack(static_cast<const float*>(A), lda, M, a_cols, L, used, P, nthreads);
+    std::free(used);
+    auto run = [&](auto* o) {
+        // Register tiles: MR tokens by NV vectors of 16 columns (24 accumulators of 32 zmm registers).
+        if (W % 64 == 0)
+            group_mm<4, 6, 96>(P, M, B, offsets, G, idx, sel, L, W, bias, o, ldo, out_cols, nthreads);
+        else if (W % 32 == 0)
+            group_mm<2, 12, 96>(P, M, B, offsets, G, idx, sel, L, W, bias, o, ldo, out_cols, nthreads);
+        else
+            group_mm<1, 12, 96>(P, M, B, offsets, G, idx, sel, L, W, bias, o, ldo, out_cols, nthreads);
+    };
+    if (is_bf16)
+        run(static_cast<bf16*>(out));
+    else
+        run(static_cast<float*>(out));
     return 0;
 }
 
 // Weight gradient of the trainable blocks b (block row brow[b], column bcol[b]):
 //   dw[b][j][k] = sum_t DY[t, brow[b]*bm + j] * X[t, bcol[b]*bk + k]
-// Rows past N and columns past K come out zero (the packed panels are zero there).
-int sk_sampled_mm(const float* DY, int64_t lddy, int64_t N, const float* X, int64_t ldx, int64_t K, int64_t M,
+// Rows past N and columns past K come out zero (the packed panels are zero there). DY and X are both
+// fp32, or both bf16 when is_bf16; dw is always fp32.
+int sk_sampled_mm(const void* DY, int64_t lddy, int64_t N, const void* X, int64_t ldx, int64_t K, int64_t M,
                   const int32_t* brow, const int32_t* bcol, int64_t nb, int64_t bm, int64_t bk, float* dw,
-                  int nthreads) {
+                  int is_bf16, int nthreads) {
     if (bk % 16 != 0 || bm <= 0) return 1;
     const int64_t rb = (N + bm - 1) / bm, cb = (K + bk - 1) / bk;
     uint8_t* urow = mark_used(rb, brow, nb);
@@ -259,8 +294,13 @@ int sk_sampled_mm(const float* DY, int64_t lddy, int64_t N, const float* X, int6
         std::free(ucol);
         return 2;
     }
-    pack(DY, lddy, M, N, bm, urow, Dp, nthreads);
-    pack(X, ldx, M, K, bk, ucol, Xp, nthreads);
+    if (is_bf16) {
+        pack(static_cast<const bf16*>(DY), lddy, M, N, bm, urow, Dp, nthreads);
+        pack(static_cast<const bf16*>(X), ldx, M, K, bk, ucol, Xp, nthreads);
+    } else {
+        pack(static_cast<const float*>(DY), lddy, M, N, bm, urow, Dp, nthreads);
+        pack(static_cast<const float*>(X), ldx, M, K, bk, ucol, Xp, nthreads);
+    }
     std::free(urow);
     std::free(ucol);
     if (bk % 64 == 0)

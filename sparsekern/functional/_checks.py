@@ -1,5 +1,4 @@
-"""Operand preparation shared by the functional ops: autocast, and the value stores and bias checked
-against the layout and the input."""
+"""Operand checks shared by the functional ops: the value stores and bias against the layout and the input."""
 
 from __future__ import annotations
 
@@ -33,22 +32,3 @@ def check_stores(x: torch.Tensor, w_train, w_frozen, layout: BlockLayout, bias, 
         )
     if bias is not None and tuple(bias.shape) != (n_out,):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n_out},)")
-
-
-def autocast_operands(x: torch.Tensor, *operands: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-    """``(x, *operands)`` in the autocast dtype when ``torch.autocast`` is on for ``x``'s device.
-
-    ``F.linear`` and ``F.conv2d`` cast every floating operand to that dtype
-    under autocast; the sparse ops do the same, so a model that mixes them with
-    dense layers runs under ``torch.autocast`` unchanged. The casts are autograd
-    ops: gradients reach the stored (say, fp32) values in their own dtype.
-    """
-    device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return (x, *operands)
-    dtype = torch.get_autocast_dtype(device_type)
-
-    def cast(t):
-        return t if t is None or not t.is_floating_point() or t.dtype == dtype else t.to(dtype)
-
-    return tuple(cast(t) for t in (x, *operands))

@@ -31,7 +31,8 @@ into the same formats, so a graph compiled in one mode stays valid in the other.
 import torch
 
 from sparsekern import convview, kernels
-from sparsekern.functional._checks import autocast_operands, check_layout, check_stores
+from sparsekern.functional._autocast import autocast_operands
+from sparsekern.functional._checks import check_layout, check_stores
 from sparsekern.kernels import bsconv_cpu
 from sparsekern.kernels.meta import ConvGeom, Meta
 from sparsekern.layout import BlockLayout

@@ -31,7 +31,8 @@ fake implementations report the same strides.
 import torch
 
 from sparsekern import kernels
-from sparsekern.functional._checks import autocast_operands, check_layout, check_stores
+from sparsekern.functional._autocast import autocast_operands
+from sparsekern.functional._checks import check_layout, check_stores
 from sparsekern.kernels import bsmm_cpu
 from sparsekern.kernels.meta import Meta
 from sparsekern.layout import BlockLayout
@@ -46,9 +47,10 @@ def _meta(meta: list[torch.Tensor]) -> Meta:
 def _new_output(like: torch.Tensor, rows: int, cols: int, meta: list[torch.Tensor]) -> torch.Tensor:
     """An ``(rows, cols)`` output with the strides the op promises for this device.
 
-    On the CPU the layout depends only on the layout's density, never on
-    whether the interpreter runs, so graphs compiled in one mode stay valid
-    in the other (torch's compile cache does not know about the interpreter).
+    On the CPU the layout depends only on the layout's density and the dtype,
+    never on whether the interpreter runs or the native kernels were built, so
+    graphs compiled in one setting stay valid in another (torch's compile cache
+    knows about neither).
     """
     if like.device.type == "cpu" and bsmm_cpu.transposed_output(_meta(meta), rows, like.dtype):
         return like.new_empty(cols, rows).t()
