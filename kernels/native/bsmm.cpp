@@ -91,7 +91,10 @@ void pack(const T* src, int64_t ld, int64_t M, int64_t cols, int64_t L, const ui
         float* d = dst + (c * M + t0) * L;
         const T* s = src + t0 * ld + c * L;
         for (int64_t t = t0; t < t1; ++t, d += L, s += ld) {
-            for (int64_t q = 0; q < w; ++q) d[q] = widen(s[q]);
+            if constexpr (std::is_same_v<T, float>)
+                std::memcpy(d, s, sizeof(float) * w);
+            else
+                for (int64_t q = 0; q < w; ++q) d[q] = widen(s[q]);
             if (w < L) std::memset(d + w, 0, sizeof(float) * (L - w));
         }
     }
