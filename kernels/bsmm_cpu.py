@@ -40,12 +40,11 @@ from . import native
 DENSE_CROSSOVER = {16: 0.05, 32: 0.15, 64: 0.3, 128: 0.3}
 
 # The same crossover for the native kernels (fp32, used for bf16 too), measured the same way: full
-# step, native against the dense fallback, interleaved. Against the fallback as it stands (reused
-# buffers, 0.93-1.00x nn.Linear): 64x64 native is 1.30x nn.Linear at density 0.5, 1.15x at 0.6,
-# 1.06x at 0.7; 32x32 is 1.12x at 0.5, 0.96x at 0.6, 0.82x at 0.7. Measured before the fallback
-# and the kernels' last changes (fallback then 0.82-0.95x): 128x128 native 1.06x at 0.5 but 0.50x
-# at 0.75 (its 2x64-wide weight panels no longer fit L2); 16x16 2.7x at 0.1 and 0.64x at 0.5.
-NATIVE_CROSSOVER = {16: 0.3, 32: 0.6, 64: 0.8, 128: 0.5}
+# step, native against the dense fallback (reused buffers, 0.86-1.06x nn.Linear), interleaved.
+# 64x64 native is 1.30x nn.Linear at density 0.5, 1.15x at 0.6, 1.06x at 0.7; 32x32 is 1.12x at
+# 0.5, 0.96x at 0.6, 0.82x at 0.7; 128x128 is 1.15x at 0.5, 1.04x at 0.6, 0.70x at 0.7 (its two
+# 64-wide weight panels per block row stop fitting L2); 16x16 is 1.14x at 0.3 and 0.89x at 0.4.
+NATIVE_CROSSOVER = {16: 0.35, 32: 0.6, 64: 0.8, 128: 0.6}
 
 
 def effective_blocks(w_train, w_frozen, storage, aux, element_state, n_frozen) -> torch.Tensor:
