@@ -95,14 +95,17 @@ def test_quick_run_writes_csv_json_markdown(quick_run):
     assert "GPU numbers are absent" in proc.stdout or "cuda" in doc["environment"]["device"].lower()
 
 
-def test_plot_writes_png(quick_run, tmp_path):
+def _assert_plots(csv_path: Path, out_dir: Path) -> None:
+    """``bench/plot.py`` turns the CSV into a PNG in ``out_dir``."""
     pytest.importorskip("matplotlib")
-    out, _ = quick_run
-    csv_path = _one(out, "linear_cpu_*.csv")
-    proc = _run([str(REPO / "bench" / "plot.py"), str(csv_path), str(tmp_path)])
-    png = tmp_path / (csv_path.stem + ".png")
+    proc = _run([str(REPO / "bench" / "plot.py"), str(csv_path), str(out_dir)])
+    png = out_dir / (csv_path.stem + ".png")
     assert png.exists(), f"no {png.name}; plot printed {proc.stdout!r}"
     assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_plot_writes_png(quick_run, tmp_path):
+    _assert_plots(_one(quick_run[0], "linear_cpu_*.csv"), tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -195,13 +198,7 @@ def e2e_quick_run(tmp_path_factory):
 
 def test_plot_writes_png_for_e2e(e2e_quick_run, tmp_path):
     """``make bench`` plots the e2e CSV too, whose dense rows carry no block (density written as 1)."""
-    pytest.importorskip("matplotlib")
-    out, _ = e2e_quick_run
-    csv_path = _one(out, "e2e_cpu_*.csv")
-    proc = _run([str(REPO / "bench" / "plot.py"), str(csv_path), str(tmp_path)])
-    png = tmp_path / (csv_path.stem + ".png")
-    assert png.exists(), f"no {png.name}; plot printed {proc.stdout!r}"
-    assert png.read_bytes()[:8] == PNG_MAGIC
+    _assert_plots(_one(e2e_quick_run[0], "e2e_cpu_*.csv"), tmp_path)
 
 
 def test_e2e_quick_run_writes_csv_json_markdown(e2e_quick_run):
