@@ -13,7 +13,7 @@ RESULTS := bench/results
 # would pull the multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: venv test bench bench-gpu lint
+.PHONY: venv test bench bench-gpu lint check
 
 venv: $(STAMP)
 
@@ -38,7 +38,8 @@ bench: venv
 
 # One call on the GPU machine (< 8 min on one H100), everything under bench/results/<gpu>-<date>/:
 # the GPU tests' log, the GPU suites with --tune (linear, conv when bench/conv.py exists, e2e),
-# each with its roofline table, the static check (sparsekern.check, default scope) and the plots.
+# each with its roofline table, the static check (sparsekern.check, default scope), the plots and one
+# ncu capture (--clock-control none) of the headline forward kernel (bench/ncu_forward.py).
 # Tuned configs are merged into kernels/tuned/<device>.json, which the kernels load.
 GPU_SUITES = $(if $(wildcard bench/conv.py),linear$(comma)conv$(comma)e2e,linear$(comma)e2e)
 comma := ,
@@ -51,9 +52,26 @@ bench-gpu:
 	[ $$rc -eq 0 ] || [ $$rc -eq 5 ] || echo "GPU tests FAILED (exit $$rc): see $$run/gpu_tests.txt"; \
 	python3 -m bench --suite $(GPU_SUITES) --device cuda --tune --out $$run; brc=$$?; \
 	for s in linear e2e; do python3 bench/plot.py "$$(ls -t $$run/$${s}_*.csv | head -n 1)" $$run || true; done; \
+	if command -v ncu >/dev/null 2>&1; then \
+	  ncu --clock-control none -k regex:_bsmm_fwd_kernel -c 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+	    --section Occupancy python3 bench/ncu_forward.py > $$run/ncu_forward.txt 2>&1 || echo "ncu capture failed: $$run/ncu_forward.txt"; \
+	else echo "no ncu on this machine: no counter capture"; fi; \
 	cp kernels/tuned/*.json $$run/ 2>/dev/null || true; \
 	[ $$rc -eq 0 ] || [ $$rc -eq 5 ] && [ $$brc -eq 0 ]
 
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# The offline kernel proof (no GPU): every kernel against its dense twin, compiled for sm_90/sm_80,
+# under the newest Triton (.venv) and under 3.6, the GPU machine's (.venv36, made on first use).
+VENV36 := .venv36
+$(VENV36)/.sparsekern-installed: setup.py pyproject.toml
+	test -x $(VENV36)/bin/python || $(PYTHON) -m venv $(VENV36)
+	$(VENV36)/bin/pip install $(TORCH) triton==3.6.0 numpy
+	$(VENV36)/bin/pip install --no-deps -e .
+	touch $@
+
+check: venv $(VENV36)/.sparsekern-installed
+	$(PY) -m sparsekern.check --twins
+	$(VENV36)/bin/python -m sparsekern.check --twins

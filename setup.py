@@ -8,6 +8,7 @@ setup(
     packages=[
         "sparsekern",
         "sparsekern.adapters",
+        "sparsekern.check",
         "sparsekern.functional",
         "sparsekern.nn",
         "sparsekern.methods",

@@ -366,15 +366,13 @@ def autotune_session():
     Suites' ``tune()`` run one training step per shape inside, which makes the
     kernels benchmark their candidates; stored configs are used again afterwards.
     """
-    from sparsekern.kernels import bsmm
     from sparsekern.kernels import configs as kcfg
 
     os.environ["SPARSEKERN_IGNORE_TUNED"] = "1"
     os.environ["SPARSEKERN_AUTOTUNE"] = "1"
-    kcfg.load_tuned.cache_clear()
-    bsmm._tuned_cache.clear()
+    kcfg.clear_tuned()
     try:
-        yield bsmm.tuned_records
+        yield kcfg.tuned_records
     finally:
         os.environ.pop("SPARSEKERN_IGNORE_TUNED", None)
         kcfg.load_tuned.cache_clear()

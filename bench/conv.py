@@ -277,7 +277,7 @@ def tune(cfg: SuiteConfig, device: torch.device) -> dict[str, dict]:
 
     One training step per layer makes ``kernels/bsconv.py`` benchmark its
     candidates (through ``bsmm``'s config machinery) for this suite's shapes;
-    returns ``bsmm.tuned_records()``, which holds the conv kinds too.
+    returns ``configs.tuned_records()``, which holds the conv kinds too.
     """
     gen = torch.Generator().manual_seed(cfg.seed)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format

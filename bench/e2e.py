@@ -492,7 +492,7 @@ def tune(cfg: SuiteConfig, device: torch.device) -> dict[str, dict]:
     """Autotune the kernels for the suite's sparse models (density 0.5), ignoring stored configs.
 
     One training step per model makes ``kernels/bsmm.py`` benchmark its candidates
-    for this suite's token counts; returns ``bsmm.tuned_records()``.
+    for this suite's token counts; returns ``configs.tuned_records()``.
     """
     with autotune_session() as records:
         for name in cfg.models:

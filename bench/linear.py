@@ -582,7 +582,7 @@ def tune(cfg: SuiteConfig, device: torch.device) -> dict[str, dict]:
     Runs one forward + backward per block size at density 0.5 with the suite's
     token count, which makes ``kernels/bsmm.py`` benchmark its candidates for
     the forward, input-gradient and weight-gradient kernels. Returns
-    ``bsmm.tuned_records()``; the suite run afterwards uses these configs.
+    ``configs.tuned_records()``; the suite run afterwards uses these configs.
     """
     base, x0, dy = make_base(cfg, device)
     x = x0.detach().requires_grad_(True)

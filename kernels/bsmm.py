@@ -5,8 +5,10 @@ Shapes and conventions (``M`` tokens, ``N`` out features, ``K`` in features):
 * ``x``: ``(M, K)``, any strides. ``dy``: ``(M, N)``, any strides.
 * ``W`` is ``(N, K)`` cut into ``(bm, bk)`` blocks. Its values live in
   ``w_train (n_train, bm, bk)`` and ``w_frozen (n_frozen + n_mixed, bm, bk)``,
-  both contiguous; ``Meta`` says where each computed block lives (see
-  ``sparsekern/layout.py`` for the worked example).
+  which the kernels read as one store ``[w_train | w_frozen]``
+  (``kernels/store.py``): block ``p`` is ``store[storage[p]]``, one address
+  formula for trainable and frozen blocks alike (see ``sparsekern/layout.py``
+  for the worked example).
 
 =================  =======================  ====================================
 pass               product                  traversal
@@ -21,6 +23,15 @@ The sparsity block is independent of the kernel tile: a program covers
 ``BLOCK_K`` chunks, so any block size in {16, 32, 64, 128} (square or not) runs.
 Edges need no divisibility: loads past ``M``/``N``/``K`` are masked, and the
 overhang of edge blocks holds zeros.
+
+Main loops: a line's next block index and slot are loaded one iteration
+ahead into loop-carried scalars (``tiles._prefetch_packed``), so the pipeliner keeps
+``num_stages`` tiles in flight; the input gradient reads ``storage_t`` (slots
+in transposed order), one indirection like the forward. On sm_90 the dense
+operands, the value store and the outputs go through TMA descriptors
+(``launch.use_tma``), whose bounds replace edge masks; elsewhere (sm_80,
+operands a descriptor cannot describe) the same loops run on pointers with
+masked loads, pipelined by cp.async.
 
 Load balance: forward and input-gradient programs visit block rows (columns)
 longest first (``row_order``/``col_order``), so a dense row starts in the first
@@ -44,40 +55,59 @@ indices are int32 (at most 2**31 blocks).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from . import configs as cfgs
+from .launch import (
+    INTERPRET,
+    SUPPORTED_DTYPES,
+    check,
+    check_values,
+    descriptor,
+    dot_precision,
+    launch_kw,
+    upcast,
+    use_tma,
+)
 from .meta import Meta
-from .tiles import _line_program, _mma, _mma_weight, _wgrad_run, _wgrad_store
+from .store import value_store
+from .tiles import (
+    _line_program,
+    _mma,
+    _mma_weight,
+    _prefetch_packed,
+    _prefetch_packed_next,
+    _weight_tile,
+    _wgrad_run,
+    _wgrad_store,
+)
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+__all__ = ["INTERPRET", "Meta", "bsmm_forward", "bsmm_input_grad", "bsmm_weight_grad", "tuned_records", "wgrad_splits"]
+tuned_records = cfgs.tuned_records
 
 
 # --------------------------------------------------------------------- kernels
 @triton.jit
 def _bsmm_fwd_kernel(
-    # pointers
+    # pointers (x, w, y: tensor descriptors when USE_TMA)
     x_ptr,
-    wt_ptr,
-    wf_ptr,
+    w_ptr,
     es_ptr,
     bias_ptr,
     y_ptr,
     # layout
     row_offsets_ptr,
-    col_indices_ptr,
-    storage_ptr,
+    col_slot_ptr,
     aux_ptr,
     row_order_ptr,
     # shapes
     M,
     N,
     K,
-    n_frozen,
+    fixed_base,
     # strides
     stride_xm,
     stride_xk,
@@ -90,6 +120,7 @@ def _bsmm_fwd_kernel(
     HAS_MIXED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -98,72 +129,84 @@ def _bsmm_fwd_kernel(
     """``y[m, r*BM + n] = sum_blocks x[m, c*BK + k] * W_rc[n, k] (+ bias)``.
 
     Grid: ``cdiv(M, BLOCK_M) * RB * (BM // BLOCK_N)``, token tiles fastest so
-    that the programs of one (long) block row are launched together.
+    that the programs of one (long) block row are launched together. With
+    ``USE_TMA``, ``x_ptr``/``y_ptr`` are descriptors over ``(M, K)``/``(M, N)``
+    with blocks ``[BLOCK_M, BLOCK_K]``/``[BLOCK_M, BLOCK_N]`` and ``w_ptr`` one
+    over the store as ``(n_slots * BM, BK)`` with blocks ``[BLOCK_N, BLOCK_K]``.
     """
     tl.static_assert(BM % BLOCK_N == 0, "BLOCK_N must divide the block's rows")
     tl.static_assert(BK % BLOCK_K == 0, "BLOCK_K must divide the block's columns")
     SUB_N: tl.constexpr = BM // BLOCK_N
     SUB_K: tl.constexpr = BK // BLOCK_K
+    LOG_SUB_K: tl.constexpr = (SUB_K >= 2) + (SUB_K >= 4) + (SUB_K >= 8)
     pid_m, sub_n, r, start, end = _line_program(row_order_ptr, row_offsets_ptr, M, BLOCK_M, SUB_N)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_bn = sub_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_bk = tl.arange(0, BLOCK_K)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    if not USE_TMA:
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     # SWAP_AB computes the tile as y^T = W x^T: tokens then sit on the MMA's
     # wide N side (wgmma is m64nNk16) instead of the block's narrow BLOCK_N.
     if SWAP_AB:
         acc = tl.full((BLOCK_N, BLOCK_M), 0.0, dtype=tl.float32)
     else:
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+    c, s, a = _prefetch_packed(col_slot_ptr, aux_ptr, start, end, HAS_MIXED)
     for it in range(start * SUB_K, end * SUB_K):
-        p = it // SUB_K
-        kk = (it % SUB_K) * BLOCK_K
-        c = tl.load(col_indices_ptr + p)
-        s = tl.load(storage_ptr + p)
-        a = tl.load(aux_ptr + p) if HAS_MIXED else -1
-        offs_k = c * BK + kk + offs_bk
-        x = tl.load(
-            x_rows + offs_k.to(tl.int64)[None, :] * stride_xk,
-            mask=mask_m[:, None] & (offs_k < K)[None, :],
-            other=0.0,
-        )
-        acc = _mma_weight(
-            x, acc, wt_ptr, wf_ptr, es_ptr, s, a, n_frozen, offs_bn, kk + offs_bk,
-            BM, BK, HAS_MIXED, True, SWAP_AB, DOT_PRECISION, UPCAST,
-        )  # fmt: skip
-    if SWAP_AB:
-        acc = tl.trans(acc)
+        # The next iteration's block, loaded now: no load below feeds an address of this iteration.
+        # (it >= 0, so a shift and a mask stand in for // and %, which on signed ints cost a sign fix.)
+        c_n, s_n, a_n = _prefetch_packed_next(col_slot_ptr, aux_ptr, (it + 1) >> LOG_SUB_K, end, HAS_MIXED)
+        kk = (it & (SUB_K - 1)) * BLOCK_K
+        k0 = c * BK + kk
+        if USE_TMA:
+            x = x_ptr.load([m0, k0])
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(
+                x_rows + offs_k.to(tl.int64)[None, :] * stride_xk,
+                mask=mask_m[:, None] & (offs_k < K)[None, :],
+                other=0.0,
+            )
+        w = _weight_tile(w_ptr, es_ptr, s, a, fixed_base, sub_n * BLOCK_N, kk, BLOCK_N, BLOCK_K, BM, BK,
+                         HAS_MIXED, USE_TMA)  # fmt: skip
+        acc = _mma_weight(x, w, acc, True, SWAP_AB, DOT_PRECISION, UPCAST)
+        c, s, a = c_n, s_n, a_n
 
-    offs_n = r * BM + offs_bn
+    n0 = r * BM + sub_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n.to(tl.int64)[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        if SWAP_AB:
+            acc += bias[:, None]
+        else:
+            acc += bias[None, :]
+    if SWAP_AB:
+        acc = tl.trans(acc)
+    if USE_TMA:  # the descriptor clips the tile at M and N
+        y_ptr.store([m0, n0], acc.to(y_ptr.dtype))
+    else:
+        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n.to(tl.int64)[None, :] * stride_yn
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
 def _bsmm_dx_kernel(
-    # pointers
+    # pointers (dy, w, dx: tensor descriptors when USE_TMA)
     dy_ptr,
-    wt_ptr,
-    wf_ptr,
+    w_ptr,
     es_ptr,
     dx_ptr,
     # layout
     col_offsets_ptr,
-    row_indices_t_ptr,
-    block_index_t_ptr,
-    storage_ptr,
-    aux_ptr,
+    row_slot_t_ptr,
+    aux_t_ptr,
     col_order_ptr,
     # shapes
     M,
     N,
     K,
-    n_frozen,
+    fixed_base,
     # strides
     stride_dym,
     stride_dyn,
@@ -175,6 +218,7 @@ def _bsmm_dx_kernel(
     HAS_MIXED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -182,52 +226,60 @@ def _bsmm_dx_kernel(
 ):
     """``dx[m, c*BK + k] = sum_blocks dy[m, r*BM + n] * W_rc[n, k]``.
 
-    Walks block column ``c`` through the transposed traversal; ``BLOCK_K`` is
-    the output slice of the block's columns, ``BLOCK_N`` the reduction step.
+    Walks block column ``c`` through the transposed traversal (``row_slot_t``,
+    each block's row and slot in one entry: one indirection); ``BLOCK_K`` is the output slice of the
+    block's columns, ``BLOCK_N`` the reduction step. Descriptors (``USE_TMA``):
+    ``dy`` blocks ``[BLOCK_M, BLOCK_N]``, ``w`` ``[BLOCK_N, BLOCK_K]``, ``dx``
+    ``[BLOCK_M, BLOCK_K]``.
     """
     tl.static_assert(BM % BLOCK_N == 0, "BLOCK_N must divide the block's rows")
     tl.static_assert(BK % BLOCK_K == 0, "BLOCK_K must divide the block's columns")
     SUB_N: tl.constexpr = BM // BLOCK_N
     SUB_K: tl.constexpr = BK // BLOCK_K
+    LOG_SUB_N: tl.constexpr = (SUB_N >= 2) + (SUB_N >= 4) + (SUB_N >= 8)
     pid_m, sub_k, c, start, end = _line_program(col_order_ptr, col_offsets_ptr, M, BLOCK_M, SUB_K)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_bk = sub_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_bn = tl.arange(0, BLOCK_N)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
-    dy_rows = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym
+    if not USE_TMA:
+        dy_rows = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym
     if SWAP_AB:  # dx^T = W^T dy^T, as in the forward kernel
         acc = tl.full((BLOCK_K, BLOCK_M), 0.0, dtype=tl.float32)
     else:
         acc = tl.full((BLOCK_M, BLOCK_K), 0.0, dtype=tl.float32)
+    r, s, a = _prefetch_packed(row_slot_t_ptr, aux_t_ptr, start, end, HAS_MIXED)
     for it in range(start * SUB_N, end * SUB_N):
-        q = it // SUB_N
-        nn = (it % SUB_N) * BLOCK_N
-        r = tl.load(row_indices_t_ptr + q)
-        b = tl.load(block_index_t_ptr + q)
-        s = tl.load(storage_ptr + b)
-        a = tl.load(aux_ptr + b) if HAS_MIXED else -1
-        offs_n = r * BM + nn + offs_bn
-        dy = tl.load(
-            dy_rows + offs_n.to(tl.int64)[None, :] * stride_dyn,
-            mask=mask_m[:, None] & (offs_n < N)[None, :],
-            other=0.0,
-        )
-        acc = _mma_weight(
-            dy, acc, wt_ptr, wf_ptr, es_ptr, s, a, n_frozen, nn + offs_bn, offs_bk,
-            BM, BK, HAS_MIXED, False, SWAP_AB, DOT_PRECISION, UPCAST,
-        )  # fmt: skip
+        r_n, s_n, a_n = _prefetch_packed_next(row_slot_t_ptr, aux_t_ptr, (it + 1) >> LOG_SUB_N, end, HAS_MIXED)
+        nn = (it & (SUB_N - 1)) * BLOCK_N
+        n0 = r * BM + nn
+        if USE_TMA:
+            dy = dy_ptr.load([m0, n0])
+        else:
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            dy = tl.load(
+                dy_rows + offs_n.to(tl.int64)[None, :] * stride_dyn,
+                mask=mask_m[:, None] & (offs_n < N)[None, :],
+                other=0.0,
+            )
+        w = _weight_tile(w_ptr, es_ptr, s, a, fixed_base, nn, sub_k * BLOCK_K, BLOCK_N, BLOCK_K, BM, BK,
+                         HAS_MIXED, USE_TMA)  # fmt: skip
+        acc = _mma_weight(dy, w, acc, False, SWAP_AB, DOT_PRECISION, UPCAST)
+        r, s, a = r_n, s_n, a_n
     if SWAP_AB:
         acc = tl.trans(acc)
 
-    offs_k = c * BK + offs_bk
-    dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k.to(tl.int64)[None, :] * stride_dxk
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_k < K)[None, :])
+    k0 = c * BK + sub_k * BLOCK_K
+    if USE_TMA:
+        dx_ptr.store([m0, k0], acc.to(dx_ptr.dtype))
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k.to(tl.int64)[None, :] * stride_dxk
+        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_k < K)[None, :])
 
 
 @triton.jit
 def _bsmm_dw_kernel(
-    # pointers
+    # pointers (dy, and x when GROUP == 1: tensor descriptors when USE_TMA)
     dy_ptr,
     x_ptr,
     es_ptr,
@@ -256,6 +308,7 @@ def _bsmm_dw_kernel(
     HAS_MIXED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -267,7 +320,13 @@ def _bsmm_dw_kernel(
     ``dy`` is loaded once per token step and the blocks' ``x`` columns are
     gathered side by side into one ``(BLOCK_M, GROUP * BLOCK_K)`` operand, so
     the MMA is ``GROUP`` times wider than a block. Programs whose block does
-    not start a run (``train_rank % GROUP != 0``) exit at once.
+    not start a run (``train_rank % GROUP != 0``) exit at once. Every index is
+    loaded before the token loop, so the loop pipelines as a dense GEMM's.
+
+    With ``USE_TMA`` the ``dy`` tile (and with ``GROUP == 1`` the ``x`` tile)
+    comes through a descriptor with blocks ``[BLOCK_M, BLOCK_N]``
+    (``[BLOCK_M, BLOCK_K]``); ``rows_per_split`` is then a multiple of
+    ``BLOCK_M``, so only the last split reaches the descriptor's bound ``M``.
 
     Grid: ``(n_train * (BM // BLOCK_N) * (BK // BLOCK_K), splits)``. Split
     ``j`` reduces tokens ``[j * rows_per_split, (j + 1) * rows_per_split)`` and
@@ -278,6 +337,7 @@ def _bsmm_dw_kernel(
     tl.static_assert(BK % BLOCK_K == 0, "BLOCK_K must divide the block's columns")
     tl.static_assert(GROUP == 1 or BLOCK_K == BK, "grouped blocks are gathered whole")
     WIDE: tl.constexpr = GROUP * BLOCK_K
+    X_TMA: tl.constexpr = USE_TMA and GROUP == 1
     leads, t0, r, member, in_group, b, c, offs_bk, offs_bn = _wgrad_run(
         train_index_ptr, train_rank_ptr, train_left_ptr, row_indices_ptr, col_indices_ptr,
         BM, BK, BLOCK_N, BLOCK_K, GROUP,
@@ -288,6 +348,10 @@ def _bsmm_dw_kernel(
     mask_k = in_group & (offs_k < K)
     offs_n = r * BM + offs_bn
     mask_n = offs_n < N
+    # Tile corners for the descriptors: the run's first block (the only one when X_TMA).
+    sub = tl.program_id(0) % ((BM // BLOCK_N) * (BK // BLOCK_K))
+    n0 = r * BM + (sub // (BK // BLOCK_K)) * BLOCK_N
+    k0 = tl.load(col_indices_ptr + tl.load(train_index_ptr + t0)) * BK + (sub % (BK // BLOCK_K)) * BLOCK_K
 
     split = tl.program_id(1)
     m_start = split * rows_per_split
@@ -296,113 +360,43 @@ def _bsmm_dw_kernel(
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < m_end
-        dy = tl.load(
-            dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym + offs_n.to(tl.int64)[None, :] * stride_dyn,
-            mask=mask_m[:, None] & mask_n[None, :],
-            other=0.0,
-        )
-        x = tl.load(
-            x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k.to(tl.int64)[None, :] * stride_xk,
-            mask=mask_m[:, None] & mask_k[None, :],
-            other=0.0,
-        )
-        acc = _mma(tl.trans(dy), x, acc, DOT_PRECISION, UPCAST)
+        if USE_TMA:
+            dyt = tl.trans(dy_ptr.load([m0, n0]))  # wgmma reads the transposed tile from shared memory
+        else:
+            # Loaded as dy^T: a transposed register tile would not be pipelined through shared memory
+            # on sm_80 (compiled offline, one dy buffer instead of num_stages - 1).
+            dyt = tl.load(
+                dy_ptr + offs_n.to(tl.int64)[:, None] * stride_dyn + offs_m.to(tl.int64)[None, :] * stride_dym,
+                mask=mask_n[:, None] & mask_m[None, :],
+                other=0.0,
+            )
+        if X_TMA:
+            x = x_ptr.load([m0, k0])
+        else:
+            x = tl.load(
+                x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k.to(tl.int64)[None, :] * stride_xk,
+                mask=mask_m[:, None] & mask_k[None, :],
+                other=0.0,
+            )
+        acc = _mma(dyt, x, acc, DOT_PRECISION, UPCAST)
     _wgrad_store(acc, dw_ptr, es_ptr, aux_ptr, stride_dws, t0, member, in_group, b, offs_bk, offs_bn, BM, BK, HAS_MIXED)
 
 
 # ------------------------------------------------------------------ launchers
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_tuned_cache: dict[tuple, triton.Config] = {}
-
-
-def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
-    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
-def _check(name: str, t: torch.Tensor, ndim: int, dtype: torch.dtype, device: torch.device) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    if t.dtype != dtype:
-        raise TypeError(f"{name} has dtype {t.dtype}, expected {dtype}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, expected {device}")
-
-
-def _check_values(w_train: torch.Tensor, w_frozen: torch.Tensor, dtype, device) -> tuple[int, int]:
-    if dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"unsupported dtype {dtype}; supported: {_SUPPORTED_DTYPES}")
-    _check("w_train", w_train, 3, dtype, device)
-    _check("w_frozen", w_frozen, 3, dtype, device)
-    bm, bk = w_train.shape[1:]
-    if tuple(w_frozen.shape[1:]) != (bm, bk):
-        raise ValueError(f"w_frozen blocks {tuple(w_frozen.shape[1:])} differ from w_train blocks {(bm, bk)}")
-    if not (w_train.is_contiguous() and w_frozen.is_contiguous()):
-        raise ValueError("w_train and w_frozen must be contiguous block stores")
-    return bm, bk
-
-
-@functools.cache
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "interpreter"
-
-
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _pick_config(kind, dtype, device, bm, bk, m, run, config, blocks=None):
-    """Explicit override, then tuned data, then (CUDA) a one-off benchmark of the candidates."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    if config is not None:
-        return config
-    if INTERPRET or device.type != "cuda":
-        return cfgs.default_config(kind, bm, bk, elem)
-    mb = cfgs.m_bucket(m)
-    key = cfgs.tuned_key(kind, str(dtype).removeprefix("torch."), bm, bk, mb)
-    if blocks is not None:
-        key += f":b{cfgs.count_bucket(blocks)}"
-    name = _device_name(device)
-    cache_key = (name, key)
-    if cache_key in _tuned_cache:
-        return _tuned_cache[cache_key]
-    found = cfgs.lookup(name, key)
-    if found is None:
-        base = cfgs.for_block(cfgs.candidates(kind), bm, bk)
-        cands = cfgs.prune(base, elem, kind, cfgs.device_smem(device.index or 0))
-        if os.environ.get("SPARSEKERN_AUTOTUNE", "1") == "0":
-            found = cands[0]
-        else:
-            timings = []
-            for cand in cands:
-                try:
-                    # A config that spills registers is slow by construction: never pick it.
-                    if getattr(run(cand), "n_spills", 0):
-                        continue
-                    timings.append((triton.testing.do_bench(lambda c=cand: run(c), warmup=5, rep=20), cand))
-                except Exception:  # a config the compiler rejects (e.g. out of resources)
-                    continue
-            if not timings:
-                raise RuntimeError(f"no {kind} kernel config compiled for {key} on {name}")
-            found = min(timings, key=lambda tc: tc[0])[1]
-    _tuned_cache[cache_key] = found
-    return found
+def _store_view(store: torch.Tensor) -> torch.Tensor:
+    """The joined store as the ``(n_slots * bm, bk)`` matrix its descriptor covers.
 
-
-def tuned_records() -> dict[str, dict]:
-    """Configs chosen in this process, as ``{device: {key: record}}`` (for ``bench --tune``)."""
-    out: dict[str, dict] = {}
-    for (name, key), cfg in _tuned_cache.items():
-        out.setdefault(name, {})[key] = cfgs.to_record(cfg)
-    return out
-
-
-def _launch_kw(cfg: triton.Config) -> dict:
-    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    A layout with no computed block never reads it, but a descriptor needs a
+    non-empty tensor: one zero block stands in.
+    """
+    if store.shape[0] == 0:
+        return store.new_zeros(store.shape[1], store.shape[2])
+    return store.view(-1, store.shape[2])
 
 
 def bsmm_forward(
@@ -418,32 +412,40 @@ def bsmm_forward(
     config: triton.Config | None = None,
 ) -> torch.Tensor:
     """``y = x @ W.T + bias`` over the computed blocks; returns ``(M, n_out)``."""
-    bm, bk = _check_values(w_train, w_frozen, x.dtype, x.device)
-    _check("x", x, 2, x.dtype, x.device)
+    bm, bk = check_values(w_train, w_frozen, x.dtype, x.device)
+    check("x", x, 2, x.dtype, x.device)
     m, k = x.shape
     if bias is not None:
-        _check("bias", bias, 1, x.dtype, x.device)
+        check("bias", bias, 1, x.dtype, x.device)
         if bias.shape[0] != n_out:
             raise ValueError(f"bias has {bias.shape[0]} elements, expected {n_out}")
     y = out if out is not None else x.new_empty(m, n_out)
     rb = meta.row_offsets.numel() - 1
+    if not (m and rb):
+        return y
     has_mixed = meta.element_state.shape[0] > 0
+    store = value_store(w_train, w_frozen)
+    tma = use_tma(x.device, x, y, _store_view(store))
 
     def run(cfg):
-        grid = (triton.cdiv(m, cfg.kwargs["BLOCK_M"]) * rb * (bm // cfg.kwargs["BLOCK_N"]),)
+        kw = cfg.kwargs
+        tm, tn, tk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+        if tma:
+            xa, wa, ya = descriptor(x, [tm, tk]), descriptor(_store_view(store), [tn, tk]), descriptor(y, [tm, tn])
+        else:
+            xa, wa, ya = x, store, y
+        grid = (triton.cdiv(m, tm) * rb * (bm // tn),)
         return _bsmm_fwd_kernel[grid](
-            x, w_train, w_frozen, meta.element_state, bias if bias is not None else x, y,
-            meta.row_offsets, meta.col_indices, meta.storage, meta.aux, meta.row_order,
-            m, n_out, k, n_frozen,
+            xa, wa, meta.element_state, bias if bias is not None else x, ya,
+            meta.row_offsets, meta.col_slot.view(torch.int64), meta.aux, meta.row_order,
+            m, n_out, k, w_train.shape[0] + n_frozen,
             x.stride(0), x.stride(1), y.stride(0), y.stride(1),
             BM=bm, BK=bk, HAS_BIAS=bias is not None, HAS_MIXED=has_mixed,
-            DOT_PRECISION=_dot_precision(x.dtype, x.device),
-            UPCAST=INTERPRET and x.dtype == torch.bfloat16,
-            **_launch_kw(cfg),
+            DOT_PRECISION=dot_precision(x.dtype, x.device), UPCAST=upcast(x.dtype), USE_TMA=tma,
+            **launch_kw(cfg),
         )  # fmt: skip
 
-    if m and rb:
-        run(_pick_config("fwd", x.dtype, x.device, bm, bk, m, run, config))
+    run(cfgs.pick_config("fwd", x.dtype, x.device, bm, bk, m, run, config))
     return y
 
 
@@ -459,28 +461,36 @@ def bsmm_input_grad(
     config: triton.Config | None = None,
 ) -> torch.Tensor:
     """``dx = dy @ W`` over the computed blocks; returns ``(M, n_in)``."""
-    bm, bk = _check_values(w_train, w_frozen, dy.dtype, dy.device)
-    _check("dy", dy, 2, dy.dtype, dy.device)
+    bm, bk = check_values(w_train, w_frozen, dy.dtype, dy.device)
+    check("dy", dy, 2, dy.dtype, dy.device)
     m, n = dy.shape
     dx = out if out is not None else dy.new_empty(m, n_in)
     cb = meta.col_offsets.numel() - 1
+    if not (m and cb):
+        return dx
     has_mixed = meta.element_state.shape[0] > 0
+    store = value_store(w_train, w_frozen)
+    tma = use_tma(dy.device, dy, dx, _store_view(store))
 
     def run(cfg):
-        grid = (triton.cdiv(m, cfg.kwargs["BLOCK_M"]) * cb * (bk // cfg.kwargs["BLOCK_K"]),)
+        kw = cfg.kwargs
+        tm, tn, tk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+        if tma:
+            da, wa, xa = descriptor(dy, [tm, tn]), descriptor(_store_view(store), [tn, tk]), descriptor(dx, [tm, tk])
+        else:
+            da, wa, xa = dy, store, dx
+        grid = (triton.cdiv(m, tm) * cb * (bk // tk),)
         return _bsmm_dx_kernel[grid](
-            dy, w_train, w_frozen, meta.element_state, dx,
-            meta.col_offsets, meta.row_indices_t, meta.block_index_t, meta.storage, meta.aux, meta.col_order,
-            m, n, n_in, n_frozen,
+            da, wa, meta.element_state, xa,
+            meta.col_offsets, meta.row_slot_t.view(torch.int64), meta.aux_t, meta.col_order,
+            m, n, n_in, w_train.shape[0] + n_frozen,
             dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1),
             BM=bm, BK=bk, HAS_MIXED=has_mixed,
-            DOT_PRECISION=_dot_precision(dy.dtype, dy.device),
-            UPCAST=INTERPRET and dy.dtype == torch.bfloat16,
-            **_launch_kw(cfg),
+            DOT_PRECISION=dot_precision(dy.dtype, dy.device), UPCAST=upcast(dy.dtype), USE_TMA=tma,
+            **launch_kw(cfg),
         )  # fmt: skip
 
-    if m and cb:
-        run(_pick_config("dx", dy.dtype, dy.device, bm, bk, m, run, config))
+    run(cfgs.pick_config("dx", dy.dtype, dy.device, bm, bk, m, run, config))
     return dx
 
 
@@ -497,6 +507,13 @@ def wgrad_splits(m: int, programs: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(4 * _sm_count(device), programs), m // 512))
 
 
+def split_rows(m: int, nsplit: int, block_m: int) -> tuple[int, int]:
+    """``(rows_per_split, splits)``: splits of whole 128-token (and ``block_m``) steps covering ``m`` tokens."""
+    step = max(128, block_m)
+    rows = triton.cdiv(triton.cdiv(m, nsplit), step) * step
+    return rows, triton.cdiv(m, rows)
+
+
 def bsmm_weight_grad(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -509,10 +526,10 @@ def bsmm_weight_grad(
 ) -> torch.Tensor:
     """Gradient of the trainable blocks, ``(n_train, bm, bk)`` in ``w_train`` order."""
     bm, bk = block_size
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"unsupported dtype {x.dtype}; supported: {_SUPPORTED_DTYPES}")
-    _check("dy", dy, 2, x.dtype, x.device)
-    _check("x", x, 2, x.dtype, x.device)
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"unsupported dtype {x.dtype}; supported: {SUPPORTED_DTYPES}")
+    check("dy", dy, 2, x.dtype, x.device)
+    check("x", x, 2, x.dtype, x.device)
     if dy.shape[0] != x.shape[0]:
         raise ValueError(f"dy has {dy.shape[0]} rows, x has {x.shape[0]}")
     m, n = dy.shape
@@ -524,28 +541,30 @@ def bsmm_weight_grad(
     if m == 0:
         return dw.zero_()
     has_mixed = meta.element_state.shape[0] > 0
+    tma = use_tma(x.device, dy, x)
 
     def run(cfg):
         kw = cfg.kwargs
+        tm, group = kw["BLOCK_M"], kw.get("GROUP", 1)
         sub = (bm // kw["BLOCK_N"]) * (bk // kw["BLOCK_K"])
-        nsplit = splits or wgrad_splits(m, triton.cdiv(n_train, kw.get("GROUP", 1)) * sub, x.device)
-        rows_per_split = triton.cdiv(triton.cdiv(m, nsplit), 128) * 128
-        nsplit = triton.cdiv(m, rows_per_split)
+        nsplit = splits or wgrad_splits(m, triton.cdiv(n_train, group) * sub, x.device)
+        rows_per_split, nsplit = split_rows(m, nsplit, tm)
         target = dw if nsplit == 1 else torch.empty(nsplit, n_train, bm, bk, device=x.device, dtype=torch.float32)
+        da = descriptor(dy, [tm, kw["BLOCK_N"]]) if tma else dy
+        xa = descriptor(x, [tm, kw["BLOCK_K"]]) if tma and group == 1 else x
         kernel = _bsmm_dw_kernel[(n_train * sub, nsplit)](
-            dy, x, meta.element_state, target,
+            da, xa, meta.element_state, target,
             meta.train_index, meta.train_rank, meta.train_left, meta.row_indices, meta.col_indices, meta.aux,
             m, n, k, rows_per_split,
             dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), target.stride(0) if nsplit > 1 else 0,
             BM=bm, BK=bk, HAS_MIXED=has_mixed,
-            DOT_PRECISION=_dot_precision(x.dtype, x.device),
-            UPCAST=INTERPRET and x.dtype == torch.bfloat16,
-            **_launch_kw(cfg),
+            DOT_PRECISION=dot_precision(x.dtype, x.device), UPCAST=upcast(x.dtype), USE_TMA=tma,
+            **launch_kw(cfg),
         )  # fmt: skip
         if nsplit > 1:
             torch.sum(target, dim=0, out=dw) if dw.dtype == torch.float32 else dw.copy_(target.sum(0))
         return kernel
 
     # The best grouping and split depend on how many blocks there are, so the key carries that too.
-    run(_pick_config("wgrad", x.dtype, x.device, bm, bk, m, run, config, blocks=n_train))
+    run(cfgs.pick_config("wgrad", x.dtype, x.device, bm, bk, m, run, config, blocks=n_train))
     return dw

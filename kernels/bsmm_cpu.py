@@ -28,6 +28,7 @@ import threading
 import torch
 
 from . import native
+from .store import adjacent, value_store
 
 # Above this block density (keyed by the block's smaller side) the gathered
 # path loses to one dense GEMM on the masked weight: the per-block-row GEMMs
@@ -50,10 +51,12 @@ NATIVE_CROSSOVER = {16: 0.35, 32: 0.6, 64: 0.8, 128: 0.6}
 def effective_blocks(w_train, w_frozen, storage, aux, element_state, n_frozen) -> torch.Tensor:
     """Effective values of the computed blocks ``(nnzb, bm, bk)`` in CSR order.
 
-    With every computed block trainable (no frozen store), that is ``w_train``
-    itself, returned without a copy: callers must not write into the result.
-    All work is on whole contiguous blocks (no strided scatter), which keeps
-    layouts made only of mixed blocks (element masks) cheap.
+    ``storage`` holds slots of the joined store ``[w_train | w_frozen]``
+    (``kernels/store.py``). With every computed block trainable (no frozen
+    store), that is ``w_train`` itself, returned without a copy: callers must
+    not write into the result. All work is on whole contiguous blocks (no
+    strided scatter), which keeps layouts made only of mixed blocks (element
+    masks) cheap.
     """
     if w_frozen.shape[0] == 0:
         return w_train
@@ -61,7 +64,9 @@ def effective_blocks(w_train, w_frozen, storage, aux, element_state, n_frozen) -
     if w_train.shape[0] == s.numel():  # every computed block is trainable: w_train is in CSR order
         vals = w_train
     else:
-        vals = torch.cat([w_train, w_frozen])[torch.where(s >= 0, s, w_train.shape[0] - s - 1)]
+        # The gather copies the blocks anyway, so stores that are not adjacent cost no warning here.
+        joined = value_store(w_train, w_frozen) if adjacent(w_train, w_frozen) else torch.cat([w_train, w_frozen])
+        vals = joined[s]
     a = aux.long()
     mixed = (a >= 0).nonzero().squeeze(1)
     if mixed.numel() == a.numel():  # every block trainable and mixed: slots are in CSR order

@@ -27,7 +27,10 @@ import json
 import os
 from pathlib import Path
 
+import torch
 import triton
+
+from .launch import INTERPRET, device_capability
 
 TUNED_DIR = Path(__file__).with_name("tuned")
 
@@ -63,16 +66,17 @@ def gemm_configs() -> list[triton.Config]:
     shapes = [(64, 4, 3), (128, 4, 3), (128, 8, 3), (128, 4, 4), (256, 8, 3)]
     plain = [triton.Config({"BLOCK_M": bm, "SWAP_AB": False}, num_warps=w, num_stages=s) for bm, w, s in shapes]
     # Swapped operands put tokens on the MMA's N side; worth trying with wide token tiles.
-    swapped = [(128, 4, 3), (256, 8, 3), (256, 4, 4)]
+    swapped = [(128, 4, 3), (256, 8, 3), (256, 4, 3), (256, 4, 4)]
     return plain + [triton.Config({"BLOCK_M": bm, "SWAP_AB": True}, num_warps=w, num_stages=s) for bm, w, s in swapped]
 
 
 def wgrad_configs() -> list[triton.Config]:
     """Weight-gradient candidates: ``BLOCK_M`` is the reduction step over tokens."""
-    shapes = [(32, 4, 3), (64, 4, 3), (64, 4, 4), (128, 8, 3), (64, 8, 4)]
+    # Token steps of 64 and more: a 32-token step is half a wgmma K side per operand row pair.
+    shapes = [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (64, 8, 4)]
     single = [triton.Config({"BLOCK_M": bm, "GROUP": 1}, num_warps=w, num_stages=s) for bm, w, s in shapes]
     # Runs of blocks sharing dy make the MMA GROUP times wider (see the dW kernel).
-    grouped = [(2, 64, 4, 3), (4, 64, 8, 3), (4, 32, 4, 3), (2, 128, 8, 3)]
+    grouped = [(2, 64, 4, 3), (4, 64, 8, 3), (4, 64, 4, 3), (2, 128, 8, 3)]
     return single + [triton.Config({"BLOCK_M": bm, "GROUP": g}, num_warps=w, num_stages=s) for g, bm, w, s in grouped]
 
 
@@ -133,19 +137,43 @@ def prune(configs, elem_bytes: int, kind: str, smem: int) -> list[triton.Config]
     return [min(configs, key=lambda c: smem_bytes(c, elem_bytes, kind))]
 
 
-def default_config(kind: str, bm: int, bk: int, elem_bytes: int) -> triton.Config:
-    """The config used without tuning (interpreter, offline check, first guess).
+def default_config(kind: str, bm: int, bk: int, elem_bytes: int, cap: int = 90) -> triton.Config:
+    """The config used without tuning (interpreter, offline check, first guess) on sm_``cap``.
 
-    Chosen so that ``python -m sparsekern.check`` finds no spills on sm_80 or
-    sm_90 for any block size or dtype. fp32 needs smaller tiles: without TF32
-    ``tl.dot`` becomes FMAs that keep the whole reduction slice of both
-    operands in registers, so the reduction step is 16 (``BLOCK_K`` in the
-    forward, ``BLOCK_N`` in the input gradient) and the output slice at most
-    32 wide. With 16-bit operands, 128-row blocks are still split into two
-    64-row output slices to stay under 255 registers in mixed blocks.
+    sm_90, 16-bit operands: the forward and input gradient put tokens on the
+    MMA's wide side (``SWAP_AB``, 256 tokens, 4 warps: wgmma m64n256k16, the
+    dense tutorial's shape) whenever the block's output side is 64 or more;
+    128-wide blocks are cut into two 64-wide output slices so the accumulator
+    stays at 128 registers per thread. Blocks 32 wide or less cannot fill the
+    64-row side of a wgmma, so they keep tokens on it (128 tokens x the block,
+    m64n32k16 / m64n16k16): merging two block rows into one 64-row tile would
+    compute the union of their columns, twice the FLOPs at random layouts.
+    Four stages fit in shared memory (4 x 40 KB for 64-wide blocks). The
+    weight gradient steps through tokens 64 at a time (the reduction side of
+    its MMA) with one block per program, each through TMA.
+
+    sm_80 and fp32 keep the tiles that ``python -m sparsekern.check`` finds
+    spill-free there. fp32 needs smaller tiles: without TF32 ``tl.dot``
+    becomes FMAs that keep the whole reduction slice of both operands in
+    registers, so the reduction step is 16 (``BLOCK_K`` in the forward,
+    ``BLOCK_N`` in the input gradient) and the output slice at most 32 wide.
     """
     wide = elem_bytes >= 4
     kind_in, kind = kind, base_kind(kind)
+    if cap >= 90 and not wide:
+        if kind == "wgrad":
+            kw = {"BLOCK_M": 64, "GROUP": 1, "BLOCK_N": min(bm, 128), "BLOCK_K": min(bk, 128)}
+            return triton.Config(kw, num_warps=4, num_stages=4 if max(bm, bk) <= 64 else 3)
+        out_side = bm if kind == "fwd" else bk
+        if out_side >= 64:
+            tiles = {"BLOCK_N": min(bm, 64), "BLOCK_K": min(bk, 64)}
+            # The conv gathers keep per-token coordinates, pointers and masks in registers: with 4 warps
+            # the 256-token tile spilled ~300 B at 255 registers (64x64 blocks, mixed); 8 warps hold it
+            # in 208-215 without spilling (two warpgroups, m64n128k16 each).
+            warps = 8 if kind_in.startswith("conv_") else 4
+            return triton.Config({"BLOCK_M": 256, "SWAP_AB": True, **tiles}, num_warps=warps, num_stages=4)
+        tiles = {"BLOCK_N": min(bm, 64), "BLOCK_K": min(bk, 64)}
+        return triton.Config({"BLOCK_M": 128, "SWAP_AB": False, **tiles}, num_warps=4, num_stages=4)
     if kind == "wgrad":
         kw = {"BLOCK_M": 32 if wide else 64, "GROUP": 1, "BLOCK_N": min(bm, 64), "BLOCK_K": min(bk, 32 if wide else 64)}
         return triton.Config(kw, num_warps=4, num_stages=3)
@@ -180,8 +208,13 @@ def load_tuned(device_name: str) -> dict[str, dict]:
     return json.loads(path.read_text())
 
 
+# Version 2: kernels with carried block metadata, one value store and TMA (configs of the earlier
+# kernels, such as bench/results/h100's, measured other code and no longer match any key).
+TUNED_FORMAT = 2
+
+
 def tuned_key(kind: str, dtype_name: str, bm: int, bk: int, mb: int) -> str:
-    return f"{kind}:{dtype_name}:{bm}x{bk}:m{mb}"
+    return f"v{TUNED_FORMAT}:{kind}:{dtype_name}:{bm}x{bk}:m{mb}"
 
 
 def lookup(device_name: str, key: str) -> triton.Config | None:
@@ -193,3 +226,69 @@ def lookup(device_name: str, key: str) -> triton.Config | None:
 
 def to_record(cfg: triton.Config) -> dict:
     return {"kwargs": dict(cfg.kwargs), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+# ----------------------------------------------------------- the autotuner
+_tuned_cache: dict[tuple, triton.Config] = {}
+
+
+@functools.cache
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "interpreter"
+
+
+def pick_config(kind, dtype, device, bm, bk, m, run, config=None, blocks=None) -> triton.Config:
+    """Explicit override, then tuned data, then (CUDA) a one-off benchmark of the candidates.
+
+    ``run(cfg)`` launches the kernel with ``cfg`` and returns the compiled
+    kernel; ``blocks`` (a block count) joins the key for kinds whose best
+    config depends on it (the weight gradient's grouping and split).
+    """
+    elem = torch.empty((), dtype=dtype).element_size()
+    if config is not None:
+        return config
+    if INTERPRET or device.type != "cuda":
+        return default_config(kind, bm, bk, elem, device_capability(device))
+    key = tuned_key(kind, str(dtype).removeprefix("torch."), bm, bk, m_bucket(m))
+    if blocks is not None:
+        key += f":b{count_bucket(blocks)}"
+    name = _device_name(device)
+    cache_key = (name, key)
+    if cache_key in _tuned_cache:
+        return _tuned_cache[cache_key]
+    found = lookup(name, key)
+    if found is None:
+        cap = device_capability(device)
+        base = [default_config(kind, bm, bk, elem, cap)] + for_block(candidates(kind), bm, bk)
+        cands = prune(base, elem, kind, device_smem(device.index or 0))
+        if os.environ.get("SPARSEKERN_AUTOTUNE", "1") == "0":
+            found = cands[0]
+        else:
+            timings = []
+            for cand in cands:
+                try:
+                    # A config that spills registers is slow by construction: never pick it.
+                    if getattr(run(cand), "n_spills", 0):
+                        continue
+                    timings.append((triton.testing.do_bench(lambda c=cand: run(c), warmup=5, rep=20), cand))
+                except Exception:  # a config the compiler rejects (e.g. out of resources)
+                    continue
+            if not timings:
+                raise RuntimeError(f"no {kind} kernel config compiled for {key} on {name}")
+            found = min(timings, key=lambda tc: tc[0])[1]
+    _tuned_cache[cache_key] = found
+    return found
+
+
+def tuned_records() -> dict[str, dict]:
+    """Configs chosen in this process, as ``{device: {key: record}}`` (for ``bench --tune``)."""
+    out: dict[str, dict] = {}
+    for (name, key), cfg in _tuned_cache.items():
+        out.setdefault(name, {})[key] = to_record(cfg)
+    return out
+
+
+def clear_tuned() -> None:
+    """Forget the configs chosen in this process and the tuned files read (``bench`` between suites)."""
+    _tuned_cache.clear()
+    load_tuned.cache_clear()

@@ -21,6 +21,10 @@ class Meta(NamedTuple):
     col_offsets: torch.Tensor
     row_indices_t: torch.Tensor
     block_index_t: torch.Tensor
+    storage_t: torch.Tensor
+    aux_t: torch.Tensor
+    col_slot: torch.Tensor
+    row_slot_t: torch.Tensor
     col_order: torch.Tensor
     train_index: torch.Tensor
     train_rank: torch.Tensor

@@ -1,11 +1,20 @@
 """Tile helpers shared by the block-sparse kernels of ``bsmm.py`` (linear) and ``bsconv.py`` (conv).
 
 Each is a ``@triton.jit`` function inlined into the kernels that call it: the
-MMA with its precision switch, the three-state weight-tile load, and the
-decoding of a program id into its work (a weight line for the forward and
-input-gradient kernels, a run of trainable blocks for the weight gradient)
-with the matching weight-gradient store. Like the kernels, they use only
-Triton builtins, so they also run under the interpreter (see ``bsmm.py``).
+MMA with its precision switch, the metadata prefetch that keeps the main loops
+pipelinable, the weight-tile load from the joined value store (TMA or
+pointers, with the mixed-block merge), the weight-tile MMA in both operand
+orders, the decoding of a program id into its work and the weight-gradient
+run decode/store. Like the kernels, they use only Triton builtins, so they
+also run under the interpreter (see ``bsmm.py``).
+
+Why the prefetch: Triton's software pipeliner gives a chain of dependent loads
+``(num_stages - 1) / (levels + 1)`` stages each, so a block index loaded in
+the loop and then used as an address leaves one tile in flight whatever
+``num_stages`` says (compiled offline: two shared buffers and a wait-all per
+iteration, against the dense GEMM's ``num_stages``). The kernels therefore load
+the index and slot of the *next* iteration into loop-carried scalars; no load
+of an iteration then feeds another load's address in the same iteration.
 """
 
 import triton
@@ -21,31 +30,135 @@ def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _load_w_tile(
-    wt_ptr,
-    wf_ptr,
-    es_ptr,
-    s,
-    a,
-    n_frozen,
-    offs,
-    BLOCK_ELEMS: tl.constexpr,
-    HAS_MIXED: tl.constexpr,
-):
-    """Load a tile of one weight block at in-block offsets ``offs``.
+def _prefetch(index_ptr, slot_ptr, aux_ptr, p, end, HAS_MIXED: tl.constexpr):
+    """``(index[p], slot[p], aux[p])`` of traversal position ``p``, or zeros (aux -1) past ``end``.
 
-    ``s >= 0`` reads the trainable store, ``s < 0`` the frozen slot ``-s - 1``.
-    A trainable mixed block (``a >= 0``) takes its non-trainable elements from
-    its fixed slot, so optimizer drift in those positions is never seen.
+    For the first block of a line, before its loop: the line may be empty.
     """
-    base = tl.where(s >= 0, wt_ptr + s.to(tl.int64) * BLOCK_ELEMS, wf_ptr + (-s - 1).to(tl.int64) * BLOCK_ELEMS)
-    w = tl.load(base + offs)
+    live = p < end
+    idx = tl.load(index_ptr + p, mask=live, other=0)
+    slot = tl.load(slot_ptr + p, mask=live, other=0)
     if HAS_MIXED:
-        if a >= 0:
-            e = tl.load(es_ptr + a.to(tl.int64) * BLOCK_ELEMS + offs)
-            f = tl.load(wf_ptr + (n_frozen + a).to(tl.int64) * BLOCK_ELEMS + offs)
-            w = tl.where(e == 2, w, f)
+        a = tl.load(aux_ptr + p, mask=live, other=-1)
+    else:
+        a = -1
+    return idx, slot, a
+
+
+@triton.jit
+def _prefetch_next(index_ptr, slot_ptr, aux_ptr, p, end, HAS_MIXED: tl.constexpr):
+    """The block at ``p`` for the next iteration, clamped to the line's last block ``end - 1``.
+
+    Inside the loop the line is not empty, so clamping is safe and needs no
+    predicated loads (the value read past the last block is never used).
+    """
+    q = tl.minimum(p, end - 1)
+    idx = tl.load(index_ptr + q)
+    slot = tl.load(slot_ptr + q)
+    if HAS_MIXED:
+        a = tl.load(aux_ptr + q)
+    else:
+        a = -1
+    return idx, slot, a
+
+
+@triton.jit
+def _unpack(v):
+    """``(index, slot)`` of one packed int64 metadata entry (``layout.col_slot``: index low, slot high)."""
+    return v.to(tl.int32), (v >> 32).to(tl.int32)
+
+
+@triton.jit
+def _prefetch_packed(pair_ptr, aux_ptr, p, end, HAS_MIXED: tl.constexpr):
+    """``_prefetch`` for packed ``(index, slot)`` pairs: one 8-byte load instead of two.
+
+    The packed form saves the second load, its address and the reload of its
+    base pointer in every iteration of the main loop (3 SASS instructions of
+    about 100 on sm_90).
+    """
+    live = p < end
+    idx, slot = _unpack(tl.load(pair_ptr + p, mask=live, other=0))
+    if HAS_MIXED:
+        a = tl.load(aux_ptr + p, mask=live, other=-1)
+    else:
+        a = -1
+    return idx, slot, a
+
+
+@triton.jit
+def _prefetch_packed_next(pair_ptr, aux_ptr, p, end, HAS_MIXED: tl.constexpr):
+    """``_prefetch_next`` for packed ``(index, slot)`` pairs."""
+    q = tl.minimum(p, end - 1)
+    idx, slot = _unpack(tl.load(pair_ptr + q))
+    if HAS_MIXED:
+        a = tl.load(aux_ptr + q)
+    else:
+        a = -1
+    return idx, slot, a
+
+
+@triton.jit
+def _block_tile(w_ptr, slot, r0, c0, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BM: tl.constexpr,
+                BK: tl.constexpr, USE_TMA: tl.constexpr):  # fmt: skip
+    """Rows ``[r0, r0 + BLOCK_R)`` x columns ``[c0, c0 + BLOCK_C)`` of the stored block at ``slot``.
+
+    One address formula for every block (``kernels/store.py``): ``w_ptr`` is the
+    joined store, as a ``(n_slots * BM, BK)`` tensor descriptor with TMA or as
+    a pointer to ``(n_slots, BM, BK)`` values. Blocks are stored whole (the
+    overhang of edge blocks holds zeros), so no mask is needed.
+    """
+    if USE_TMA:
+        w = w_ptr.load([slot * BM + r0, c0])
+    else:
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        w = tl.load(w_ptr + slot.to(tl.int64) * (BM * BK) + offs_r[:, None] * BK + offs_c[None, :])
     return w
+
+
+@triton.jit
+def _weight_tile(w_ptr, es_ptr, slot, a, fixed_base, r0, c0, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                 BM: tl.constexpr, BK: tl.constexpr, HAS_MIXED: tl.constexpr, USE_TMA: tl.constexpr):  # fmt: skip
+    """The ``(BLOCK_R, BLOCK_C)`` tile of a computed block's effective values.
+
+    A trainable mixed block (``a >= 0``) takes its non-trainable elements from
+    its fixed slot ``fixed_base + a``, so optimizer drift in those positions is
+    never seen. The merge is branch-free (other blocks read their own slot
+    twice and keep it), which keeps the loop a single basic block.
+    """
+    w = _block_tile(w_ptr, slot, r0, c0, BLOCK_R, BLOCK_C, BM, BK, USE_TMA)
+    if HAS_MIXED:
+        mixed = a >= 0
+        f = _block_tile(w_ptr, tl.where(mixed, fixed_base + a, slot), r0, c0, BLOCK_R, BLOCK_C, BM, BK, USE_TMA)
+        offs = (r0 + tl.arange(0, BLOCK_R))[:, None] * BK + (c0 + tl.arange(0, BLOCK_C))[None, :]
+        live = offs * 0 + a >= 0  # a tensor-shaped mask: the interpreter rejects a broadcast scalar bool
+        e = tl.load(es_ptr + tl.maximum(a, 0).to(tl.int64) * (BM * BK) + offs, mask=live, other=2)
+        w = tl.where(e == 2, w, f)
+    return w
+
+
+@triton.jit
+def _mma_weight(act, w, acc, TRANS_W: tl.constexpr, SWAP_AB: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                UPCAST: tl.constexpr):  # fmt: skip
+    """``acc += act @ op(w)`` for a weight tile ``w`` loaded as stored, ``(rows, cols)`` of the block.
+
+    ``op`` is the transpose for the forward (``TRANS_W``: ``act`` holds input
+    features, the result output features) and the identity for the input
+    gradient. With ``SWAP_AB`` the accumulator is held transposed and the
+    product runs as ``op(w)^T @ act^T``, which puts the tokens on the MMA's
+    wide side (wgmma is m64nNk16) instead of the block's narrow side.
+    """
+    if TRANS_W:
+        if SWAP_AB:
+            acc = _mma(w, tl.trans(act), acc, DOT_PRECISION, UPCAST)
+        else:
+            acc = _mma(act, tl.trans(w), acc, DOT_PRECISION, UPCAST)
+    else:
+        if SWAP_AB:
+            acc = _mma(tl.trans(w), tl.trans(act), acc, DOT_PRECISION, UPCAST)
+        else:
+            acc = _mma(act, w, acc, DOT_PRECISION, UPCAST)
+    return acc
 
 
 @triton.jit
@@ -85,6 +198,7 @@ def _wgrad_run(
     nothing to do); column ``j`` of the wide ``GROUP * BLOCK_K`` tile is column
     ``offs_bk[j]`` of run member ``member[j]`` (CSR position ``b[j]``, block
     column ``c[j]``); ``offs_bn`` are the tile's rows within the block row ``r``.
+    All of it is loaded before the token loop, so that loop has no index load.
     """
     SUB_N: tl.constexpr = BM // BLOCK_N
     SUB_K: tl.constexpr = BK // BLOCK_K
@@ -134,40 +248,17 @@ def _wgrad_store(
 
 
 @triton.jit
-def _mma_weight(
-    act,
-    acc,
-    wt_ptr,
-    wf_ptr,
-    es_ptr,
-    s,
-    a,
-    n_frozen,
-    w_rows,
-    w_cols,
-    BM: tl.constexpr,
-    BK: tl.constexpr,
-    HAS_MIXED: tl.constexpr,
-    TRANS_W: tl.constexpr,
-    SWAP_AB: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    """``acc += act @ op(W_tile)`` for the tile ``w_rows x w_cols`` of one stored block.
+def _prefetch_pair(a_ptr, b_ptr, p, end):
+    """``(a[p], b[p])`` of traversal position ``p``, or zeros past ``end``: two more per-block scalars.
 
-    ``op`` is the transpose for the forward (``TRANS_W``: ``act`` holds input
-    features, the result output features) and the identity for the input
-    gradient. With ``SWAP_AB`` the accumulator is held transposed and the
-    product runs as ``op(W)^T @ act^T``, which puts the tokens on the MMA's
-    wide side (wgmma is m64nNk16) instead of the block's narrow side.
+    The conv kernels' companion of :func:`_prefetch` (a tap's pixel offsets), before a line's loop.
     """
-    if TRANS_W != SWAP_AB:  # the tile is loaded as W^T: (w_cols, w_rows)
-        offs = w_rows[None, :] * BK + w_cols[:, None]
-    else:  # as W: (w_rows, w_cols)
-        offs = w_rows[:, None] * BK + w_cols[None, :]
-    w = _load_w_tile(wt_ptr, wf_ptr, es_ptr, s, a, n_frozen, offs, BM * BK, HAS_MIXED)
-    if SWAP_AB:
-        acc = _mma(w, tl.trans(act), acc, DOT_PRECISION, UPCAST)
-    else:
-        acc = _mma(act, w, acc, DOT_PRECISION, UPCAST)
-    return acc
+    live = p < end
+    return tl.load(a_ptr + p, mask=live, other=0), tl.load(b_ptr + p, mask=live, other=0)
+
+
+@triton.jit
+def _prefetch_pair_next(a_ptr, b_ptr, p, end):
+    """``(a[q], b[q])`` for the next iteration, ``q`` clamped to ``end - 1`` as in :func:`_prefetch_next`."""
+    q = tl.minimum(p, end - 1)
+    return tl.load(a_ptr + q), tl.load(b_ptr + q)

@@ -29,24 +29,26 @@ Values live in two stores so that optimizers only see trainable data:
   1), then one *fixed* slot per mixed block holding its frozen values (zero
   where pruned or trainable).
 
-The kernels read a block through ``storage`` (``s >= 0``: ``w_train[s]``,
-``s < 0``: ``w_frozen[-s - 1]``) and, when ``aux >= 0`` (a trainable mixed
-block), take ``where(element_state[aux] == 2, stored, w_frozen[n_frozen + aux])``.
-A mixed block with no trainable element is stored directly in its fixed slot.
+Both stores are halves of one buffer, ``[w_train | w_frozen]`` (``kernels/store.py``):
+``storage[p]`` is the slot of block ``p`` in it, so every kernel addresses a block
+as ``base + slot * bm * bk``. When ``aux >= 0`` (a trainable mixed block) it takes
+``where(element_state[aux] == 2, stored, store[fixed_base + aux])`` with
+``fixed_base = n_train + n_frozen``. A mixed block with no trainable element is
+stored directly in its fixed slot.
 
 Worked example, ``N = K = 4``, ``bm = bk = 2``, ``P`` pruned, ``F`` frozen,
 ``T`` trainable::
 
     T T | P P        codes  [[2, 0],      CSR: row_offsets [0, 1, 3]
     T T | P P               [1, 3]]            col_indices [0, 0, 1]
-    ----+----                                  storage     [0, -1, 1]
+    ----+----                                  storage     [0, 2, 1]
     F F | T F        block (1, 1) is mixed:    aux         [-1, -1, 0]
-    F F | P T        element_state [[2, 1],    w_frozen = [frozen (1,0),
-                                    [0, 2]]                fixed slot of (1,1)]
+    F F | P T        element_state [[2, 1],    store = [w_train: (0,0), (1,1) |
+                                    [0, 2]]             w_frozen: frozen (1,0), fixed slot of (1,1)]
 
 Transposed traversal (for dX): ``col_offsets [0, 2, 3]``,
-``row_indices_t [0, 1, 1]``, ``block_index_t [0, 1, 2]``: positions in the
-same CSR value order, so nothing is copied.
+``row_indices_t [0, 1, 1]``, ``block_index_t [0, 1, 2]`` (CSR positions, so no
+value is copied), ``storage_t [0, 2, 1]`` and ``aux_t [-1, -1, 0]``.
 """
 
 from __future__ import annotations
@@ -129,12 +131,18 @@ class BlockLayout:
         element_state: ``(n_mixed, bm, bk)`` int8, mixed blocks in CSR order.
         row_offsets: ``(RB + 1,)`` CSR pointers of computed blocks.
         col_indices / row_indices: ``(nnzb,)`` block column / row of each block.
-        storage: ``(nnzb,)`` where each block's values live (see module doc).
+        storage: ``(nnzb,)`` the slot of each block's values in the joined store
+            ``[w_train | w_frozen]`` (see module doc).
         aux: ``(nnzb,)`` mixed-slot index of trainable mixed blocks, else -1.
         row_order: ``(RB,)`` block rows, longest first (load balance).
         col_offsets: ``(CB + 1,)`` pointers of the transposed traversal.
         row_indices_t / block_index_t: ``(nnzb,)`` block row and CSR position
             of each block in column-major order.
+        storage_t / aux_t: ``storage`` and ``aux`` in column-major order, so the
+            transposed walk reads a block's slot with one indirection, not two.
+        col_slot / row_slot_t: ``(nnzb, 2)`` pairs ``(col_indices, storage)`` in
+            CSR order and ``(row_indices_t, storage_t)`` in column-major order:
+            what the kernels' main loops prefetch, one 8-byte load per block.
         col_order: ``(CB,)`` block columns, longest first.
         train_index: ``(n_train,)`` CSR position of each trainable block, in
             ``w_train`` order.
@@ -158,6 +166,10 @@ class BlockLayout:
     col_offsets: torch.Tensor
     row_indices_t: torch.Tensor
     block_index_t: torch.Tensor
+    storage_t: torch.Tensor
+    aux_t: torch.Tensor
+    col_slot: torch.Tensor
+    row_slot_t: torch.Tensor
     col_order: torch.Tensor
     train_index: torch.Tensor
     train_rank: torch.Tensor
@@ -249,10 +261,12 @@ class BlockLayout:
         is_frozen = codes == FROZEN
         n_frozen = int(is_frozen.sum())
         frozen_pos = torch.cumsum(is_frozen, 0) - 1
+        n_train = int(trainable.sum())
+        # One slot per computed block in the joined store [w_train | w_frozen] (kernels/store.py).
         storage = torch.where(
             trainable,
             torch.cumsum(trainable, 0) - 1,
-            -torch.where(is_frozen, frozen_pos, n_frozen + pidx) - 1,
+            n_train + torch.where(is_frozen, frozen_pos, n_frozen + pidx),
         )
         aux = torch.where(trainable & is_mixed, pidx, -1)
 
@@ -280,6 +294,10 @@ class BlockLayout:
             col_offsets=_offsets(col_counts).to(i32),
             row_indices_t=row_idx[order].to(i32),
             block_index_t=order.to(i32),
+            storage_t=storage[order].to(i32),
+            aux_t=aux[order].to(i32),
+            col_slot=torch.stack([col_idx, storage], 1).to(i32),
+            row_slot_t=torch.stack([row_idx[order], storage[order]], 1).to(i32),
             col_order=torch.argsort(col_counts, descending=True, stable=True).to(i32),
             train_index=train_index.to(i32),
             train_rank=train_rank.to(i32),
@@ -330,6 +348,10 @@ class BlockLayout:
             self.col_offsets,
             self.row_indices_t,
             self.block_index_t,
+            self.storage_t,
+            self.aux_t,
+            self.col_slot,
+            self.row_slot_t,
             self.col_order,
             self.train_index,
             self.train_rank,
@@ -356,6 +378,10 @@ class BlockLayout:
             "aux": (nnzb,),
             "row_indices_t": (nnzb,),
             "block_index_t": (nnzb,),
+            "storage_t": (nnzb,),
+            "aux_t": (nnzb,),
+            "col_slot": (nnzb, 2),
+            "row_slot_t": (nnzb, 2),
             "train_rank": (self.n_train,),
             "train_left": (self.n_train,),
         }
@@ -363,7 +389,17 @@ class BlockLayout:
             got = tuple(getattr(self, name).shape)
             if got != shp:
                 raise ValueError(f"layout.{name} has shape {got}, expected {shp}")
-        for name in ("row_offsets", "col_indices", "storage", "aux", "train_index", "block_index_t"):
+        int32 = (
+            "row_offsets",
+            "col_indices",
+            "storage",
+            "aux",
+            "train_index",
+            "block_index_t",
+            "storage_t",
+            "col_slot",
+        )
+        for name in int32:
             t = getattr(self, name)
             if t.dtype != torch.int32 or t.device != self.device:
                 raise ValueError(f"layout.{name} must be int32 on {self.device}, got {t.dtype} on {t.device}")

@@ -47,7 +47,7 @@ def _default_configs():
     """No autotuning in this module, and a private config cache (nothing leaks into ``tuned_records``)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SPARSEKERN_AUTOTUNE", "0")
-        mp.setattr(bsmm, "_tuned_cache", {})
+        mp.setattr(cfgs, "_tuned_cache", {})
         yield
 
 
@@ -325,7 +325,7 @@ def test_autotuned_configs_are_correct(monkeypatch):
     """Autotuning on, no stored configs: every pass benchmarks its candidates, and the
     chosen configs give correct results."""
     monkeypatch.setenv("SPARSEKERN_AUTOTUNE", "1")
-    monkeypatch.setattr(bsmm, "_tuned_cache", {})
+    monkeypatch.setattr(cfgs, "_tuned_cache", {})
     monkeypatch.setattr(cfgs, "lookup", lambda name, key: None)
     benched = []
     do_bench = triton.testing.do_bench
@@ -337,7 +337,7 @@ def test_autotuned_configs_are_correct(monkeypatch):
     monkeypatch.setattr(triton.testing, "do_bench", counting_bench)
     p = Problem(1024, 512, 512, 32, F16, 0.5, "mixed")
     check_all(p)
-    records = bsmm.tuned_records()
-    kinds = {key.split(":")[0] for recs in records.values() for key in recs}
+    records = cfgs.tuned_records()
+    kinds = {key.split(":")[1] for recs in records.values() for key in recs}
     assert kinds == {"fwd", "dx", "wgrad"}
     assert len(benched) >= 3

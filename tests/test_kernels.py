@@ -1,7 +1,11 @@
 """Block-sparse matmul vs float64 references, for the Triton launchers and the CPU path.
 
 The Triton launchers run on CPU tensors through Triton's interpreter (set up in
-conftest.py). On a CUDA machine conftest leaves the kernels compiled, and every
+conftest.py), twice: ``triton`` on pointers (what sm_80 runs) and ``tma``
+through tensor descriptors (what sm_90 runs; ``SPARSEKERN_TMA=1``), with the
+activations and outputs in row-padded buffers whose padding holds NaN, so a
+descriptor that reads or writes past the matrix fails the test. On a CUDA
+machine conftest leaves the kernels compiled, and every
 Triton test here then runs on the GPU instead (``gpu`` marks a short smoke set
 for ``pytest -m gpu``); the CPU-path tests always run on CPU. Every Triton
 launch writes into an ``out=`` buffer pre-filled with NaN, so an element a
@@ -10,15 +14,18 @@ kernel forgets to write fails the comparison. Tolerances come from
 (forward ``K``, input gradient ``N``, weight gradient ``M``).
 """
 
+import contextlib
 import itertools
 import math
+import os
 
 import pytest
 import torch
 
 import sparsekern.kernels as sk
-from sparsekern.kernels import bsmm, bsmm_cpu
+from sparsekern.kernels import bsmm, bsmm_cpu, launch
 from sparsekern.kernels import configs as cfgs
+from sparsekern.kernels.store import join_stores
 from sparsekern.layout import BlockLayout
 from sparsekern.testing import assert_close, random_block_mask, reference_grads, reference_linear
 
@@ -26,7 +33,7 @@ NAN = float("nan")
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 DTYPES = [F32, F16, BF16]
 DT_NAME = {F32: "fp32", F16: "fp16", BF16: "bf16"}
-BACKENDS = ["triton", "cpu"]
+BACKENDS = ["triton", "tma", "cpu"]
 BLOCK_SIZES = [16, 32, 64, 128, (16, 64), (128, 32)]
 DENSITIES = [0.0, 0.1, 0.5, 1.0]
 KINDS = ["block", "unstructured", "mixed"]
@@ -57,14 +64,33 @@ class Problem:
         self.mask, self.frozen = mask.to(device), None if frozen is None else frozen.to(device)
         self.lay = BlockLayout.from_masks(self.mask, self.frozen, bs)
         self.w = torch.randn(n, k).to(device=device, dtype=dtype)
-        self.wt, self.wf = self.lay.split_values(self.w)
+        # One buffer, as the layers keep it (kernels/store.py): the kernels then copy nothing.
+        wt, wf = self.lay.split_values(self.w)
+        joined = join_stores(wt, wf)
+        self.wt, self.wf = joined[: wt.shape[0]], joined[wt.shape[0] :]
         self.meta = bsmm.Meta(*self.lay.meta())
         self.x = torch.randn(m, k).to(device=device, dtype=dtype)
         self.dy = torch.randn(m, n).to(device=device, dtype=dtype)
         self.bias = torch.randn(n).to(device=device, dtype=dtype)
 
-    def nan_full(self, *shape):
-        return torch.full(shape, NAN, dtype=self.dtype, device=self.device)
+    def nan_full(self, *shape, pad=False):
+        """NaN-filled ``shape``; with ``pad`` a view into rows padded to 16 bytes (padding stays NaN)."""
+        if not pad:
+            return torch.full(shape, NAN, dtype=self.dtype, device=self.device)
+        rows, cols = shape
+        per16 = 16 // torch.empty((), dtype=self.dtype).element_size()
+        return torch.full((rows, -(-cols // per16) * per16 + per16), NAN, dtype=self.dtype, device=self.device)[
+            :, :cols
+        ]
+
+    def pad_operands(self):
+        """Move ``x`` and ``dy`` into NaN-padded rows that a tensor descriptor can describe."""
+        for name in ("x", "dy"):
+            t = getattr(self, name)
+            padded = self.nan_full(*t.shape, pad=True)
+            padded.copy_(t)
+            assert launch.tma_ok(padded) or padded.numel() == 0
+            setattr(self, name, padded)
 
     def ref(self):
         return reference_grads(self.x, self.w, self.mask, self.frozen, self.dy, self.bias)
@@ -79,36 +105,71 @@ def _need(backend):
     """The device for a backend's operands; skips when its kernels cannot run here."""
     if backend == "cpu":
         return "cpu"
+    if backend == "tma" and launch.TensorDescriptor is None:
+        pytest.skip("this Triton has no tensor descriptors")
     if not sk.use_triton(torch.device(TRITON_DEVICE)):
         pytest.skip(f"Triton kernels do not run on {TRITON_DEVICE} here (INTERPRET={sk.INTERPRET})")
     return TRITON_DEVICE
 
 
 # ------------------------------------------------------------ pass runners
+@contextlib.contextmanager
+def _route(backend, p):
+    """Run the Triton launchers on descriptors (``tma``) or pointers (``triton``)."""
+    old = os.environ.get("SPARSEKERN_TMA")
+    if backend == "tma":
+        if not launch.tma_ok(p.x) and p.x.is_contiguous():
+            p.pad_operands()
+        os.environ["SPARSEKERN_TMA"] = "1"
+        if p.x.stride(-1) == 1 and p.dy.stride(-1) == 1 and p.m:  # else the launchers fall back to pointers
+            assert launch.use_tma(p.x.device, p.x, p.dy), "the tma backend would run the pointer path"
+    else:
+        os.environ.pop("SPARSEKERN_TMA", None)
+    try:
+        yield
+    finally:
+        os.environ.pop("SPARSEKERN_TMA", None)
+        if old is not None:
+            os.environ["SPARSEKERN_TMA"] = old
+
+
+def _assert_padding_untouched(out):
+    """A padded output's padding (beyond its columns) still holds NaN: no write went past the matrix."""
+    if out.dim() == 2 and out.stride(1) == 1 and out.stride(0) > out.shape[1] and out.shape[0]:
+        pad = out.as_strided((out.shape[0], out.stride(0) - out.shape[1]), (out.stride(0), 1),
+                             out.storage_offset() + out.shape[1])  # fmt: skip
+        assert bool(pad.isnan().all()), "a store wrote past the output's columns"
+
+
 def forward(backend, p, bias=True, out=None):
     b = p.bias if bias else None
     if backend == "cpu":
         return bsmm_cpu.forward(p.x, p.wt, p.wf, b, p.meta, p.n, p.lay.n_frozen)
-    out = p.nan_full(p.m, p.n) if out is None else out
-    y = bsmm.bsmm_forward(p.x, p.wt, p.wf, b, p.meta, p.n, p.lay.n_frozen, out=out)
+    with _route(backend, p):
+        out = p.nan_full(p.m, p.n, pad=backend == "tma") if out is None else out
+        y = bsmm.bsmm_forward(p.x, p.wt, p.wf, b, p.meta, p.n, p.lay.n_frozen, out=out)
     assert y is out
+    _assert_padding_untouched(y)
     return y
 
 
 def input_grad(backend, p, out=None):
     if backend == "cpu":
         return bsmm_cpu.input_grad(p.dy, p.wt, p.wf, p.meta, p.k, p.lay.n_frozen)
-    out = p.nan_full(p.m, p.k) if out is None else out
-    dx = bsmm.bsmm_input_grad(p.dy, p.wt, p.wf, p.meta, p.k, p.lay.n_frozen, out=out)
+    with _route(backend, p):
+        out = p.nan_full(p.m, p.k, pad=backend == "tma") if out is None else out
+        dx = bsmm.bsmm_input_grad(p.dy, p.wt, p.wf, p.meta, p.k, p.lay.n_frozen, out=out)
     assert dx is out
+    _assert_padding_untouched(dx)
     return dx
 
 
 def weight_grad(backend, p, splits=None):
     if backend == "cpu":
         return bsmm_cpu.weight_grad(p.dy, p.x, p.meta, p.lay.block_size)
-    out = p.nan_full(p.lay.n_train, *p.lay.block_size)
-    dw = bsmm.bsmm_weight_grad(p.dy, p.x, p.meta, p.lay.block_size, out=out, splits=splits)
+    with _route(backend, p):
+        out = p.nan_full(p.lay.n_train, *p.lay.block_size)
+        dw = bsmm.bsmm_weight_grad(p.dy, p.x, p.meta, p.lay.block_size, out=out, splits=splits)
     assert dw is out
     return dw
 
@@ -212,15 +273,16 @@ def test_cases_cover_every_block_kind_and_both_cpu_regimes():
 # --------------------------------------------------- splits and strides
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_NAME.get)
 @pytest.mark.parametrize("splits", [2, 3])
-def test_weight_grad_token_splits(splits, dtype):
-    dev = _need("triton")
+@pytest.mark.parametrize("backend", ["triton", "tma"])
+def test_weight_grad_token_splits(backend, splits, dtype):
+    dev = _need(backend)
     m = 300
     rows = math.ceil(math.ceil(m / splits) / 128) * 128  # the launcher rounds splits to 128 tokens
     assert math.ceil(m / rows) == splits, "shape too small: the launcher would merge the splits"
     p = Problem(m, 64, 48, (32, 16), dtype, 0.6, "mixed", device=dev)
     assert p.lay.n_train > 0 and int((p.lay.aux >= 0).sum()) > 0
-    split = check_weight_grad("triton", p, splits=splits)
-    single = weight_grad("triton", p, splits=1)
+    split = check_weight_grad(backend, p, splits=splits)
+    single = weight_grad(backend, p, splits=1)
     assert_close(split, single.double(), dtype, m, "split vs unsplit dw")
 
 
@@ -240,7 +302,7 @@ def test_noncontiguous_operands(backend, view, density):
         p.dy = torch.randn(2 * p.m, p.n + 9).to(dev, dtype)[::2, 4 : 4 + p.n]
     assert not p.x.is_contiguous() and not p.dy.is_contiguous()
     y_out = dx_out = None
-    if backend == "triton":  # outputs as transposed views too
+    if backend != "cpu":  # outputs as transposed views too (descriptors cannot: the pointer path runs)
         y_out = p.nan_full(p.n, p.m).t()
         dx_out = p.nan_full(p.k, p.m).t()
     check_forward(backend, p, True, y_out)
@@ -416,6 +478,37 @@ def test_stale_store_values_are_never_read(backend, dtype):
     assert bool(p.wt.isnan().any()) and bool(p.wf.isnan().any())
     check_forward(backend, p, True, expected=y_ref)
     check_input_grad(backend, p, expected=dx_ref)
+
+
+@pytest.mark.parametrize("backend", ["triton", "tma"])
+def test_stores_in_separate_buffers_give_the_same_result_and_say_so_once(backend, monkeypatch, recwarn):
+    """Stores that are not one buffer (passed by hand, rebuilt by a sharder) are joined per call, with a warning."""
+    from sparsekern.kernels import store
+
+    p = Problem(37, 100, 70, 16, F16, 0.6, "mixed", device=_need(backend))
+    assert store.adjacent(p.wt, p.wf) and p.wf.shape[0] and p.wt.shape[0]
+    joined = forward(backend, p).clone()
+    assert not recwarn.list, [str(w.message) for w in recwarn.list]
+    monkeypatch.setattr(store, "_warned_copy", False)
+    p.wt, p.wf = p.wt.clone(), p.wf.clone()
+    assert not store.adjacent(p.wt, p.wf)
+    with pytest.warns(UserWarning, match="not one buffer"):
+        apart = forward(backend, p)
+    assert torch.equal(apart, joined)
+    recwarn.clear()
+    forward(backend, p)
+    assert not [w for w in recwarn.list if "not one buffer" in str(w.message)], "said twice"
+
+
+def test_store_view_is_the_joined_buffer():
+    from sparsekern.kernels import store
+
+    buf = torch.arange(5 * 4, dtype=torch.float32).view(5, 2, 2)
+    v = store.value_store(buf[:3], buf[3:])
+    assert v.data_ptr() == buf.data_ptr() and torch.equal(v, buf)
+    assert store.value_store(buf[:0], buf[1:]) is not None and store.value_store(buf[:3], buf[3:3]).shape[0] == 3
+    assert not store.adjacent(buf[:2], buf[3:])  # a gap
+    assert not store.adjacent(buf[3:], buf[:3])  # wrong order
 
 
 # ---------------------------------------------------------------- bad input

@@ -141,8 +141,9 @@ def test_csr_and_transposed_traversals_agree(built):
     computed = lay.block_code > 0
     nnzb = int(computed.sum())
     assert lay.nnz_blocks == nnzb
-    for name in ("row_offsets", "col_indices", "row_indices", "storage", "aux", "col_offsets",
-                 "row_indices_t", "block_index_t", "row_order", "col_order", "train_index"):  # fmt: skip
+    for name in ("row_offsets", "col_indices", "row_indices", "storage", "aux", "col_offsets", "row_indices_t",
+                 "block_index_t", "storage_t", "aux_t", "col_slot", "row_slot_t", "row_order", "col_order",
+                 "train_index"):  # fmt: skip
         assert getattr(lay, name).dtype == torch.int32, name
 
     # CSR: rows ascending, columns ascending within a row.
@@ -209,14 +210,19 @@ def test_trainable_set_storage_and_aux(built):
     assert lay.n_frozen == int((codes == 1).sum())
     assert lay.n_frozen_slots == lay.n_frozen + lay.n_mixed
 
+    # Slots of the joined store [w_train | w_frozen]: trainable first, then frozen, then fixed slots.
     s = lay.storage.long()
     mixed_rank = torch.cumsum(is_mixed, 0) - 1
     assert torch.equal(s[lay.train_index.long()], torch.arange(lay.n_train))
-    slot = -s - 1
-    assert bool((s[~has_train] < 0).all())
+    slot = s - lay.n_train
+    assert bool((slot[~has_train] >= 0).all())
     assert torch.equal(slot[codes == 1], torch.arange(lay.n_frozen))
     nt_mixed = is_mixed & ~has_train
     assert torch.equal(slot[nt_mixed], lay.n_frozen + mixed_rank[nt_mixed])
+    # The transposed walk carries the same slots, in column-major order.
+    bit = lay.block_index_t.long()
+    assert torch.equal(lay.storage_t, lay.storage[bit])
+    assert torch.equal(lay.aux_t, lay.aux[bit])
     assert torch.equal(lay.aux.long(), torch.where(is_mixed & has_train, mixed_rank, -1))
     # Uniform blocks never carry element state.
     assert bool((lay.aux.long()[codes == 2] == -1).all())
@@ -291,11 +297,13 @@ def test_worked_example_from_docstring():
     assert lay.block_code.tolist() == [[2, 0], [1, 3]]
     assert lay.row_offsets.tolist() == [0, 1, 3]
     assert lay.col_indices.tolist() == [0, 0, 1]
-    assert lay.storage.tolist() == [0, -1, 1]
+    assert lay.storage.tolist() == [0, 2, 1]
     assert lay.aux.tolist() == [-1, -1, 0]
     assert lay.col_offsets.tolist() == [0, 2, 3]
     assert lay.row_indices_t.tolist() == [0, 1, 1]
     assert lay.block_index_t.tolist() == [0, 1, 2]
+    assert lay.storage_t.tolist() == [0, 2, 1]
+    assert lay.aux_t.tolist() == [-1, -1, 0]
 
 
 # ----------------------------------------------------------------------- flops

@@ -634,3 +634,59 @@ def test_warns_once_when_no_block_is_empty(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         SparseLinear(64, 64, block_size=16, mask=random_block_mask((64, 64), 16, 0.5))  # blocks: no warning
+
+
+# ------------------------------------------------------------ the joined store
+def _joined(layer):
+    from sparsekern.kernels.store import adjacent
+
+    wt, wf = layer.weight_train, layer.weight_frozen
+    return not (wt.shape[0] and wf.shape[0]) or adjacent(wt, wf)
+
+
+def test_stores_stay_one_buffer_through_every_change(backend, recwarn):
+    """Construction, a step, set_masks, a checkpoint of another layout and dtype/device moves all
+    leave weight_train and weight_frozen as halves of one buffer: the kernels then never copy."""
+    mask, frozen = plan_masks()
+    layer, _ = make_layer(61, 45, 16, mask, frozen)
+    assert layer.weight_frozen.shape[0] and layer.weight_train.shape[0] and _joined(layer)
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    param = layer.weight_train
+    layer(torch.randn(5, 61)).square().sum().backward()
+    opt.step()
+    assert _joined(layer) and layer.weight_train is param
+    mask2, frozen2 = mixed_masks(45, 61, 16, 0.6)
+    layer.set_masks(mask2, frozen2, optimizer=opt)
+    assert _joined(layer) and layer.weight_frozen.shape[0]
+    other = SparseLinear(61, 45, block_size=16, mask=plan_masks()[0])
+    other.load_state_dict(layer.state_dict())
+    assert _joined(other) and torch.equal(other.weight, layer.weight)
+    param = layer.weight_train
+    layer.to(F16)
+    assert _joined(layer) and layer.weight_train is param and layer.weight_train.dtype == F16
+    layer.float()
+    assert _joined(layer)
+    assert not [w for w in recwarn.list if "not one buffer" in str(w.message)]
+
+
+def test_a_rebuilt_parameter_still_computes_the_same(backend, monkeypatch):
+    """A sharder that replaces weight_train with a fresh tensor breaks the shared buffer: the
+    result stays identical, and the copy it costs the Triton kernels is said once (the CPU path
+    gathers the blocks anyway, so it pays nothing extra and says nothing)."""
+    from sparsekern.kernels import store
+
+    mask, frozen = plan_masks()
+    layer, _ = make_layer(61, 45, 16, mask, frozen)
+    x = torch.randn(7, 61)
+    y = layer(x).detach()
+    monkeypatch.setattr(store, "_warned_copy", False)
+    layer.weight_train = nn.Parameter(layer.weight_train.detach().clone())
+    assert not _joined(layer)
+    if backend == "triton":
+        with pytest.warns(UserWarning, match="not one buffer"):
+            y2 = layer(x)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            y2 = layer(x)
+    assert torch.equal(y2.detach(), y)

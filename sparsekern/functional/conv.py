@@ -111,7 +111,7 @@ def _conv2d_backward(
 def _(dy, x, w_train, w_frozen, meta, geom, n_frozen, input_grad, weight_grad):
     bm, bk = w_train.shape[1:]
     dx = _new_output(dy, ConvGeom(*geom), meta, "input_grad") if input_grad else x.new_empty(0)
-    return dx, x.new_empty(meta[11].shape[0] if weight_grad else 0, bm, bk)
+    return dx, x.new_empty(Meta(*meta).train_index.shape[0] if weight_grad else 0, bm, bk)
 
 
 # ----------------------------------------------------------------- autograd

@@ -109,7 +109,7 @@ def _linear_weight_grad(dy: torch.Tensor, x: torch.Tensor, meta: list[torch.Tens
 
 @_linear_weight_grad.register_fake
 def _(dy, x, meta, bm, bk):
-    return x.new_empty(meta[11].shape[0], bm, bk)
+    return x.new_empty(_meta(meta).train_index.shape[0], bm, bk)
 
 
 # ----------------------------------------------------------------- autograd

@@ -9,6 +9,13 @@ lives here:
 * ``weight_train`` (Parameter): the trainable blocks only, so gradients and
   optimizer state exist for nothing else.
 * ``weight_frozen`` (buffer): frozen blocks and the fixed values of mixed blocks.
+
+Both are views of one buffer, ``[weight_train | weight_frozen]``, which is the
+single value store the kernels address (``kernels/store.py``): no copy per
+call, one TMA descriptor for every block. Every place that replaces the stores
+(construction, ``set_masks``, loading a checkpoint of another layout, and
+``.to()``/``.half()``, which convert parameters and buffers one by one) lays
+them out in one buffer again.
 * ``block_code`` / ``element_state`` (buffers): the layout's compact form; the
   full layout is rebuilt from them on load.
 """
@@ -20,6 +27,7 @@ import warnings
 import torch
 from torch import nn
 
+from sparsekern.kernels.store import adjacent, join_stores
 from sparsekern.layout import BlockLayout
 from sparsekern.nn._ingest import dense_weight_and_mask
 
@@ -81,9 +89,16 @@ class BlockSparseWeight(nn.Module):
             mask = torch.ones(self.weight_shape, dtype=torch.bool, device=dense.device)
         layout = self._build_layout(mask, frozen_mask, dense.device)
         w_train, w_frozen = layout.split_values(self._to_matrix(dense))
-        self.weight_train = nn.Parameter(w_train)
-        self.register_buffer("weight_frozen", w_frozen)
+        self.weight_train, frozen = self._joined_stores(w_train, w_frozen, True)
+        self.register_buffer("weight_frozen", frozen)
         self._install_layout(layout)
+
+    @staticmethod
+    def _joined_stores(w_train: torch.Tensor, w_frozen: torch.Tensor, requires_grad: bool):
+        """``(Parameter, buffer)``: views of one fresh ``[w_train | w_frozen]`` buffer."""
+        buf = join_stores(w_train, w_frozen)
+        n = w_train.shape[0]
+        return nn.Parameter(buf[:n], requires_grad=requires_grad), buf[n:]
 
     def _install_layout(self, layout: BlockLayout) -> None:
         _warn_if_nothing_skipped(layout, type(self).__name__)
@@ -175,7 +190,7 @@ class BlockSparseWeight(nn.Module):
                         old_dense = self._layout.to_dense(val, torch.zeros_like(self.weight_frozen, dtype=val.dtype))
                         new_state[key] = new.split_values(old_dense)[0]
         # Everything above can fail; nothing below can, so the module never ends half-changed.
-        fresh = nn.Parameter(w_train, requires_grad=param.requires_grad)
+        fresh, w_frozen = self._joined_stores(w_train, w_frozen, param.requires_grad)
         self.weight_train = fresh
         self.weight_frozen = w_frozen
         self._install_layout(new)
@@ -191,6 +206,13 @@ class BlockSparseWeight(nn.Module):
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         self._layout = self._layout.to(self.block_code.device)
+        # Conversions build the parameter and the buffer separately: join them again. ``.data`` keeps
+        # the Parameter object, so optimizers and hooks holding it stay valid.
+        wt, wf = self.weight_train, self.weight_frozen
+        if wt.shape[0] and wf.shape[0] and not adjacent(wt, wf):
+            buf = join_stores(wt, wf)
+            wt.data = buf[: wt.shape[0]]
+            self.weight_frozen = buf[wt.shape[0] :]
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
@@ -236,10 +258,10 @@ class BlockSparseWeight(nn.Module):
                 return
             # The masks differ, so the stores change shape: new tensors in this module's dtype/device
             # (the checkpoint's values are copied in by the default loader below, cast as nn.Linear would).
-            old, fz = self.weight_train, self.weight_frozen
-            self.weight_train = nn.Parameter(
-                torch.empty(wt.shape, dtype=old.dtype, device=old.device), requires_grad=old.requires_grad
+            old = self.weight_train
+            empty = old.new_empty(wt.shape[0] + wf.shape[0], *wt.shape[1:])
+            self.weight_train, self.weight_frozen = self._joined_stores(
+                empty[: wt.shape[0]], empty[wt.shape[0] :], old.requires_grad
             )
-            self.weight_frozen = torch.empty(wf.shape, dtype=fz.dtype, device=fz.device)
             self._install_layout(layout)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)

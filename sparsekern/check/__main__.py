@@ -1,0 +1,7 @@
+"""``python -m sparsekern.check``: see the package docstring."""
+
+import sys
+
+from sparsekern.check.cli import main
+
+sys.exit(main())
