@@ -4,16 +4,20 @@ The weight is the matrix view of ``sparsekern/convview.py``: ``(Cout, Cin, kh, k
 becomes ``(Cout, kh*kw*c_pad)`` with ``K`` ordered ``(kh, kw, Cin)`` and ``Cin``
 padded to ``c_pad`` (a multiple of ``bk``) inside each tap, so block column ``c``
 is tap ``t = c // CPB`` (``CPB = c_pad // bk`` channel blocks per tap),
-``(r, s) = divmod(t, kw)``, input channels ``(c % CPB)*bk + [0, bk)``. Its values,
-``Meta`` and ``n_frozen`` are exactly those of ``kernels/bsmm.py``.
+``(r, s) = divmod(t, kw)``, input channels ``(c % CPB)*bk + [0, bk)``. Its values
+live in the joined store ``[w_train | w_frozen]`` (``kernels/store.py``) and
+``Meta``/``n_frozen`` are exactly those of ``kernels/bsmm.py``: block ``p`` is
+``store[storage[p]]``, mixed blocks merge with their fixed slot at
+``fixed_base + aux`` (``fixed_base = n_train + n_frozen``).
 
 Shapes and conventions:
 
 * ``x``: ``(N, Cin, H, W)``; ``dy``/``y``: ``(N, Cout, Ho, Wo)``; ``dx``:
   ``(N, Cin, H, W)``. Any strides: the kernels take all four, so NCHW and
   channels_last both run without a copy. channels_last (channels contiguous) is
-  the native case: a tile's channel slice is one contiguous run per pixel.
-  Outputs the launchers allocate are channels_last.
+  the native case: a tile's channel slice is one contiguous run per pixel, which
+  the gathers load 16 bytes at a time (cp.async). Outputs the launchers allocate
+  are channels_last.
 * A *token* is an output pixel ``m = (n*Ho + ho)*Wo + wo`` (``M = N*Ho*Wo``); the
   input pixel of token ``m`` at tap ``(r, s)`` is
   ``(ho*stride_h - pad_h + r*dil_h, wo*stride_w - pad_w + s*dil_w)``.
@@ -23,39 +27,58 @@ Shapes and conventions:
   (``sparsekern.convview.conv_geometry``).
 
 =================  ==========================================  =========================================
-pass               product                                     traversal
+pass               product                                     traversal (one loop per program)
 =================  ==========================================  =========================================
-forward            ``Y = im2col(X) @ W.T (+ b)``               computed blocks of each block row (CSR)
-input gradient     ``dX = col2im(dY @ W)``, as a transposed    per (input-channel block, stride phase):
-                   conv: ``dx[p] += dy[q] @ W_t`` for the      each tap that hits the phase, then the
-                   output pixel ``q`` that reads ``p`` at tap  computed blocks of column ``(tap,
-                   ``t``                                       channel block)`` (transposed traversal)
+forward            ``Y = im2col(X) @ W.T (+ b)``               computed blocks of each block row (CSR),
+                                                               with per-block tap offsets
+input gradient     ``dX = col2im(dY @ W)``, as a transposed    one *line* per (stride phase, input-
+                   conv: ``dx[p] += dy[q] @ W_t`` for the      channel block): the blocks of every
+                   output pixel ``q`` that reads ``p`` at tap  column ``(tap, cb)`` whose tap hits the
+                   ``t``                                       phase, flattened into one list
 weight gradient    ``dW_b = dY_r.T @ im2col(X)_c``             runs of up to ``GROUP`` trainable blocks
                                                                of a block row, sharing ``dy``
 =================  ==========================================  =========================================
 
 ``im2col(X)`` is never built: each ``(tokens x channels)`` tile is gathered
 straight from ``x`` with masked loads (zero outside the image and for
-channels ``>= Cin``). The input gradient is a gather too, never a scatter:
-a program owns a tile of input pixels and a channel slice, and for each tap
-reads the ``dy`` pixel ``ho = (h + pad_h - r*dil_h) / stride_h`` where that is
-a whole number inside the output (masked to zero elsewhere). Strided convs are
-split into stride phases (pixels with the same ``(h + pad_h) % stride_h`` and
-``(w + pad_w) % stride_w``), one phase per program, so that a program runs
-only the taps that hit its phase (a quarter of them at stride 2). Each ``dx``
-element is written once, so no atomics and no zero-fill are needed.
+channels ``>= Cin``). The input gradient is a gather too, never a scatter: a
+program owns a tile of input pixels of one stride phase (pixels with the same
+``(h + pad_h) % stride_h`` and ``(w + pad_w) % stride_w``) and a channel slice,
+and reads, for each block of its line, the ``dy`` pixel the block's tap maps
+them to. Each ``dx`` element is written once, so no atomics and no zero-fill.
 
-Load balance: forward programs visit block rows longest first (``row_order``);
-input-gradient programs visit input-channel blocks by their block count over
-all taps, longest first (computed per launch from ``col_offsets`` with
-vectorised torch). The weight gradient splits the token reduction when there
-are too few trainable blocks to fill the GPU (``bsmm.wgrad_splits``).
+Main loops, and why (the pattern of ``kernels/bsmm.py``, ``kernels/tiles.py``):
 
-Precision, configs, the interpreter's bf16 upcast and the builtins-only rule
-are those of ``kernels/bsmm.py``, whose jit helpers (``kernels/tiles.py``)
-and config machinery this module reuses;
-a conv kind (``conv_fwd``/``conv_dx``/``conv_wgrad``) shares its matmul twin's
-candidates and default but is tuned under its own key.
+* Every per-block quantity is loaded one iteration ahead into loop-carried
+  scalars (``tiles._prefetch``/``_prefetch_pair``), so no load of an
+  iteration feeds another load's address in that iteration and the pipeliner
+  keeps ``num_stages`` tiles in flight: the activation gather on cp.async, the
+  weight tile through TMA on sm_90 (``launch.use_tma`` over the store, decided
+  per launch) or cp.async elsewhere.
+* No integer division by a runtime value in a loop: the launchers compute, per
+  launch with vectorised torch, small int32 per-block arrays. Forward, per CSR
+  position: the tap's row/column offsets ``r*dil_h``, ``s*dil_w`` and the
+  channel block ``c % CPB`` (``forward_taps``). Input gradient, per entry of a
+  line: block row, slot, aux and the output-pixel offsets ``oh = (h_first +
+  pad_h - r*dil_h) / stride_h`` (``ow`` likewise), exact because a tap hits
+  exactly one stride phase per dimension, so that ``ho = hq + oh``, ``wo = wq +
+  ow`` (``input_grad_lines``). One indirection everywhere.
+* One loop per program: the input gradient used to run a tap loop around a
+  block loop, and with ~one block per tap the pipeliner (innermost loops only)
+  never filled. A line holds every block of its (phase, channel block), so
+  every block of column ``t*CPB + cb`` belongs to exactly one line.
+
+Load balance: forward programs visit block rows longest first
+(``row_order``), input-gradient programs lines longest first (per launch);
+lines no tap reaches still run (empty) and write zeros. The weight gradient
+splits the token reduction when there are too few trainable blocks to fill
+the GPU (``bsmm.wgrad_splits``) and skips frozen blocks (one program per
+trainable block); its token loop has no index load at all.
+
+Precision, configs (``configs.pick_config`` with kinds ``conv_fwd``/``conv_dx``/
+``conv_wgrad``, sharing their matmul twin's candidates and defaults but tuned
+under their own keys), the interpreter's bf16 upcast and the builtins-only rule
+are those of ``kernels/bsmm.py``.
 
 Known limits:
 
@@ -63,14 +86,19 @@ Known limits:
   (``W`` likewise); when ``stride_h`` does not divide ``H`` some phases have a
   masked last row. Pixels no tap reaches (``stride > dilation*(k-1)+1``) are
   still visited and written as zeros.
+* The activation gather (and ``dy``, the outputs and the weight gradient's
+  operands) stay on pointers: a descriptor cannot express the per-pixel
+  bounds of a tap. Only the weight tile goes through TMA.
+* The per-launch arrays cost a few small torch ops per call (no host sync).
+* The weight gradient decodes its tokens ``(n, ho, wo)`` per token step (two
+  divisions by runtime sizes per token of the tile); the forward and input
+  gradient do it once per program.
 * Groups (depthwise/grouped conv), 1-D/3-D convs and padding modes other than
   zeros are not supported.
 * Offsets into activations are int64; block indices and the token count
   ``N*Ho*Wo`` (and ``N*H*W``) are int32, as are the per-tap pixel coordinates.
-* Gathering the ``x`` tile costs integer work a dense ``(M, K)`` operand does
-  not (one division per token per program, a bounds mask per tap), and NCHW
-  inputs read a channel slice with a stride of ``H*W`` elements; use
-  channels_last for speed.
+* NCHW inputs read a channel slice with a stride of ``H*W`` elements (one
+  element per load, not pipelined by cp.async); use channels_last for speed.
 """
 
 from __future__ import annotations
@@ -80,10 +108,33 @@ import triton
 import triton.language as tl
 
 from . import bsmm
+from . import configs as cfgs
+from .launch import SUPPORTED_DTYPES, check, check_values, descriptor, dot_precision, launch_kw, upcast, use_tma
 from .meta import ConvGeom, Meta
-from .tiles import _line_program, _mma, _mma_weight, _wgrad_run, _wgrad_store
+from .store import value_store
+from .tiles import (
+    _line_program,
+    _mma,
+    _mma_weight,
+    _prefetch,
+    _prefetch_next,
+    _prefetch_pair,
+    _prefetch_pair_next,
+    _weight_tile,
+    _wgrad_run,
+    _wgrad_store,
+)
 
-__all__ = ["bsconv_forward", "bsconv_input_grad", "bsconv_weight_grad", "ConvGeom", "Meta"]
+__all__ = [
+    "ConvGeom",
+    "Meta",
+    "bsconv_forward",
+    "bsconv_input_grad",
+    "bsconv_weight_grad",
+    "channel_order",
+    "forward_taps",
+    "input_grad_lines",
+]
 
 INT32_MAX = 2**31 - 1
 
@@ -99,18 +150,19 @@ def _pixel_coords(offs, H, W):
 # --------------------------------------------------------------------- kernels
 @triton.jit
 def _bsconv_fwd_kernel(
-    # pointers
+    # pointers (w: a tensor descriptor when USE_TMA)
     x_ptr,
-    wt_ptr,
-    wf_ptr,
+    w_ptr,
     es_ptr,
     bias_ptr,
     y_ptr,
-    # layout
+    # layout (CSR order) and per-launch tap offsets (forward_taps)
     row_offsets_ptr,
-    col_indices_ptr,
+    chan_ptr,
     storage_ptr,
     aux_ptr,
+    tap_h_ptr,
+    tap_w_ptr,
     row_order_ptr,
     # shapes
     M,
@@ -120,15 +172,11 @@ def _bsconv_fwd_kernel(
     C_out,
     H_out,
     W_out,
-    KW,
-    CPB,
-    n_frozen,
+    fixed_base,
     conv_stride_h,
     conv_stride_w,
     pad_h,
     pad_w,
-    dil_h,
-    dil_w,
     # strides
     stride_xn,
     stride_xc,
@@ -145,6 +193,7 @@ def _bsconv_fwd_kernel(
     HAS_MIXED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -152,79 +201,83 @@ def _bsconv_fwd_kernel(
 ):
     """``y[n, r*BM + j, ho, wo] = sum_blocks x[n, ch, hi, wi] * W_rc[j, k] (+ bias)``.
 
-    Block ``(r, c)`` at tap ``t = c // CPB``, ``(kr, ks) = divmod(t, KW)``, reads
-    channels ``ch = (c % CPB)*BK + k`` at ``hi = ho*conv_stride_h - pad_h +
-    kr*dil_h`` (``wi`` likewise); out-of-image pixels and ``ch >= C_in`` read 0.
-    Tokens ``m = (n*H_out + ho)*W_out + wo``, ``M = N*H_out*W_out``.
+    CSR position ``p`` (block ``(r, c)``) reads channels ``ch = chan[p]*BK + k``
+    at ``hi = ho*conv_stride_h - pad_h + tap_h[p]`` (``wi`` likewise), with
+    ``chan``, ``tap_h``, ``tap_w`` from :func:`forward_taps`; out-of-image
+    pixels and ``ch >= C_in`` read 0. Tokens ``m = (n*H_out + ho)*W_out + wo``.
 
     Grid: ``cdiv(M, BLOCK_M) * RB * (BM // BLOCK_N)``, as ``_bsmm_fwd_kernel``.
+    With ``USE_TMA`` ``w_ptr`` is a descriptor over the store as ``(n_slots *
+    BM, BK)`` with blocks ``[BLOCK_N, BLOCK_K]``; ``x`` and ``y`` are pointers.
     """
     tl.static_assert(BM % BLOCK_N == 0, "BLOCK_N must divide the block's rows")
     tl.static_assert(BK % BLOCK_K == 0, "BLOCK_K must divide the block's columns")
     SUB_N: tl.constexpr = BM // BLOCK_N
     SUB_K: tl.constexpr = BK // BLOCK_K
+    LOG_SUB_K: tl.constexpr = (SUB_K >= 2) + (SUB_K >= 4) + (SUB_K >= 8)
     pid_m, sub_n, r, start, end = _line_program(row_order_ptr, row_offsets_ptr, M, BLOCK_M, SUB_N)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_bn = sub_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_bk = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     img, ho, wo = _pixel_coords(offs_m, H_out, W_out)
-    h0 = ho * conv_stride_h - pad_h
+    # A token past M gets a row no tap brings into the image: the bounds test below masks it too.
+    h0 = tl.where(mask_m, ho * conv_stride_h - pad_h, -(1 << 30))
     w0 = wo * conv_stride_w - pad_w
-    x_img = x_ptr + img.to(tl.int64) * stride_xn
+    # The token's pixel at tap (0, 0): a tap adds scalar offsets to it.
+    x_tok = x_ptr + img.to(tl.int64) * stride_xn + h0.to(tl.int64) * stride_xh + w0.to(tl.int64) * stride_xw
     if SWAP_AB:  # tokens on the MMA's wide side, as in _bsmm_fwd_kernel
         acc = tl.full((BLOCK_N, BLOCK_M), 0.0, dtype=tl.float32)
     else:
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+    cb, s, a = _prefetch(chan_ptr, storage_ptr, aux_ptr, start, end, HAS_MIXED)
+    dh, dw = _prefetch_pair(tap_h_ptr, tap_w_ptr, start, end)
     for it in range(start * SUB_K, end * SUB_K):
-        p = it // SUB_K
-        kk = (it % SUB_K) * BLOCK_K
-        c = tl.load(col_indices_ptr + p)
-        s = tl.load(storage_ptr + p)
-        a = tl.load(aux_ptr + p) if HAS_MIXED else -1
-        tap = c // CPB
-        hi = h0 + (tap // KW) * dil_h
-        wi = w0 + (tap % KW) * dil_w
-        inside = mask_m & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-        offs_c = (c % CPB) * BK + kk + offs_bk
-        x_rows = x_img + hi.to(tl.int64) * stride_xh + wi.to(tl.int64) * stride_xw
-        x = tl.load(
-            x_rows[:, None] + offs_c.to(tl.int64)[None, :] * stride_xc,
-            mask=inside[:, None] & (offs_c < C_in)[None, :],
-            other=0.0,
-        )
-        acc = _mma_weight(
-            x, acc, wt_ptr, wf_ptr, es_ptr, s, a, n_frozen, offs_bn, kk + offs_bk,
-            BM, BK, HAS_MIXED, True, SWAP_AB, DOT_PRECISION, UPCAST,
-        )  # fmt: skip
-    if SWAP_AB:
-        acc = tl.trans(acc)
+        # The next iteration's block and tap, loaded now: no load below feeds an address of this iteration.
+        q = (it + 1) >> LOG_SUB_K
+        cb_n, s_n, a_n = _prefetch_next(chan_ptr, storage_ptr, aux_ptr, q, end, HAS_MIXED)
+        dh_n, dw_n = _prefetch_pair_next(tap_h_ptr, tap_w_ptr, q, end)
+        kk = (it & (SUB_K - 1)) * BLOCK_K
+        # 0 <= hi < H as one unsigned compare (a negative row wraps past H).
+        inside = ((h0 + dh).to(tl.uint32, bitcast=True) < H) & ((w0 + dw).to(tl.uint32, bitcast=True) < W)
+        offs_c = cb * BK + kk + offs_bk  # cb * BK, not a loaded start: keeps the 16-byte alignment visible
+        cols = dh.to(tl.int64) * stride_xh + dw.to(tl.int64) * stride_xw + offs_c.to(tl.int64) * stride_xc
+        x = tl.load(x_tok[:, None] + cols[None, :], mask=inside[:, None] & (offs_c < C_in)[None, :], other=0.0)
+        w = _weight_tile(w_ptr, es_ptr, s, a, fixed_base, sub_n * BLOCK_N, kk, BLOCK_N, BLOCK_K, BM, BK,
+                         HAS_MIXED, USE_TMA)  # fmt: skip
+        acc = _mma_weight(x, w, acc, True, SWAP_AB, DOT_PRECISION, UPCAST)
+        cb, s, a, dh, dw = cb_n, s_n, a_n, dh_n, dw_n
 
-    offs_n = r * BM + offs_bn
+    offs_n = r * BM + sub_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < C_out
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y_rows = y_ptr + img.to(tl.int64) * stride_yn + ho.to(tl.int64) * stride_yh + wo.to(tl.int64) * stride_yw
-    y_ptrs = y_rows[:, None] + offs_n.to(tl.int64)[None, :] * stride_yc
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        if SWAP_AB:
+            acc += bias[:, None]
+        else:
+            acc += bias[None, :]
+    if SWAP_AB:
+        acc = tl.trans(acc)
+    y_tok = y_ptr + img.to(tl.int64) * stride_yn + ho.to(tl.int64) * stride_yh + wo.to(tl.int64) * stride_yw
+    y_ptrs = y_tok[:, None] + offs_n.to(tl.int64)[None, :] * stride_yc
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
 def _bsconv_dx_kernel(
-    # pointers
+    # pointers (w: a tensor descriptor when USE_TMA)
     dy_ptr,
-    wt_ptr,
-    wf_ptr,
+    w_ptr,
     es_ptr,
     dx_ptr,
-    # layout
-    col_offsets_ptr,
-    row_indices_t_ptr,
-    block_index_t_ptr,
-    storage_ptr,
-    aux_ptr,
-    chan_order_ptr,
+    # per-launch lines (input_grad_lines)
+    line_offsets_ptr,
+    line_rows_ptr,
+    line_slots_ptr,
+    line_aux_ptr,
+    line_oh_ptr,
+    line_ow_ptr,
+    line_order_ptr,
     # shapes
     M,
     HQ,
@@ -235,16 +288,12 @@ def _bsconv_dx_kernel(
     C_out,
     H_out,
     W_out,
-    KH,
-    KW,
     CPB,
-    n_frozen,
+    fixed_base,
     conv_stride_h,
     conv_stride_w,
     pad_h,
     pad_w,
-    dil_h,
-    dil_w,
     # strides
     stride_dyn,
     stride_dyc,
@@ -260,6 +309,7 @@ def _bsconv_dx_kernel(
     HAS_MIXED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -267,89 +317,71 @@ def _bsconv_dx_kernel(
 ):
     """``dx[n, cb*BK + k, h, w] = sum_taps sum_blocks dy[n, r*BM + j, ho, wo] * W_rc[j, k]``.
 
-    For tap ``t = (kr, ks)`` the block column is ``c = t*CPB + cb`` and
-    ``ho = (h + pad_h - kr*dil_h) / conv_stride_h`` (``wo`` likewise) counts only
-    when it divides exactly and lies in ``[0, H_out)``.
+    Line ``L = (ph*conv_stride_w + pw)*CPB + cb`` holds the blocks of every
+    column ``t*CPB + cb`` whose tap ``t`` hits stride phase ``(ph, pw)``; its
+    programs own pixels ``h = h_first + hq*conv_stride_h`` (``h_first`` the
+    phase's first row, ``hq < HQ = cdiv(H, conv_stride_h)``, rows past ``H``
+    masked; ``w`` likewise), ``M = N*HQ*WQ`` of them, ``(n*HQ + hq)*WQ + wq``.
+    Entry ``e`` of a line is block row ``line_rows[e]`` at slot
+    ``line_slots[e]`` and reads ``dy`` at ``ho = hq + line_oh[e]``, ``wo = wq +
+    line_ow[e]`` (masked outside ``[0, H_out) x [0, W_out)``): no division in
+    the loop. ``BLOCK_K`` is the output slice of the block's columns,
+    ``BLOCK_N`` the reduction step, as in ``_bsmm_dx_kernel``.
 
-    Stride phases: input pixels with the same ``((h + pad_h) % conv_stride_h,
-    (w + pad_w) % conv_stride_w)`` are hit by the same taps, so a program owns
-    pixels of one phase ``(ph, pw)`` only, ``h = h_first + hq*conv_stride_h``
-    (``h_first`` the first row of the phase, ``hq < HQ = cdiv(H,
-    conv_stride_h)``, rows past ``H`` masked), and skips the taps that miss its
-    phase outright: with stride 2 a program runs a quarter of the taps, not
-    all of them on mostly masked operands. ``M = N*HQ*WQ`` pixels per phase,
-    ``(n*HQ + hq)*WQ + wq``. ``BLOCK_K`` is the output slice of the block's
-    columns, ``BLOCK_N`` the reduction step, as in ``_bsmm_dx_kernel``.
-
-    Grid: ``cdiv(M, BLOCK_M) * (BK // BLOCK_K) * conv_stride_h*conv_stride_w *
-    CPB``, pixel tiles fastest, channel blocks slowest, in ``chan_order`` (most
-    blocks over all taps first).
+    Grid: ``cdiv(M, BLOCK_M) * (BK // BLOCK_K) * n_lines``, pixel tiles
+    fastest, lines in ``line_order`` (longest first). With ``USE_TMA``
+    ``w_ptr`` is a descriptor as in the forward; ``dy``/``dx`` are pointers.
     """
     tl.static_assert(BM % BLOCK_N == 0, "BLOCK_N must divide the block's rows")
     tl.static_assert(BK % BLOCK_K == 0, "BLOCK_K must divide the block's columns")
     SUB_N: tl.constexpr = BM // BLOCK_N
     SUB_K: tl.constexpr = BK // BLOCK_K
-    pid = tl.program_id(0)
-    num_m = (M + BLOCK_M - 1) // BLOCK_M  # not tl.cdiv: see bsmm's module docstring
-    rest = pid // num_m
-    sub_k = rest % SUB_K
-    rest = rest // SUB_K
-    phases = conv_stride_h * conv_stride_w
-    cb = tl.load(chan_order_ptr + rest // phases)
-    ph = (rest % phases) // conv_stride_w
-    pw = (rest % phases) % conv_stride_w
+    LOG_SUB_N: tl.constexpr = (SUB_N >= 2) + (SUB_N >= 4) + (SUB_N >= 8)
+    pid_m, sub_k, line, start, end = _line_program(line_order_ptr, line_offsets_ptr, M, BLOCK_M, SUB_K)
+    phase = line // CPB
+    cb = line - phase * CPB
+    ph = phase // conv_stride_w
+    pw = phase - ph * conv_stride_w
+    # First row/column of the phase; "+ stride) % stride" keeps it non-negative under C and numpy remainders.
+    h_first = ((ph - pad_h) % conv_stride_h + conv_stride_h) % conv_stride_h
+    w_first = ((pw - pad_w) % conv_stride_w + conv_stride_w) % conv_stride_w
 
-    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_bk = sub_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_bn = tl.arange(0, BLOCK_N)
     img, hq, wq = _pixel_coords(offs_m, HQ, WQ)
-    # First row/column of the phase; "+ stride) % stride" keeps it non-negative under C and numpy remainders.
-    h = ((ph - pad_h) % conv_stride_h + conv_stride_h) % conv_stride_h + hq * conv_stride_h
-    w = ((pw - pad_w) % conv_stride_w + conv_stride_w) % conv_stride_w + wq * conv_stride_w
+    h = h_first + hq * conv_stride_h
+    w = w_first + wq * conv_stride_w
     mask_m = (offs_m < M) & (h < H) & (w < W)
-    dy_img = dy_ptr + img.to(tl.int64) * stride_dyn
+    # dy at (hq, wq): an entry adds its scalar offsets (oh, ow).
+    dy_tok = dy_ptr + img.to(tl.int64) * stride_dyn + hq.to(tl.int64) * stride_dyh + wq.to(tl.int64) * stride_dyw
+    # A masked pixel gets a row no entry brings into dy: the bounds test below masks it too.
+    hq_t = tl.where(mask_m, hq, -(1 << 30))
     if SWAP_AB:  # dx^T = W^T dy^T, as in _bsmm_dx_kernel
         acc = tl.full((BLOCK_K, BLOCK_M), 0.0, dtype=tl.float32)
     else:
         acc = tl.full((BLOCK_M, BLOCK_K), 0.0, dtype=tl.float32)
-    for t in range(0, KH * KW):
-        c = t * CPB + cb
-        tap_h = (t // KW) * dil_h
-        tap_w = (t % KW) * dil_w
-        start = tl.load(col_offsets_ptr + c)
-        end = tl.load(col_offsets_ptr + c + 1)
-        # A tap either hits every pixel of the phase at a whole output pixel or none: skip the misses.
-        phase_hit = ((ph - tap_h) % conv_stride_h == 0) & ((pw - tap_w) % conv_stride_w == 0)
-        end = tl.where(phase_hit, end, start)
-        hn = h + pad_h - tap_h  # a multiple of conv_stride_h whenever the tap runs
-        wn = w + pad_w - tap_w
-        ho = hn // conv_stride_h
-        wo = wn // conv_stride_w
-        hit = mask_m & (hn >= 0) & (wn >= 0) & (ho < H_out) & (wo < W_out)
-        dy_rows = dy_img + ho.to(tl.int64) * stride_dyh + wo.to(tl.int64) * stride_dyw
-        for it in range(start * SUB_N, end * SUB_N):
-            q = it // SUB_N
-            nn = (it % SUB_N) * BLOCK_N
-            r = tl.load(row_indices_t_ptr + q)
-            b = tl.load(block_index_t_ptr + q)
-            s = tl.load(storage_ptr + b)
-            a = tl.load(aux_ptr + b) if HAS_MIXED else -1
-            offs_n = r * BM + nn + offs_bn
-            dy = tl.load(
-                dy_rows[:, None] + offs_n.to(tl.int64)[None, :] * stride_dyc,
-                mask=hit[:, None] & (offs_n < C_out)[None, :],
-                other=0.0,
-            )
-            acc = _mma_weight(
-                dy, acc, wt_ptr, wf_ptr, es_ptr, s, a, n_frozen, nn + offs_bn, offs_bk,
-                BM, BK, HAS_MIXED, False, SWAP_AB, DOT_PRECISION, UPCAST,
-            )  # fmt: skip
+    r, s, a = _prefetch(line_rows_ptr, line_slots_ptr, line_aux_ptr, start, end, HAS_MIXED)
+    oh, ow = _prefetch_pair(line_oh_ptr, line_ow_ptr, start, end)
+    for it in range(start * SUB_N, end * SUB_N):
+        q = (it + 1) >> LOG_SUB_N
+        r_n, s_n, a_n = _prefetch_next(line_rows_ptr, line_slots_ptr, line_aux_ptr, q, end, HAS_MIXED)
+        oh_n, ow_n = _prefetch_pair_next(line_oh_ptr, line_ow_ptr, q, end)
+        nn = (it & (SUB_N - 1)) * BLOCK_N
+        # 0 <= ho < H_out as one unsigned compare (a negative row wraps past H_out).
+        hit = ((hq_t + oh).to(tl.uint32, bitcast=True) < H_out) & ((wq + ow).to(tl.uint32, bitcast=True) < W_out)
+        offs_n = r * BM + nn + offs_bn
+        cols = oh.to(tl.int64) * stride_dyh + ow.to(tl.int64) * stride_dyw + offs_n.to(tl.int64) * stride_dyc
+        dy = tl.load(dy_tok[:, None] + cols[None, :], mask=hit[:, None] & (offs_n < C_out)[None, :], other=0.0)
+        wt = _weight_tile(w_ptr, es_ptr, s, a, fixed_base, nn, sub_k * BLOCK_K, BLOCK_N, BLOCK_K, BM, BK,
+                          HAS_MIXED, USE_TMA)  # fmt: skip
+        acc = _mma_weight(dy, wt, acc, False, SWAP_AB, DOT_PRECISION, UPCAST)
+        r, s, a, oh, ow = r_n, s_n, a_n, oh_n, ow_n
     if SWAP_AB:
         acc = tl.trans(acc)
 
-    offs_c = cb * BK + offs_bk
-    dx_rows = dx_ptr + img.to(tl.int64) * stride_dxn + h.to(tl.int64) * stride_dxh + w.to(tl.int64) * stride_dxw
-    dx_ptrs = dx_rows[:, None] + offs_c.to(tl.int64)[None, :] * stride_dxc
+    offs_c = cb * BK + sub_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    dx_tok = dx_ptr + img.to(tl.int64) * stride_dxn + h.to(tl.int64) * stride_dxh + w.to(tl.int64) * stride_dxw
+    dx_ptrs = dx_tok[:, None] + offs_c.to(tl.int64)[None, :] * stride_dxc
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_c < C_in)[None, :])
 
 
@@ -426,33 +458,72 @@ def _bsconv_dw_kernel(
     )  # fmt: skip
     if not leads:
         return
-    tap = c // CPB
-    tap_h = (tap // KW) * dil_h - pad_h
-    tap_w = (tap % KW) * dil_w - pad_w
-    offs_c = (c % CPB) * BK + offs_bk
-    mask_k = in_group & (offs_c < C_in)
-    x_cols = offs_c.to(tl.int64) * stride_xc
     offs_n = r * BM + offs_bn
     mask_n = offs_n < C_out
     dy_cols = offs_n.to(tl.int64) * stride_dyc
+    if GROUP == 1:  # one block: its tap is a scalar, so the bounds test is per token, not per element
+        c0 = tl.load(col_indices_ptr + tl.load(train_index_ptr + t0))
+        tap0 = c0 // CPB
+        kr0 = tap0 // KW
+        tap_h = kr0 * dil_h - pad_h
+        tap_w = (tap0 - kr0 * KW) * dil_w - pad_w
+        offs_c = (c0 - tap0 * CPB) * BK + offs_bk
+        mask_k = offs_c < C_in
+        x_cols = tap_h.to(tl.int64) * stride_xh + tap_w.to(tl.int64) * stride_xw + offs_c.to(tl.int64) * stride_xc
+    else:  # each member of the run has its own tap: per-column offsets
+        tap = c // CPB
+        kr = tap // KW
+        tap_h = kr * dil_h - pad_h
+        tap_w = (tap - kr * KW) * dil_w - pad_w
+        offs_c = (c - tap * CPB) * BK + offs_bk
+        mask_k = in_group & (offs_c < C_in)
+        x_cols = offs_c.to(tl.int64) * stride_xc
 
     split = tl.program_id(1)
     m_start = split * rows_per_split
     m_end = tl.minimum(M, m_start + rows_per_split)
+    # Tokens are decoded once; each step then adds BLOCK_M to (n, ho, wo) in mixed radix, with one
+    # conditional carry per digit (BLOCK_M = q images + rem_h rows + rem_w pixels): no division in
+    # the loop. (Carrying the int64 offsets instead would hide their alignment from the compiler,
+    # which then loads element by element and pipelines nothing.)
+    hw = H_out * W_out
+    step_q = BLOCK_M // hw
+    rem = BLOCK_M - step_q * hw
+    rem_h = rem // W_out
+    rem_w = rem - rem_h * W_out
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    img, ho, wo = _pixel_coords(offs_m, H_out, W_out)
     acc = tl.full((BLOCK_N, WIDE), 0.0, dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < m_end
-        img, ho, wo = _pixel_coords(offs_m, H_out, W_out)
         img64 = img.to(tl.int64)
         dy_rows = dy_ptr + img64 * stride_dyn + ho.to(tl.int64) * stride_dyh + wo.to(tl.int64) * stride_dyw
-        dy = tl.load(dy_rows[:, None] + dy_cols[None, :], mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        hi = (ho * conv_stride_h)[:, None] + tap_h[None, :]
-        wi = (wo * conv_stride_w)[:, None] + tap_w[None, :]
-        inside = (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-        x_ptrs = x_ptr + (img64 * stride_xn)[:, None] + hi.to(tl.int64) * stride_xh + wi.to(tl.int64) * stride_xw
-        x = tl.load(x_ptrs + x_cols[None, :], mask=inside & mask_m[:, None] & mask_k[None, :], other=0.0)
-        acc = _mma(tl.trans(dy), x, acc, DOT_PRECISION, UPCAST)
+        # Loaded as dy^T, as in _bsmm_dw_kernel: a transposed register tile is not pipelined on sm_80.
+        dyt = tl.load(dy_rows[None, :] + dy_cols[:, None], mask=mask_n[:, None] & mask_m[None, :], other=0.0)
+        hs = ho * conv_stride_h
+        ws = wo * conv_stride_w
+        x_rows = x_ptr + img64 * stride_xn + hs.to(tl.int64) * stride_xh + ws.to(tl.int64) * stride_xw
+        if GROUP == 1:
+            # 0 <= hi < H as one unsigned compare (a negative row wraps past H).
+            inside = ((hs + tap_h).to(tl.uint32, bitcast=True) < H) & ((ws + tap_w).to(tl.uint32, bitcast=True) < W)
+            x_mask = (inside & mask_m)[:, None] & mask_k[None, :]
+            x = tl.load(x_rows[:, None] + x_cols[None, :], mask=x_mask, other=0.0)
+        else:
+            hi = hs[:, None] + tap_h[None, :]
+            wi = ws[:, None] + tap_w[None, :]
+            inside = (hi.to(tl.uint32, bitcast=True) < H) & (wi.to(tl.uint32, bitcast=True) < W)
+            x_cols_t = tap_h.to(tl.int64) * stride_xh + tap_w.to(tl.int64) * stride_xw + x_cols
+            x = tl.load(x_rows[:, None] + x_cols_t[None, :], mask=inside & mask_m[:, None] & mask_k[None, :],
+                        other=0.0)  # fmt: skip
+        acc = _mma(dyt, x, acc, DOT_PRECISION, UPCAST)
+        offs_m += BLOCK_M
+        wo += rem_w
+        carry_w = wo >= W_out
+        wo = tl.where(carry_w, wo - W_out, wo)
+        ho += rem_h + carry_w.to(tl.int32)
+        carry_h = ho >= H_out
+        ho = tl.where(carry_h, ho - H_out, ho)
+        img += step_q + carry_h.to(tl.int32)
 
     _wgrad_store(acc, dw_ptr, es_ptr, aux_ptr, stride_dws, t0, member, in_group, b, offs_bk, offs_bn, BM, BK, HAS_MIXED)
 
@@ -487,7 +558,7 @@ def _check_frozen_slots(w_frozen: torch.Tensor, meta: Meta, n_frozen: int) -> No
 
 
 def _check_act(name: str, t, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
-    bsmm._check(name, t, 4, dtype, device)
+    check(name, t, 4, dtype, device)
     if tuple(t.shape) != shape:
         raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape} from the conv geometry")
 
@@ -496,13 +567,87 @@ def _new_act(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
 
 
-def _geom_args(geom: ConvGeom) -> tuple[int, ...]:
-    return geom.stride_h, geom.stride_w, geom.pad_h, geom.pad_w, geom.dil_h, geom.dil_w
-
-
 def _check_grid(programs: int, what: str) -> None:
     if programs > INT32_MAX:
         raise ValueError(f"{what} needs {programs} programs, over the grid limit of {INT32_MAX}")
+
+
+def _store_view(store: torch.Tensor) -> torch.Tensor:
+    """The joined store as the ``(n_slots * bm, bk)`` matrix its descriptor covers (one zero block if empty)."""
+    if store.shape[0] == 0:
+        return store.new_zeros(store.shape[1], store.shape[2])
+    return store.view(-1, store.shape[2])
+
+
+def _weight_operand(store: torch.Tensor, tma: bool, block_n: int, block_k: int):
+    """What a kernel's ``w_ptr`` gets: a ``[block_n, block_k]`` descriptor over the store, or the store."""
+    return descriptor(_store_view(store), [block_n, block_k]) if tma else store
+
+
+def forward_taps(meta: Meta, geom: ConvGeom, bk: int) -> torch.Tensor:
+    """Per CSR position ``p``: ``(c % CPB, r*dil_h, s*dil_w)`` of its column ``c``, as a ``(3, nnzb)`` int32 tensor.
+
+    ``c % CPB`` is the block's channel block within its tap ``t = c // CPB =
+    r*kw + s``; the forward kernel prefetches the three with the block's slot,
+    so its loop divides by nothing. Example: ``kw = 2``, ``CPB = 2``, dilation
+    1, ``col_indices [0, 3, 2]`` (taps 0, 1, 1): ``[[0, 1, 0], [0, 0, 0], [0, 1, 1]]``.
+    """
+    cpb = geom.c_pad // bk
+    c = meta.col_indices
+    tap = torch.div(c, cpb, rounding_mode="floor")
+    kr = torch.div(tap, geom.kw, rounding_mode="floor")
+    out = torch.stack([c - tap * cpb, kr * geom.dil_h, (tap - kr * geom.kw) * geom.dil_w])
+    return out.to(torch.int32).contiguous()
+
+
+def _tap_phases(geom: ConvGeom, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(tap_h, tap_w, phase)`` of taps ``0..kh*kw-1`` (int64): the stride phase each tap hits."""
+    t = torch.arange(geom.kh * geom.kw, device=device)
+    tap_h = torch.div(t, geom.kw, rounding_mode="floor") * geom.dil_h
+    tap_w = (t % geom.kw) * geom.dil_w
+    return tap_h, tap_w, (tap_h % geom.stride_h) * geom.stride_w + tap_w % geom.stride_w
+
+
+def input_grad_lines(meta: Meta, geom: ConvGeom, bk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The input gradient's lines: ``(offsets, entries, order)``, int32.
+
+    Line ``L = phase*CPB + cb`` (``phase = ph*stride_w + pw``) lists, in the
+    transposed traversal's order, the blocks of every column ``t*CPB + cb``
+    whose tap ``t = (r, s)`` hits stride phase ``(ph, pw) = (r*dil_h %
+    stride_h, s*dil_w % stride_w)``. ``entries`` is ``(5, nnzb)``: block row,
+    slot, aux and the output-pixel offsets ``oh = (h_first + pad_h - r*dil_h)
+    / stride_h`` (``h_first = (ph - pad_h) mod stride_h``, the phase's first
+    input row; exact since ``r*dil_h = ph`` mod ``stride_h``) and ``ow``;
+    ``offsets`` is ``(n_lines + 1,)`` over them and ``order`` the lines,
+    longest first. All of it vectorised, with no host sync.
+
+    Example: a 1x2 kernel (taps ``s = 0, 1``), stride 2, no padding, ``CPB =
+    1``: tap 0 hits phase 0 with ``ow = 0``, tap 1 phase 1 with ``ow = (1 - 1)
+    / 2 = 0``; columns 0 and 1 become lines 0 and 1.
+    """
+    cpb = geom.c_pad // bk
+    sh, sw = geom.stride_h, geom.stride_w
+    dev = meta.col_offsets.device
+    tap_h, tap_w, tap_phase = _tap_phases(geom, dev)
+    h_first = (tap_h % sh - geom.pad_h) % sh  # torch's % is a floor remainder: non-negative here
+    w_first = (tap_w % sw - geom.pad_w) % sw
+    oh_tap = torch.div(h_first + geom.pad_h - tap_h, sh, rounding_mode="floor")
+    ow_tap = torch.div(w_first + geom.pad_w - tap_w, sw, rounding_mode="floor")
+    # Per transposed position: its column, tap and line.
+    c = meta.col_indices[meta.block_index_t.long()].long()
+    tap = torch.div(c, cpb, rounding_mode="floor")
+    line = tap_phase[tap] * cpb + (c - tap * cpb)
+    perm = torch.sort(line, stable=True).indices
+    entries = torch.stack([meta.row_indices_t.long(), meta.storage_t.long(), meta.aux_t.long(), oh_tap[tap], ow_tap[tap]])
+    entries = entries[:, perm].to(torch.int32).contiguous()
+    # Per line counts from the column counts (index_add_, not bincount: no sync on CUDA).
+    n_lines = sh * sw * cpb
+    col_counts = meta.col_offsets.diff().view(-1, cpb).long()
+    counts = torch.zeros(sh * sw, cpb, dtype=torch.long, device=dev).index_add_(0, tap_phase, col_counts).view(-1)
+    offsets = torch.zeros(n_lines + 1, dtype=torch.int32, device=dev)
+    offsets[1:] = torch.cumsum(counts, 0)
+    order = torch.argsort(counts, descending=True, stable=True).to(torch.int32)
+    return offsets, entries, order
 
 
 def bsconv_forward(
@@ -520,7 +665,7 @@ def bsconv_forward(
 
     Args:
         x: ``(N, Cin, H, W)``, any strides.
-        w_train, w_frozen: the layout's value stores (see ``kernels/bsmm.py``).
+        w_train, w_frozen: the layout's value stores (see ``kernels/store.py``).
         bias: ``(Cout,)`` or ``None``.
         meta: the layout's index tensors (of the ``(Cout, kh*kw*c_pad)`` matrix view).
         geom: the conv geometry (``sparsekern.convview.conv_geometry`` with the block's ``bk``).
@@ -531,12 +676,12 @@ def bsconv_forward(
     Returns:
         ``(N, Cout, Ho, Wo)``; channels_last when allocated here.
     """
-    bm, bk = bsmm._check_values(w_train, w_frozen, x.dtype, x.device)
-    cpb = _check_geom(geom, meta, bm, bk, x.device)
+    bm, bk = check_values(w_train, w_frozen, x.dtype, x.device)
+    _check_geom(geom, meta, bm, bk, x.device)
     _check_frozen_slots(w_frozen, meta, n_frozen)
     _check_act("x", x, (geom.n, geom.c_in, geom.h, geom.w), x.dtype, x.device)
     if bias is not None:
-        bsmm._check("bias", bias, 1, x.dtype, x.device)
+        check("bias", bias, 1, x.dtype, x.device)
         if bias.shape[0] != geom.c_out:
             raise ValueError(f"bias has {bias.shape[0]} elements, expected {geom.c_out}")
     y_shape = (geom.n, geom.c_out, geom.h_out, geom.w_out)
@@ -545,30 +690,38 @@ def bsconv_forward(
     y = out if out is not None else _new_act(x, y_shape)
     m = geom.n * geom.h_out * geom.w_out
     rb = meta.row_offsets.numel() - 1
+    if not (m and rb):
+        return y
     has_mixed = meta.element_state.shape[0] > 0
+    store = value_store(w_train, w_frozen)
+    tma = use_tma(x.device, _store_view(store))
+    taps = forward_taps(meta, geom, bk)
 
     def run(cfg):
-        programs = triton.cdiv(m, cfg.kwargs["BLOCK_M"]) * rb * (bm // cfg.kwargs["BLOCK_N"])
+        kw = cfg.kwargs
+        programs = triton.cdiv(m, kw["BLOCK_M"]) * rb * (bm // kw["BLOCK_N"])
         _check_grid(programs, "the conv forward")
         return _bsconv_fwd_kernel[(programs,)](
-            x, w_train, w_frozen, meta.element_state, bias if bias is not None else x, y,
-            meta.row_offsets, meta.col_indices, meta.storage, meta.aux, meta.row_order,
-            m, geom.c_in, geom.h, geom.w, geom.c_out, geom.h_out, geom.w_out, geom.kw, cpb, n_frozen,
-            *_geom_args(geom),
+            x, _weight_operand(store, tma, kw["BLOCK_N"], kw["BLOCK_K"]), meta.element_state,
+            bias if bias is not None else x, y,
+            meta.row_offsets, taps[0], meta.storage, meta.aux, taps[1], taps[2], meta.row_order,
+            m, geom.c_in, geom.h, geom.w, geom.c_out, geom.h_out, geom.w_out, w_train.shape[0] + n_frozen,
+            geom.stride_h, geom.stride_w, geom.pad_h, geom.pad_w,
             *x.stride(), *y.stride(),
             BM=bm, BK=bk, HAS_BIAS=bias is not None, HAS_MIXED=has_mixed,
-            DOT_PRECISION=bsmm._dot_precision(x.dtype, x.device),
-            UPCAST=bsmm.INTERPRET and x.dtype == torch.bfloat16,
-            **bsmm._launch_kw(cfg),
+            DOT_PRECISION=dot_precision(x.dtype, x.device), UPCAST=upcast(x.dtype), USE_TMA=tma,
+            **launch_kw(cfg),
         )  # fmt: skip
 
-    if m and rb:
-        run(bsmm._pick_config("conv_fwd", x.dtype, x.device, bm, bk, m, run, config))
+    run(cfgs.pick_config("conv_fwd", x.dtype, x.device, bm, bk, m, run, config))
     return y
 
 
 def channel_order(meta: Meta, geom: ConvGeom, bk: int) -> torch.Tensor:
     """Input-channel blocks by their computed-block count over all taps, longest first (int32).
+
+    (The input gradient orders its (phase, channel block) lines itself, see
+    :func:`input_grad_lines`; this is the stride-1 special case, one phase.)
 
     Example: ``kh*kw = 2`` taps, ``CPB = 2`` channel blocks, ``col_offsets
     [0, 1, 4, 4, 5]`` (columns ``(tap 0, cb 0), (0, 1), (1, 0), (1, 1)`` hold
@@ -592,7 +745,7 @@ def bsconv_input_grad(
 
     Returns ``(N, Cin, H, W)`` (``out`` when given, else channels_last).
     """
-    bm, bk = bsmm._check_values(w_train, w_frozen, dy.dtype, dy.device)
+    bm, bk = check_values(w_train, w_frozen, dy.dtype, dy.device)
     cpb = _check_geom(geom, meta, bm, bk, dy.device)
     _check_frozen_slots(w_frozen, meta, n_frozen)
     _check_act("dy", dy, (geom.n, geom.c_out, geom.h_out, geom.w_out), dy.dtype, dy.device)
@@ -603,29 +756,31 @@ def bsconv_input_grad(
     # Pixels per stride phase (see the kernel): an upper bound, rows and columns past the image are masked.
     hq, wq = triton.cdiv(geom.h, geom.stride_h), triton.cdiv(geom.w, geom.stride_w)
     m = geom.n * hq * wq
-    phases = geom.stride_h * geom.stride_w
+    if not (m and cpb):
+        return dx
+    n_lines = geom.stride_h * geom.stride_w * cpb
     has_mixed = meta.element_state.shape[0] > 0
+    store = value_store(w_train, w_frozen)
+    tma = use_tma(dy.device, _store_view(store))
+    offsets, entries, order = input_grad_lines(meta, geom, bk)
 
-    def run(cfg, order):
-        programs = triton.cdiv(m, cfg.kwargs["BLOCK_M"]) * cpb * (bk // cfg.kwargs["BLOCK_K"]) * phases
+    def run(cfg):
+        kw = cfg.kwargs
+        programs = triton.cdiv(m, kw["BLOCK_M"]) * n_lines * (bk // kw["BLOCK_K"])
         _check_grid(programs, "the conv input gradient")
         return _bsconv_dx_kernel[(programs,)](
-            dy, w_train, w_frozen, meta.element_state, dx,
-            meta.col_offsets, meta.row_indices_t, meta.block_index_t, meta.storage, meta.aux, order,
-            m, hq, wq, geom.c_in, geom.h, geom.w, geom.c_out, geom.h_out, geom.w_out, geom.kh, geom.kw, cpb,
-            n_frozen,
-            *_geom_args(geom),
+            dy, _weight_operand(store, tma, kw["BLOCK_N"], kw["BLOCK_K"]), meta.element_state, dx,
+            offsets, entries[0], entries[1], entries[2], entries[3], entries[4], order,
+            m, hq, wq, geom.c_in, geom.h, geom.w, geom.c_out, geom.h_out, geom.w_out, cpb,
+            w_train.shape[0] + n_frozen,
+            geom.stride_h, geom.stride_w, geom.pad_h, geom.pad_w,
             *dy.stride(), *dx.stride(),
             BM=bm, BK=bk, HAS_MIXED=has_mixed,
-            DOT_PRECISION=bsmm._dot_precision(dy.dtype, dy.device),
-            UPCAST=bsmm.INTERPRET and dy.dtype == torch.bfloat16,
-            **bsmm._launch_kw(cfg),
+            DOT_PRECISION=dot_precision(dy.dtype, dy.device), UPCAST=upcast(dy.dtype), USE_TMA=tma,
+            **launch_kw(cfg),
         )  # fmt: skip
 
-    if m and cpb:
-        order = channel_order(meta, geom, bk)
-        cfg = bsmm._pick_config("conv_dx", dy.dtype, dy.device, bm, bk, m, lambda c: run(c, order), config)
-        run(cfg, order)
+    run(cfgs.pick_config("conv_dx", dy.dtype, dy.device, bm, bk, m, run, config))
     return dx
 
 
@@ -649,14 +804,14 @@ def bsconv_weight_grad(
             ``bsmm.wgrad_splits``); out: optional ``(n_train, bm, bk)`` output.
     """
     bm, bk = block_size
-    if x.dtype not in bsmm._SUPPORTED_DTYPES:
-        raise TypeError(f"unsupported dtype {x.dtype}; supported: {bsmm._SUPPORTED_DTYPES}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"unsupported dtype {x.dtype}; supported: {SUPPORTED_DTYPES}")
     cpb = _check_geom(geom, meta, bm, bk, x.device)
     _check_act("x", x, (geom.n, geom.c_in, geom.h, geom.w), x.dtype, x.device)
     _check_act("dy", dy, (geom.n, geom.c_out, geom.h_out, geom.w_out), x.dtype, x.device)
     n_train = meta.train_index.numel()
     if out is not None:
-        bsmm._check("out", out, 3, x.dtype, x.device)
+        check("out", out, 3, x.dtype, x.device)
         if tuple(out.shape) != (n_train, bm, bk) or not out.is_contiguous():
             raise ValueError(f"out must be a contiguous {(n_train, bm, bk)} tensor, got {tuple(out.shape)}")
     dw = out if out is not None else x.new_empty(n_train, bm, bk)
@@ -672,23 +827,21 @@ def bsconv_weight_grad(
         sub = (bm // kw["BLOCK_N"]) * (bk // kw["BLOCK_K"])
         _check_grid(n_train * sub, "the conv weight gradient")
         nsplit = splits or bsmm.wgrad_splits(m, triton.cdiv(n_train, kw.get("GROUP", 1)) * sub, x.device)
-        rows_per_split = triton.cdiv(triton.cdiv(m, nsplit), 128) * 128
-        nsplit = triton.cdiv(m, rows_per_split)
+        rows_per_split, nsplit = bsmm.split_rows(m, nsplit, kw["BLOCK_M"])
         target = dw if nsplit == 1 else torch.empty(nsplit, n_train, bm, bk, device=x.device, dtype=torch.float32)
         kernel = _bsconv_dw_kernel[(n_train * sub, nsplit)](
             dy, x, meta.element_state, target,
             meta.train_index, meta.train_rank, meta.train_left, meta.row_indices, meta.col_indices, meta.aux,
             m, geom.c_in, geom.h, geom.w, geom.c_out, geom.h_out, geom.w_out, geom.kw, cpb, rows_per_split,
-            *_geom_args(geom),
+            geom.stride_h, geom.stride_w, geom.pad_h, geom.pad_w, geom.dil_h, geom.dil_w,
             *dy.stride(), *x.stride(), target.stride(0) if nsplit > 1 else 0,
             BM=bm, BK=bk, HAS_MIXED=has_mixed,
-            DOT_PRECISION=bsmm._dot_precision(x.dtype, x.device),
-            UPCAST=bsmm.INTERPRET and x.dtype == torch.bfloat16,
-            **bsmm._launch_kw(cfg),
+            DOT_PRECISION=dot_precision(x.dtype, x.device), UPCAST=upcast(x.dtype),
+            **launch_kw(cfg),
         )  # fmt: skip
         if nsplit > 1:
             torch.sum(target, dim=0, out=dw) if dw.dtype == torch.float32 else dw.copy_(target.sum(0))
         return kernel
 
-    run(bsmm._pick_config("conv_wgrad", x.dtype, x.device, bm, bk, m, run, config, blocks=n_train))
+    run(cfgs.pick_config("conv_wgrad", x.dtype, x.device, bm, bk, m, run, config, blocks=n_train))
     return dw

@@ -296,7 +296,7 @@ def test_input_grad_stride_phases(k, stride, padding, dilation):
 
 def test_channel_order_worked_example():
     """The docstring example of ``bsconv.channel_order``: two taps, two channel blocks."""
-    meta = Meta(*[torch.zeros(0, dtype=torch.int32)] * 14)._replace(
+    meta = Meta(*[torch.zeros(0, dtype=torch.int32)] * len(Meta._fields))._replace(
         col_offsets=torch.tensor([0, 1, 4, 4, 5], dtype=torch.int32)
     )
     geom = convview.conv_geometry((1, 32, 4, 4), (8, 32, 1, 2), bk=16)
