@@ -494,7 +494,7 @@ def _bsconv_dw_kernel(
     offs_m = m_start + tl.arange(0, BLOCK_M)
     img, ho, wo = _pixel_coords(offs_m, H_out, W_out)
     acc = tl.full((BLOCK_N, WIDE), 0.0, dtype=tl.float32)
-    for m0 in range(m_start, m_end, BLOCK_M):
+    for _ in range(m_start, m_end, BLOCK_M):  # the tokens are carried in offs_m/img/ho/wo
         mask_m = offs_m < m_end
         img64 = img.to(tl.int64)
         dy_rows = dy_ptr + img64 * stride_dyn + ho.to(tl.int64) * stride_dyh + wo.to(tl.int64) * stride_dyw
@@ -638,7 +638,8 @@ def input_grad_lines(meta: Meta, geom: ConvGeom, bk: int) -> tuple[torch.Tensor,
     tap = torch.div(c, cpb, rounding_mode="floor")
     line = tap_phase[tap] * cpb + (c - tap * cpb)
     perm = torch.sort(line, stable=True).indices
-    entries = torch.stack([meta.row_indices_t.long(), meta.storage_t.long(), meta.aux_t.long(), oh_tap[tap], ow_tap[tap]])
+    cols = [meta.row_indices_t.long(), meta.storage_t.long(), meta.aux_t.long(), oh_tap[tap], ow_tap[tap]]
+    entries = torch.stack(cols)
     entries = entries[:, perm].to(torch.int32).contiguous()
     # Per line counts from the column counts (index_add_, not bincount: no sync on CUDA).
     n_lines = sh * sw * cpb

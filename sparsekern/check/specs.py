@@ -85,6 +85,28 @@ class KernelSpec:
 _CONV_GEOMETRY = frozenset(
     {"M", "H", "W", "H_out", "W_out", "KW", "CPB", "conv_stride_h", "conv_stride_w", "pad_h", "pad_w", "dil_h", "dil_w"}
 )
+# The redesigned conv kernels take precomputed per-block tap offsets instead of KW/CPB/dilations
+# (forward) and per-line output-pixel offsets (input gradient).
+_CONV_TMA_FWD_INTS = frozenset(
+    {"M", "H", "W", "H_out", "W_out", "conv_stride_h", "conv_stride_w", "pad_h", "pad_w", "fixed_base"}
+)
+_CONV_TMA_DX_INTS = frozenset(
+    {
+        "M",
+        "HQ",
+        "WQ",
+        "H",
+        "W",
+        "H_out",
+        "W_out",
+        "CPB",
+        "conv_stride_h",
+        "conv_stride_w",
+        "pad_h",
+        "pad_w",
+        "fixed_base",
+    }
+)
 SPECS = {
     "fwd": KernelSpec(
         "fwd",
@@ -179,7 +201,7 @@ TMA_SPECS = {
         "_bsconv_fwd_kernel",
         frozenset({"x_ptr", "w_ptr", "bias_ptr", "y_ptr"}),
         frozenset({"stride_xc", "stride_yc"}),
-        _CONV_GEOMETRY | {"fixed_base"},
+        _CONV_TMA_FWD_INTS,
         {"HAS_BIAS": True},
         module="bsconv",
         operands=("x_ptr", "w_ptr", "y_ptr"),
@@ -190,7 +212,7 @@ TMA_SPECS = {
         "_bsconv_dx_kernel",
         frozenset({"dy_ptr", "w_ptr", "dx_ptr"}),
         frozenset({"stride_dyc", "stride_dxc"}),
-        _CONV_GEOMETRY | {"HQ", "WQ", "KH", "fixed_base"},
+        _CONV_TMA_DX_INTS,
         module="bsconv",
         operands=("dy_ptr", "w_ptr", "dx_ptr"),
         descriptors=(Desc("w_ptr", _W_TILE),),
