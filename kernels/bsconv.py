@@ -50,7 +50,8 @@ them to. Each ``dx`` element is written once, so no atomics and no zero-fill.
 Main loops, and why (the pattern of ``kernels/bsmm.py``, ``kernels/tiles.py``):
 
 * Every per-block quantity is loaded one iteration ahead into loop-carried
-  scalars (``tiles._prefetch``/``_prefetch_pair``), so no load of an
+  scalars, two packed 8-byte ``(low, high)`` int32 pairs and the aux
+  (``tiles._prefetch_packed``), so no load of an
   iteration feeds another load's address in that iteration and the pipeliner
   keeps ``num_stages`` tiles in flight: the activation gather on cp.async, the
   weight tile through TMA on sm_90 (``launch.use_tma`` over the store, decided
@@ -113,13 +114,12 @@ from .launch import SUPPORTED_DTYPES, check, check_values, descriptor, dot_preci
 from .meta import ConvGeom, Meta
 from .store import value_store
 from .tiles import (
+    _add_bias,
     _line_program,
     _mma,
     _mma_weight,
-    _prefetch,
-    _prefetch_next,
-    _prefetch_pair,
-    _prefetch_pair_next,
+    _prefetch_packed,
+    _prefetch_packed_next,
     _weight_tile,
     _wgrad_run,
     _wgrad_store,
@@ -156,13 +156,11 @@ def _bsconv_fwd_kernel(
     es_ptr,
     bias_ptr,
     y_ptr,
-    # layout (CSR order) and per-launch tap offsets (forward_taps)
+    # layout (CSR order) and the per-launch packed pairs of forward_taps
     row_offsets_ptr,
-    chan_ptr,
-    storage_ptr,
+    chan_slot_ptr,
     aux_ptr,
-    tap_h_ptr,
-    tap_w_ptr,
+    tap_ptr,
     row_order_ptr,
     # shapes
     M,
@@ -201,10 +199,10 @@ def _bsconv_fwd_kernel(
 ):
     """``y[n, r*BM + j, ho, wo] = sum_blocks x[n, ch, hi, wi] * W_rc[j, k] (+ bias)``.
 
-    CSR position ``p`` (block ``(r, c)``) reads channels ``ch = chan[p]*BK + k``
-    at ``hi = ho*conv_stride_h - pad_h + tap_h[p]`` (``wi`` likewise), with
-    ``chan``, ``tap_h``, ``tap_w`` from :func:`forward_taps`; out-of-image
-    pixels and ``ch >= C_in`` read 0. Tokens ``m = (n*H_out + ho)*W_out + wo``.
+    CSR position ``p`` (block ``(r, c)``) reads channels ``ch = cb*BK + k`` at
+    ``hi = ho*conv_stride_h - pad_h + dh`` (``wi`` likewise), with ``(cb,
+    slot) = chan_slot[p]`` and ``(dh, dw) = tap[p]`` packed int64 pairs from
+    :func:`forward_taps`; out-of-image pixels and ``ch >= C_in`` read 0. Tokens ``m = (n*H_out + ho)*W_out + wo``.
 
     Grid: ``cdiv(M, BLOCK_M) * RB * (BM // BLOCK_N)``, as ``_bsmm_fwd_kernel``.
     With ``USE_TMA`` ``w_ptr`` is a descriptor over the store as ``(n_slots *
@@ -230,13 +228,13 @@ def _bsconv_fwd_kernel(
         acc = tl.full((BLOCK_N, BLOCK_M), 0.0, dtype=tl.float32)
     else:
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
-    cb, s, a = _prefetch(chan_ptr, storage_ptr, aux_ptr, start, end, HAS_MIXED)
-    dh, dw = _prefetch_pair(tap_h_ptr, tap_w_ptr, start, end)
+    cb, s, a = _prefetch_packed(chan_slot_ptr, aux_ptr, start, end, HAS_MIXED)
+    dh, dw, _ = _prefetch_packed(tap_ptr, aux_ptr, start, end, False)
     for it in range(start * SUB_K, end * SUB_K):
         # The next iteration's block and tap, loaded now: no load below feeds an address of this iteration.
         q = (it + 1) >> LOG_SUB_K
-        cb_n, s_n, a_n = _prefetch_next(chan_ptr, storage_ptr, aux_ptr, q, end, HAS_MIXED)
-        dh_n, dw_n = _prefetch_pair_next(tap_h_ptr, tap_w_ptr, q, end)
+        cb_n, s_n, a_n = _prefetch_packed_next(chan_slot_ptr, aux_ptr, q, end, HAS_MIXED)
+        dh_n, dw_n, _ = _prefetch_packed_next(tap_ptr, aux_ptr, q, end, False)
         kk = (it & (SUB_K - 1)) * BLOCK_K
         # 0 <= hi < H as one unsigned compare (a negative row wraps past H).
         inside = ((h0 + dh).to(tl.uint32, bitcast=True) < H) & ((w0 + dw).to(tl.uint32, bitcast=True) < W)
@@ -250,14 +248,7 @@ def _bsconv_fwd_kernel(
 
     offs_n = r * BM + sub_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < C_out
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        if SWAP_AB:
-            acc += bias[:, None]
-        else:
-            acc += bias[None, :]
-    if SWAP_AB:
-        acc = tl.trans(acc)
+    acc = _add_bias(acc, bias_ptr, offs_n, mask_n, HAS_BIAS, SWAP_AB)
     y_tok = y_ptr + img.to(tl.int64) * stride_yn + ho.to(tl.int64) * stride_yh + wo.to(tl.int64) * stride_yw
     y_ptrs = y_tok[:, None] + offs_n.to(tl.int64)[None, :] * stride_yc
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -272,11 +263,9 @@ def _bsconv_dx_kernel(
     dx_ptr,
     # per-launch lines (input_grad_lines)
     line_offsets_ptr,
-    line_rows_ptr,
-    line_slots_ptr,
+    line_row_slot_ptr,
     line_aux_ptr,
-    line_oh_ptr,
-    line_ow_ptr,
+    line_out_ptr,
     line_order_ptr,
     # shapes
     M,
@@ -322,10 +311,10 @@ def _bsconv_dx_kernel(
     programs own pixels ``h = h_first + hq*conv_stride_h`` (``h_first`` the
     phase's first row, ``hq < HQ = cdiv(H, conv_stride_h)``, rows past ``H``
     masked; ``w`` likewise), ``M = N*HQ*WQ`` of them, ``(n*HQ + hq)*WQ + wq``.
-    Entry ``e`` of a line is block row ``line_rows[e]`` at slot
-    ``line_slots[e]`` and reads ``dy`` at ``ho = hq + line_oh[e]``, ``wo = wq +
-    line_ow[e]`` (masked outside ``[0, H_out) x [0, W_out)``): no division in
-    the loop. ``BLOCK_K`` is the output slice of the block's columns,
+    Entry ``e`` of a line is block row ``r`` at slot ``s``, ``(r, s) =
+    line_row_slot[e]``, and reads ``dy`` at ``ho = hq + oh``, ``wo = wq + ow``,
+    ``(oh, ow) = line_out[e]`` (packed int64 pairs; masked outside ``[0,
+    H_out) x [0, W_out)``): no division in the loop. ``BLOCK_K`` is the output slice of the block's columns,
     ``BLOCK_N`` the reduction step, as in ``_bsmm_dx_kernel``.
 
     Grid: ``cdiv(M, BLOCK_M) * (BK // BLOCK_K) * n_lines``, pixel tiles
@@ -360,12 +349,12 @@ def _bsconv_dx_kernel(
         acc = tl.full((BLOCK_K, BLOCK_M), 0.0, dtype=tl.float32)
     else:
         acc = tl.full((BLOCK_M, BLOCK_K), 0.0, dtype=tl.float32)
-    r, s, a = _prefetch(line_rows_ptr, line_slots_ptr, line_aux_ptr, start, end, HAS_MIXED)
-    oh, ow = _prefetch_pair(line_oh_ptr, line_ow_ptr, start, end)
+    r, s, a = _prefetch_packed(line_row_slot_ptr, line_aux_ptr, start, end, HAS_MIXED)
+    oh, ow, _ = _prefetch_packed(line_out_ptr, line_aux_ptr, start, end, False)
     for it in range(start * SUB_N, end * SUB_N):
         q = (it + 1) >> LOG_SUB_N
-        r_n, s_n, a_n = _prefetch_next(line_rows_ptr, line_slots_ptr, line_aux_ptr, q, end, HAS_MIXED)
-        oh_n, ow_n = _prefetch_pair_next(line_oh_ptr, line_ow_ptr, q, end)
+        r_n, s_n, a_n = _prefetch_packed_next(line_row_slot_ptr, line_aux_ptr, q, end, HAS_MIXED)
+        oh_n, ow_n, _ = _prefetch_packed_next(line_out_ptr, line_aux_ptr, q, end, False)
         nn = (it & (SUB_N - 1)) * BLOCK_N
         # 0 <= ho < H_out as one unsigned compare (a negative row wraps past H_out).
         hit = ((hq_t + oh).to(tl.uint32, bitcast=True) < H_out) & ((wq + ow).to(tl.uint32, bitcast=True) < W_out)
@@ -584,20 +573,28 @@ def _weight_operand(store: torch.Tensor, tma: bool, block_n: int, block_k: int):
     return descriptor(_store_view(store), [block_n, block_k]) if tma else store
 
 
-def forward_taps(meta: Meta, geom: ConvGeom, bk: int) -> torch.Tensor:
-    """Per CSR position ``p``: ``(c % CPB, r*dil_h, s*dil_w)`` of its column ``c``, as a ``(3, nnzb)`` int32 tensor.
+def _pack_pairs(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """``(low, high)`` int32 pairs as one int64 per entry (low word first), as ``tiles._unpack`` reads them."""
+    return torch.stack([low, high], -1).to(torch.int32).contiguous().view(torch.int64).squeeze(-1)
 
-    ``c % CPB`` is the block's channel block within its tap ``t = c // CPB =
-    r*kw + s``; the forward kernel prefetches the three with the block's slot,
-    so its loop divides by nothing. Example: ``kw = 2``, ``CPB = 2``, dilation
-    1, ``col_indices [0, 3, 2]`` (taps 0, 1, 1): ``[[0, 1, 0], [0, 0, 0], [0, 1, 1]]``.
+
+def forward_taps(meta: Meta, geom: ConvGeom, bk: int) -> torch.Tensor:
+    """Per CSR position ``p``: ``[(c % CPB, slot), (r*dil_h, s*dil_w)]`` of its block, a ``(2, nnzb)`` int64 tensor.
+
+    Each entry packs two int32 (low word first, ``tiles._unpack``). ``c % CPB``
+    is the block's channel block within its tap ``t = c // CPB = r*kw + s``;
+    the forward kernel prefetches both pairs with the block's aux, so its loop
+    divides by nothing and loads two words. Example: ``kw = 2``, ``CPB = 2``,
+    dilation 1, ``col_indices [0, 3, 2]`` (taps 0, 1, 1), ``storage [0, 2,
+    1]``: pairs ``[(0, 0), (1, 2), (0, 1)]`` and ``[(0, 0), (0, 1), (0, 1)]``.
     """
     cpb = geom.c_pad // bk
     c = meta.col_indices
     tap = torch.div(c, cpb, rounding_mode="floor")
     kr = torch.div(tap, geom.kw, rounding_mode="floor")
-    out = torch.stack([c - tap * cpb, kr * geom.dil_h, (tap - kr * geom.kw) * geom.dil_w])
-    return out.to(torch.int32).contiguous()
+    low = torch.stack([c - tap * cpb, kr * geom.dil_h])
+    high = torch.stack([meta.storage, (tap - kr * geom.kw) * geom.dil_w])
+    return _pack_pairs(low, high)
 
 
 def _tap_phases(geom: ConvGeom, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -608,18 +605,20 @@ def _tap_phases(geom: ConvGeom, device: torch.device) -> tuple[torch.Tensor, tor
     return tap_h, tap_w, (tap_h % geom.stride_h) * geom.stride_w + tap_w % geom.stride_w
 
 
-def input_grad_lines(meta: Meta, geom: ConvGeom, bk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The input gradient's lines: ``(offsets, entries, order)``, int32.
+def input_grad_lines(meta: Meta, geom: ConvGeom, bk: int) -> tuple[torch.Tensor, ...]:
+    """The input gradient's lines: ``(offsets, pairs, aux, order)``.
 
     Line ``L = phase*CPB + cb`` (``phase = ph*stride_w + pw``) lists, in the
     transposed traversal's order, the blocks of every column ``t*CPB + cb``
     whose tap ``t = (r, s)`` hits stride phase ``(ph, pw) = (r*dil_h %
-    stride_h, s*dil_w % stride_w)``. ``entries`` is ``(5, nnzb)``: block row,
-    slot, aux and the output-pixel offsets ``oh = (h_first + pad_h - r*dil_h)
-    / stride_h`` (``h_first = (ph - pad_h) mod stride_h``, the phase's first
-    input row; exact since ``r*dil_h = ph`` mod ``stride_h``) and ``ow``;
-    ``offsets`` is ``(n_lines + 1,)`` over them and ``order`` the lines,
-    longest first. All of it vectorised, with no host sync.
+    stride_h, s*dil_w % stride_w)``. Per entry, ``pairs`` (``(2, nnzb)``
+    int64, each two int32 as in :func:`forward_taps`) holds ``(block row,
+    slot)`` and the output-pixel offsets ``(oh, ow)``, ``oh = (h_first + pad_h
+    - r*dil_h) / stride_h`` (``h_first = (ph - pad_h) mod stride_h``, the
+    phase's first input row; exact since ``r*dil_h = ph`` mod ``stride_h``),
+    and ``aux`` (int32) the mixed index; ``offsets`` (int32, ``(n_lines +
+    1,)``) points into them and ``order`` (int32) lists the lines longest
+    first. All of it vectorised, with no host sync.
 
     Example: a 1x2 kernel (taps ``s = 0, 1``), stride 2, no padding, ``CPB =
     1``: tap 0 hits phase 0 with ``ow = 0``, tap 1 phase 1 with ``ow = (1 - 1)
@@ -638,9 +637,9 @@ def input_grad_lines(meta: Meta, geom: ConvGeom, bk: int) -> tuple[torch.Tensor,
     tap = torch.div(c, cpb, rounding_mode="floor")
     line = tap_phase[tap] * cpb + (c - tap * cpb)
     perm = torch.sort(line, stable=True).indices
-    cols = [meta.row_indices_t.long(), meta.storage_t.long(), meta.aux_t.long(), oh_tap[tap], ow_tap[tap]]
-    entries = torch.stack(cols)
-    entries = entries[:, perm].to(torch.int32).contiguous()
+    low = torch.stack([meta.row_indices_t.long(), oh_tap[tap]])[:, perm]
+    high = torch.stack([meta.storage_t.long(), ow_tap[tap]])[:, perm]
+    aux = meta.aux_t[perm].contiguous()
     # Per line counts from the column counts (index_add_, not bincount: no sync on CUDA).
     n_lines = sh * sw * cpb
     col_counts = meta.col_offsets.diff().view(-1, cpb).long()
@@ -648,7 +647,7 @@ def input_grad_lines(meta: Meta, geom: ConvGeom, bk: int) -> tuple[torch.Tensor,
     offsets = torch.zeros(n_lines + 1, dtype=torch.int32, device=dev)
     offsets[1:] = torch.cumsum(counts, 0)
     order = torch.argsort(counts, descending=True, stable=True).to(torch.int32)
-    return offsets, entries, order
+    return offsets, _pack_pairs(low, high), aux, order
 
 
 def bsconv_forward(
@@ -705,7 +704,7 @@ def bsconv_forward(
         return _bsconv_fwd_kernel[(programs,)](
             x, _weight_operand(store, tma, kw["BLOCK_N"], kw["BLOCK_K"]), meta.element_state,
             bias if bias is not None else x, y,
-            meta.row_offsets, taps[0], meta.storage, meta.aux, taps[1], taps[2], meta.row_order,
+            meta.row_offsets, taps[0], meta.aux, taps[1], meta.row_order,
             m, geom.c_in, geom.h, geom.w, geom.c_out, geom.h_out, geom.w_out, w_train.shape[0] + n_frozen,
             geom.stride_h, geom.stride_w, geom.pad_h, geom.pad_w,
             *x.stride(), *y.stride(),
@@ -763,7 +762,7 @@ def bsconv_input_grad(
     has_mixed = meta.element_state.shape[0] > 0
     store = value_store(w_train, w_frozen)
     tma = use_tma(dy.device, _store_view(store))
-    offsets, entries, order = input_grad_lines(meta, geom, bk)
+    offsets, pairs, aux, order = input_grad_lines(meta, geom, bk)
 
     def run(cfg):
         kw = cfg.kwargs
@@ -771,7 +770,7 @@ def bsconv_input_grad(
         _check_grid(programs, "the conv input gradient")
         return _bsconv_dx_kernel[(programs,)](
             dy, _weight_operand(store, tma, kw["BLOCK_N"], kw["BLOCK_K"]), meta.element_state, dx,
-            offsets, entries[0], entries[1], entries[2], entries[3], entries[4], order,
+            offsets, pairs[0], aux, pairs[1], order,
             m, hq, wq, geom.c_in, geom.h, geom.w, geom.c_out, geom.h_out, geom.w_out, cpb,
             w_train.shape[0] + n_frozen,
             geom.stride_h, geom.stride_w, geom.pad_h, geom.pad_w,

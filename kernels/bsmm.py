@@ -75,6 +75,7 @@ from .launch import (
 from .meta import Meta
 from .store import value_store
 from .tiles import (
+    _add_bias,
     _line_program,
     _mma,
     _mma_weight,
@@ -175,14 +176,7 @@ def _bsmm_fwd_kernel(
     n0 = r * BM + sub_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        if SWAP_AB:
-            acc += bias[:, None]
-        else:
-            acc += bias[None, :]
-    if SWAP_AB:
-        acc = tl.trans(acc)
+    acc = _add_bias(acc, bias_ptr, offs_n, mask_n, HAS_BIAS, SWAP_AB)
     if USE_TMA:  # the descriptor clips the tile at M and N
         y_ptr.store([m0, n0], acc.to(y_ptr.dtype))
     else:

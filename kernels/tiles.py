@@ -162,6 +162,20 @@ def _mma_weight(act, w, acc, TRANS_W: tl.constexpr, SWAP_AB: tl.constexpr, DOT_P
 
 
 @triton.jit
+def _add_bias(acc, bias_ptr, offs_n, mask_n, HAS_BIAS: tl.constexpr, SWAP_AB: tl.constexpr):
+    """The forward epilogue: ``acc + bias[offs_n]`` (fp32), returned as ``(tokens, out)`` whatever ``SWAP_AB``."""
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        if SWAP_AB:
+            acc += bias[:, None]
+        else:
+            acc += bias[None, :]
+    if SWAP_AB:
+        acc = tl.trans(acc)
+    return acc
+
+
+@triton.jit
 def _line_program(order_ptr, offsets_ptr, M, BLOCK_M: tl.constexpr, SUB: tl.constexpr):
     """Decode a forward/input-gradient program id into its token tile and weight line.
 
@@ -245,20 +259,3 @@ def _wgrad_store(
     t = (t0 + member).to(tl.int64)
     dw_ptrs = dw_ptr + tl.program_id(1).to(tl.int64) * stride_dws + t[None, :] * (BM * BK) + local
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=in_group[None, :])
-
-
-@triton.jit
-def _prefetch_pair(a_ptr, b_ptr, p, end):
-    """``(a[p], b[p])`` of traversal position ``p``, or zeros past ``end``: two more per-block scalars.
-
-    The conv kernels' companion of :func:`_prefetch` (a tap's pixel offsets), before a line's loop.
-    """
-    live = p < end
-    return tl.load(a_ptr + p, mask=live, other=0), tl.load(b_ptr + p, mask=live, other=0)
-
-
-@triton.jit
-def _prefetch_pair_next(a_ptr, b_ptr, p, end):
-    """``(a[q], b[q])`` for the next iteration, ``q`` clamped to ``end - 1`` as in :func:`_prefetch_next`."""
-    q = tl.minimum(p, end - 1)
-    return tl.load(a_ptr + q), tl.load(b_ptr + q)
