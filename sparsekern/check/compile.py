@@ -11,8 +11,11 @@ from pathlib import Path
 
 from sparsekern.check.specs import PRECISIONS, Arch, KernelSpec, Precision, active_descriptors, kernel_fn, spec_for
 
-# Layout metadata the kernels read as packed int64 (index, slot) pairs (layout.col_slot, layout.row_slot_t).
-PACKED_POINTERS = frozenset({"col_slot_ptr", "row_slot_t_ptr"})
+# Metadata the kernels read as packed int64 pairs of int32: (index, slot) from layout.col_slot and
+# layout.row_slot_t, and the conv launchers' per-launch arrays (tap offsets, lines).
+PACKED_POINTERS = frozenset(
+    {"col_slot_ptr", "row_slot_t_ptr", "chan_slot_ptr", "tap_ptr", "line_row_slot_ptr", "line_out_ptr"}
+)
 
 
 def tile_value(name: str, kwargs: dict) -> int:
