@@ -30,39 +30,6 @@ def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _prefetch(index_ptr, slot_ptr, aux_ptr, p, end, HAS_MIXED: tl.constexpr):
-    """``(index[p], slot[p], aux[p])`` of traversal position ``p``, or zeros (aux -1) past ``end``.
-
-    For the first block of a line, before its loop: the line may be empty.
-    """
-    live = p < end
-    idx = tl.load(index_ptr + p, mask=live, other=0)
-    slot = tl.load(slot_ptr + p, mask=live, other=0)
-    if HAS_MIXED:
-        a = tl.load(aux_ptr + p, mask=live, other=-1)
-    else:
-        a = -1
-    return idx, slot, a
-
-
-@triton.jit
-def _prefetch_next(index_ptr, slot_ptr, aux_ptr, p, end, HAS_MIXED: tl.constexpr):
-    """The block at ``p`` for the next iteration, clamped to the line's last block ``end - 1``.
-
-    Inside the loop the line is not empty, so clamping is safe and needs no
-    predicated loads (the value read past the last block is never used).
-    """
-    q = tl.minimum(p, end - 1)
-    idx = tl.load(index_ptr + q)
-    slot = tl.load(slot_ptr + q)
-    if HAS_MIXED:
-        a = tl.load(aux_ptr + q)
-    else:
-        a = -1
-    return idx, slot, a
-
-
-@triton.jit
 def _unpack(v):
     """``(index, slot)`` of one packed int64 metadata entry (``layout.col_slot``: index low, slot high)."""
     return v.to(tl.int32), (v >> 32).to(tl.int32)
@@ -70,7 +37,10 @@ def _unpack(v):
 
 @triton.jit
 def _prefetch_packed(pair_ptr, aux_ptr, p, end, HAS_MIXED: tl.constexpr):
-    """``_prefetch`` for packed ``(index, slot)`` pairs: one 8-byte load instead of two.
+    """``(index, slot, aux)`` of traversal position ``p``, or zeros (aux -1) past ``end``.
+
+    For the first block of a line, before its loop: the line may be empty, so the loads are
+    masked. ``pair_ptr`` holds packed ``(index, slot)`` pairs: one 8-byte load instead of two.
 
     The packed form saves the second load, its address and the reload of its
     base pointer in every iteration of the main loop (3 SASS instructions of
@@ -87,7 +57,11 @@ def _prefetch_packed(pair_ptr, aux_ptr, p, end, HAS_MIXED: tl.constexpr):
 
 @triton.jit
 def _prefetch_packed_next(pair_ptr, aux_ptr, p, end, HAS_MIXED: tl.constexpr):
-    """``_prefetch_next`` for packed ``(index, slot)`` pairs."""
+    """The block at ``p`` for the next iteration, clamped to the line's last block ``end - 1``.
+
+    Inside the loop the line is not empty, so clamping is safe and needs no predicated loads
+    (the value read past the last block is never used).
+    """
     q = tl.minimum(p, end - 1)
     idx, slot = _unpack(tl.load(pair_ptr + q))
     if HAS_MIXED:
