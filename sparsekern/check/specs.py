@@ -162,7 +162,7 @@ SPECS = {
     ),
 }
 
-# ---- The redesigned kernels (notes/contract.md, issue 10): one value store, USE_TMA with host descriptors.
+# ---- The redesigned kernels (issue 10): one value store (kernels/store.py), USE_TMA with host descriptors.
 # Used instead of SPECS[kind] when the kernel function has a USE_TMA argument. The linear ones follow the
 # contract; the conv ones are a guess (the contract gives no conv signatures): one store ``w_ptr``,
 # activations gathered with pointers, the weight through a descriptor. A wrong name fails loudly.
