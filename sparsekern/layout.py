@@ -64,7 +64,7 @@ from sparsekern.kernels.bsmm_cpu import effective_blocks
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-__all__ = ["BlockLayout", "SUPPORTED_BLOCK_SIZES", "normalize_block_size"]
+__all__ = ["BlockLayout", "SUPPORTED_BLOCK_SIZES", "as_bool_mask", "normalize_block_size"]
 
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 
@@ -90,16 +90,50 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _as_bool_mask(mask: torch.Tensor, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+def as_bool_mask(
+    mask: torch.Tensor, name: str = "mask", shape: Sequence[int] | None = None, dims: int | None = None
+) -> torch.Tensor:
+    """The one mask validator: ``mask`` as a bool tensor, or a clear error.
+
+    Bool masks pass as they are. Integer and float masks must hold exactly 0
+    and 1: a NaN, a soft score (``torch.rand``) or any other value is an error,
+    because reading it as ``!= 0`` would silently keep nearly everything.
+
+    Args:
+        mask: the mask to check.
+        name: how errors name it (``"mask"``, ``"frozen_mask"``).
+        shape: the shape it must have, if any.
+        dims: the number of dimensions it must have, if any.
+
+    Returns:
+        A bool tensor (``mask`` itself when it is already bool).
+
+    Example:
+        >>> as_bool_mask(torch.tensor([[0.0, 1.0]])).tolist()
+        [[False, True]]
+    """
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
-    if mask.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (out_features, in_features), got shape {tuple(mask.shape)}")
+    if dims is not None and mask.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D, got shape {tuple(mask.shape)}")
     if shape is not None and tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {tuple(shape)}")
     if mask.is_complex():
         raise TypeError(f"{name} must be bool or real, got {mask.dtype}")
-    return mask if mask.dtype == torch.bool else mask != 0
+    if mask.is_meta:
+        raise ValueError(f"{name} is on the meta device; a mask needs real values (build it on the CPU)")
+    if mask.dtype == torch.bool:
+        return mask
+    binary = (mask == 0) | (mask == 1)
+    if not bool(binary.all()):
+        bad = mask[~binary]
+        n_nan = int(bad.isnan().sum()) if bad.is_floating_point() else 0
+        raise ValueError(
+            f"{name} ({mask.dtype}) must hold only 0 and 1 (or be bool): {bad.numel()} element(s) are neither"
+            + (f", {n_nan} of them NaN" if n_nan else f", e.g. {bad.flatten()[0].item()!r}")
+            + "; threshold a soft mask yourself (e.g. scores > t)"
+        )
+    return mask != 0
 
 
 def _block_view(t: torch.Tensor, bm: int, bk: int, pad: int = 0) -> torch.Tensor:
@@ -202,7 +236,7 @@ class BlockLayout:
             (4, 5)
         """
         bm, bk = normalize_block_size(block_size)
-        kept = _as_bool_mask(mask, "mask")
+        kept = as_bool_mask(mask, "mask", dims=2)
         n, k = kept.shape
         # One int8 state per element, 2*kept - frozen: 0 pruned, 1 frozen, 2 trainable,
         # and -1 exactly where frozen_mask marks a pruned element. Bool storage is 0/1
@@ -210,7 +244,7 @@ class BlockLayout:
         # every block in two reductions (the 16384^2 build is dominated by them).
         state = kept.view(torch.int8) * 2
         if frozen_mask is not None:
-            frozen = _as_bool_mask(frozen_mask, "frozen_mask", kept.shape)
+            frozen = as_bool_mask(frozen_mask, "frozen_mask", kept.shape)
             if frozen.device != kept.device:
                 raise ValueError(f"frozen_mask is on {frozen.device}, mask is on {kept.device}")
             state -= frozen.view(torch.int8)

@@ -148,6 +148,7 @@ def test_optimizer_state_follows_the_masks():
 
     def update_after_capture():  # runs inside opt.step(), after Adam moved the weights
         captured.update(w=layer.weight, param=layer.weight_train, state=tensors(layer.weight_train))
+        captured["objects"] = {k: v for k, v in opt.state[layer.weight_train].items() if v.dim() > 0}
         captured["trainable"] = layer.mask & ~layer.frozen_mask
         return update()
 
@@ -155,7 +156,9 @@ def test_optimizer_state_follows_the_masks():
     train_step(model, opt)
     assert not captured
     train_step(model, opt)
-    assert layer.weight_train is not captured["param"] and captured["param"] not in opt.state
+    # The same trainable count: the Parameter and its state tensors are kept and written in place.
+    assert layer.weight_train is captured["param"]
+    assert all(opt.state[layer.weight_train][k] is v for k, v in captured["objects"].items())
     new_train = layer.mask & ~layer.frozen_mask
     stay, grown = captured["trainable"] & new_train, new_train & ~captured["trainable"]
     assert grown.any() and stay.any()

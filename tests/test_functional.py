@@ -353,7 +353,9 @@ def test_opcheck_custom_ops(backend):
     bm, bk = p.lay.block_size
     tests = ("test_schema", "test_autograd_registration", "test_faketensor")
     ops = torch.ops.sparsekern
-    torch.library.opcheck(ops.linear.default, (x, wt, p.wf, p.bias, meta, p.n, nf), test_utils=tests)
+    torch.library.opcheck(ops.linear.default, (x, wt, p.wf, p.bias, meta, p.n, nf, [x.shape[0]]), test_utils=tests)
+    x3 = x.detach().reshape(1, *x.shape).expand(2, *x.shape).reshape(-1, x.shape[1]).requires_grad_()
+    torch.library.opcheck(ops.linear.default, (x3, wt, p.wf, p.bias, meta, p.n, nf, [2, x.shape[0]]), test_utils=tests)
     torch.library.opcheck(ops.linear_input_grad.default, (p.dy, p.wt.detach(), p.wf, meta, p.k, nf), test_utils=tests)
     torch.library.opcheck(ops.linear_weight_grad.default, (p.dy, p.x.detach(), meta, bm, bk), test_utils=tests)
 

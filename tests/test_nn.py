@@ -451,7 +451,7 @@ def test_to_dense_equals_effective_weight(backend):
     assert torch.equal(dense.weight, layer.weight) and torch.equal(dense.bias, layer.bias)
     assert bool((dense.weight[~mask] == 0).all())
     assert torch.equal(dense.weight[frozen], lin.weight[frozen])
-    assert not layer.weight.requires_grad
+    assert layer.weight.requires_grad  # differentiable (penalties on .weight train the blocks), but read-only
     x = torch.randn(5, 61)
     assert_close(layer(x), dense(x).double(), F32, 61, "sparse vs to_dense()")
     with torch.no_grad():  # a copy, not a view of the layer's stores

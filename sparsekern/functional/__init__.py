@@ -6,6 +6,7 @@ its three launchers (forward, input gradient, weight gradient) into autograd.
 """
 
 from sparsekern.functional.conv import sparse_conv2d
+from sparsekern.functional.dense_grad import with_dense_grad
 from sparsekern.functional.linear import sparse_linear
 
-__all__ = ["sparse_conv2d", "sparse_linear"]
+__all__ = ["sparse_conv2d", "sparse_linear", "with_dense_grad"]

@@ -33,6 +33,7 @@ import torch
 from sparsekern import convview, kernels
 from sparsekern.functional._autocast import autocast_operands
 from sparsekern.functional._checks import check_layout, check_stores
+from sparsekern.functional.standalone import standalone
 from sparsekern.kernels import bsconv_cpu
 from sparsekern.kernels.meta import ConvGeom, Meta
 from sparsekern.layout import BlockLayout
@@ -62,8 +63,10 @@ def _conv2d(
     g = ConvGeom(*geom)
     if kernels.use_triton(x.device):
         out = _new_output(x, g, meta, "forward")
-        return kernels.bsconv.bsconv_forward(x, w_train, w_frozen, bias, Meta(*meta), g, n_frozen, out=out)
-    return bsconv_cpu.forward(x, w_train, w_frozen, bias, Meta(*meta), g, n_frozen)
+        y = kernels.bsconv.bsconv_forward(x, w_train, w_frozen, bias, Meta(*meta), g, n_frozen, out=out)
+    else:
+        y = bsconv_cpu.forward(x, w_train, w_frozen, bias, Meta(*meta), g, n_frozen)
+    return standalone(y)  # the layer's output must not be a view (see standalone.py)
 
 
 @_conv2d.register_fake

@@ -33,6 +33,7 @@ import torch
 from sparsekern import kernels
 from sparsekern.functional._autocast import autocast_operands
 from sparsekern.functional._checks import check_layout, check_stores
+from sparsekern.functional.standalone import standalone
 from sparsekern.kernels import bsmm_cpu
 from sparsekern.kernels.meta import Meta
 from sparsekern.layout import BlockLayout
@@ -67,16 +68,20 @@ def _linear(
     meta: list[torch.Tensor],
     n_out: int,
     n_frozen: int,
+    lead: list[int],
 ) -> torch.Tensor:
     if kernels.use_triton(x.device):
         out = _new_output(x, x.shape[0], n_out, meta)
-        return kernels.bsmm.bsmm_forward(x, w_train, w_frozen, bias, _meta(meta), n_out, n_frozen, out=out)
-    return bsmm_cpu.forward(x, w_train, w_frozen, bias, _meta(meta), n_out, n_frozen)
+        y = kernels.bsmm.bsmm_forward(x, w_train, w_frozen, bias, _meta(meta), n_out, n_frozen, out=out)
+    else:
+        y = bsmm_cpu.forward(x, w_train, w_frozen, bias, _meta(meta), n_out, n_frozen)
+    # Shaped here, not after the op: the layer's output must not be a view (see standalone.py).
+    return standalone(y, (*lead, n_out))
 
 
 @_linear.register_fake
-def _(x, w_train, w_frozen, bias, meta, n_out, n_frozen):
-    return _new_output(x, x.shape[0], n_out, meta)
+def _(x, w_train, w_frozen, bias, meta, n_out, n_frozen, lead):
+    return _new_output(x, x.shape[0], n_out, meta).view(*lead, n_out)
 
 
 # ---------------------------------------------------------- backward ops
@@ -114,7 +119,7 @@ def _(dy, x, meta, bm, bk):
 
 # ----------------------------------------------------------------- autograd
 def _setup_context(ctx, inputs, output):
-    x, w_train, w_frozen, bias, meta, n_out, n_frozen = inputs
+    x, w_train, w_frozen, bias, meta, n_out, n_frozen, lead = inputs
     ctx.save_for_backward(x, w_train, w_frozen, *meta)
     ctx.has_bias = bias is not None
     ctx.n_frozen = n_frozen
@@ -122,7 +127,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     x, w_train, w_frozen, *meta = ctx.saved_tensors
-    dy = dy.to(x.dtype)
+    dy = dy.reshape(-1, dy.shape[-1]).to(x.dtype)
     dx = dw = db = None
     if ctx.needs_input_grad[0]:
         dx = _linear_input_grad(dy, w_train, w_frozen, meta, x.shape[1], ctx.n_frozen)
@@ -131,7 +136,7 @@ def _backward(ctx, dy):
         dw = _linear_weight_grad(dy, x, meta, bm, bk)
     if ctx.has_bias and ctx.needs_input_grad[3]:
         db = dy.sum(0)
-    return dx, dw, None, db, [None] * len(meta), None, None
+    return dx, dw, None, db, [None] * len(meta), None, None, None
 
 
 _linear.register_autograd(_backward, setup_context=_setup_context)
@@ -178,5 +183,4 @@ def sparse_linear(
     _check_operands(input, w_train, w_frozen, layout, bias)
     n, k = layout.shape
     lead = input.shape[:-1]
-    y = _linear(input.reshape(-1, k), w_train, w_frozen, bias, layout.meta(), n, layout.n_frozen)
-    return y.reshape(*lead, n)
+    return _linear(input.reshape(-1, k), w_train, w_frozen, bias, layout.meta(), n, layout.n_frozen, list(lead))

@@ -22,27 +22,43 @@ is never dropped, and only blocks (elements) with nothing kept are grown.
 Masks change through ``layer.set_masks(mask, frozen_mask, optimizer=...)``: no
 kernel recompiles, grown weights start at zero with zero optimizer state,
 dropped weights lose theirs. A weight dropped and grown again in the same
-update restarts at zero as well (the published behaviour).
+update restarts at zero as well (the published behaviour), in the same call
+(``reset_mask``), so the trainable count never dips. At a constant count of
+trainable blocks (always at block granularity) ``set_masks`` moves values,
+gradients and optimizer state *in place*: the Parameter objects, DDP's
+buckets, FSDP2's shards, EMA copies and compiled graphs all stay valid.
 
 RigL's dense gradient is computed only on update steps. After the optimizer
-step that precedes an update step, the scheduler arms a forward hook on each
-sparse layer; the hook keeps the layer input ``x`` and registers a hook on the
-output that receives ``dy`` in backward and adds the dense ``dW = dy^T x`` (for
-a convolution, ``torch.nn.grad.conv2d_weight``) to a buffer. The optimizer
-step of the update step uses it to grow, then the hooks are removed. On every
-other step the weight gradient stays block-sparse. ``dense_grad_count``
-counts the dense weight-gradient products computed.
+step that precedes an update step, the scheduler calls ``enable_dense_grad()``
+on each sparse layer: the layer's forward then passes its output through
+``sparsekern.functional.with_dense_grad``, whose backward adds the dense
+``dW = dy^T x`` (for a convolution, ``torch.nn.grad.conv2d_weight``) into a
+probe. No hooks are involved, so this works under ``torch.compile`` (the
+armed forward is a second compiled graph, used on update steps only) and
+sums over gradient-accumulation micro-batches. The optimizer step of the
+update step uses it to grow, then the probes are freed. On every other step
+the weight gradient stays block-sparse. ``dense_grad_count`` counts the layer
+gradients used (one per layer per update step). Layers of the plain protocol
+(no ``enable_dense_grad``) get a forward hook instead, which ``torch.compile``
+does not see.
+
+Under ``torch.distributed`` (DDP, FSDP2) every rank makes the same decision:
+RigL's dense gradients are averaged over the ranks first (each rank only saw
+its own batch), SET draws from a generator seeded alike on every rank, and
+after each update the ranks compare layout checksums
+(:func:`check_same_layouts`); a difference raises ``RuntimeError`` instead
+of letting the models drift apart. Give every rank the same ``seed``.
 
 Supported layers: any submodule with ``set_masks``, ``mask``, ``frozen_mask``,
 ``weight`` and ``block_size`` (``SparseLinear`` and ``SparseConv2d``, whose conv
 weights are 4-D and are pooled in their matrix view).
 
-Known limits: other holders of a layer's trainable Parameter (a second
-optimizer, an EMA copy, a list of parameters for gradient clipping made
-before training) see the old Parameter after an update and must be
-refreshed; a RigL update step needs a forward and backward through the
+Known limits: a RigL update step needs a forward and backward through the
 model with gradients enabled (otherwise that layer skips the update, with a
-warning).
+warning); at element granularity the count of trainable blocks can change,
+and then ``weight_train`` becomes a new Parameter (with a warning), which DDP,
+FSDP2 and other holders of the old one cannot follow; save the scheduler's
+``state_dict()`` beside the model's and the optimizer's to resume exactly.
 
 Example:
     >>> opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -55,6 +71,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 
@@ -66,7 +83,7 @@ from sparsekern import convview
 from sparsekern.methods.blocks import REDUCTIONS, expand_blocks, keep_top_blocks, pool_blocks
 from sparsekern.methods.select import check_fraction
 
-__all__ = ["DSTScheduler", "METHODS", "GRANULARITIES"]
+__all__ = ["DSTScheduler", "METHODS", "GRANULARITIES", "check_same_layouts", "layout_fingerprint"]
 
 METHODS = ("rigl", "set")
 GRANULARITIES = ("block", "element")
@@ -101,6 +118,55 @@ def _dense_weight_grad(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, weig
     return torch.nn.grad.conv2d_weight(x, weight_shape, dy.to(x.dtype), stride, 0, dilation, groups)
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _device(mod: nn.Module) -> torch.device:
+    return next(iter(mod.buffers()), torch.empty(0)).device
+
+
+def layout_fingerprint(layer: nn.Module) -> torch.Tensor:
+    """Two int64 checksums of a sparse layer's layout (its kept and frozen masks), equal iff the masks are.
+
+    Position-weighted sums, so moving a block changes them; what ``check_same_layouts`` compares.
+
+    Example:
+        >>> a = SparseLinear(64, 32, block_size=16)
+        >>> torch.equal(layout_fingerprint(a), layout_fingerprint(a))
+        True
+    """
+    mask, frozen = layer.mask.flatten(), layer.frozen_mask.flatten()
+    w = torch.arange(1, mask.numel() + 1, device=mask.device, dtype=torch.int64) % 1000003
+    return torch.stack([(w * mask).sum() + mask.sum() * 7919, (w * frozen).sum() + frozen.sum() * 104729])
+
+
+def check_same_layouts(layers, group=None) -> None:
+    """Raise ``RuntimeError`` unless every rank holds the same layout in each of ``layers``.
+
+    Args:
+        layers: ``(name, layer)`` pairs, in the same order on every rank.
+        group: the process group (default: the world).
+
+    Example:
+        >>> check_same_layouts(list(model.named_modules())[1:], group=None)  # doctest: +SKIP
+    """
+    mine = torch.stack([layout_fingerprint(layer).cpu() for _, layer in layers])
+    world = torch.distributed.get_world_size(group)
+    dev = _device(layers[0][1]) if torch.distributed.get_backend(group) == "nccl" else torch.device("cpu")
+    seen = [torch.empty_like(mine, device=dev) for _ in range(world)]
+    torch.distributed.all_gather(seen, mine.to(dev), group=group)
+    for rank, theirs in enumerate(seen):
+        differ = (theirs.cpu() != mine).any(1).nonzero().flatten().tolist()
+        if differ:
+            names = [layers[i][0] for i in differ]
+            raise RuntimeError(
+                f"DSTScheduler: after the mask update, rank {torch.distributed.get_rank(group)} and rank {rank} "
+                f"hold different layouts in {names}; every rank must see the same scores (same seed for SET, "
+                "the same replicated weights) or the models diverge"
+            )
+
+
 class DSTScheduler:
     """SET or RigL mask updates, run from the optimizer's step.
 
@@ -118,12 +184,15 @@ class DSTScheduler:
         granularity: ``"block"`` or ``"element"``.
         reduce: how block scores are pooled: ``"l1"``, ``"l2"`` or ``"max"``.
         decay: ``"cosine"`` (default) or ``"constant"`` drop fraction.
-        seed: seed of SET's random growth.
+        seed: seed of SET's random growth. Under ``torch.distributed`` give
+            every rank the same seed.
+        group: the process group of a distributed run (default: the world);
+            ignored when ``torch.distributed`` is not initialized.
 
     Attributes:
         step_count: optimizer steps seen.
-        dense_grad_count: dense weight-gradient products computed (one per
-            layer per backward of an armed step).
+        dense_grad_count: layer dense gradients used for growth (one per
+            layer per update step, however many backwards it summed).
         last_update: per-layer ``{"step", "dropped", "grown", "regrown"}`` of
             the latest update (counts in blocks or elements).
 
@@ -144,6 +213,7 @@ class DSTScheduler:
         reduce: str = "l1",
         decay: str = "cosine",
         seed: int = 0,
+        group=None,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -168,6 +238,7 @@ class DSTScheduler:
             if missing:
                 raise ValueError(f"layer {name!r} has trainable parameters {missing} that the optimizer does not hold")
         self.optimizer = optimizer
+        self.group = group
         self.method, self.granularity, self.reduce, self.decay = method, granularity, reduce, decay
         self.delta_t, self.end_step, self.drop_fraction = delta_t, end_step, float(drop_fraction)
         self.generator = torch.Generator().manual_seed(seed)
@@ -202,6 +273,7 @@ class DSTScheduler:
         self.step_count += 1
         if self.is_update_step(self.step_count):
             try:
+                self._collect_dense_grads()
                 self.update()
             finally:
                 self._disarm()
@@ -210,11 +282,43 @@ class DSTScheduler:
     def _arm_if_next_updates(self) -> None:
         if self.method == "rigl" and not self._armed and self.is_update_step(self.step_count + 1):
             for name, mod in self.layers:
-                self._armed.append(mod.register_forward_hook(self._capture(name)))
+                if callable(getattr(mod, "enable_dense_grad", None)):
+                    # The layer computes the dense gradient in its own forward: no hooks, so this works
+                    # under torch.compile (a second graph for update steps) and DDP alike.
+                    mod.enable_dense_grad()
+                    self._armed.append(mod)
+                else:
+                    self._armed.append(mod.register_forward_hook(self._capture(name)))
+
+    def _collect_dense_grads(self) -> None:
+        """Take the layers' dense gradients (summed over the ranks' batches under ``torch.distributed``)."""
+        armed = {id(a) for a in self._armed}
+        for name, mod in self.layers:
+            if id(mod) in armed and mod.dense_grad is not None:
+                self._grads[name] = mod.dense_grad.detach().clone()
+        if self.method == "rigl" and _distributed():
+            # Every rank must score the same gradient, the mean over all ranks' batches (as DDP's), and a
+            # layer missing its gradient on any rank is skipped on all of them, or the models would part.
+            world = torch.distributed.get_world_size(self.group)
+            for name, mod in self.layers:
+                grad = self._grads.get(name)
+                buf = torch.zeros(_weight_shape(mod), device=_device(mod)) if grad is None else grad
+                have = torch.tensor([float(grad is not None)], device=buf.device)
+                torch.distributed.all_reduce(buf, group=self.group)
+                torch.distributed.all_reduce(have, group=self.group)
+                if int(have.item()) == world:
+                    self._grads[name] = buf / world
+                else:
+                    self._grads.pop(name, None)
+        if self.method == "rigl":
+            self.dense_grad_count += len(self._grads)
 
     def _disarm(self) -> None:
-        for handle in self._armed:
-            handle.remove()
+        for armed in self._armed:
+            if isinstance(armed, nn.Module):
+                armed.disable_dense_grad()
+            else:
+                armed.remove()
         self._armed = []
         self._grads = {}
 
@@ -227,7 +331,6 @@ class DSTScheduler:
             def grad_hook(dy):
                 with torch.no_grad():
                     dw = _dense_weight_grad(mod, x, dy, shape).float()
-                self.dense_grad_count += 1
                 self._grads[name] = dw if name not in self._grads else self._grads[name] + dw
 
             out.register_hook(grad_hook)
@@ -262,13 +365,16 @@ class DSTScheduler:
             grad = self._grads.get(name)
             if self.method == "rigl" and grad is None:
                 warnings.warn(
-                    f"DSTScheduler: no dense gradient was captured for layer {name!r} on update step "
-                    f"{self.step_count} (no forward/backward with grad since the last step); layer not updated",
+                    f"DSTScheduler: layer {name!r} got no dense gradient for update step {self.step_count}: no "
+                    "backward reached it with grad enabled since the previous optimizer step (a forward under "
+                    "no_grad or inference_mode, an unused layer, or a step without backward); layer not updated",
                     stacklevel=3,
                 )
                 continue
             report.append({"layer": name, "step": self.step_count, **self._update_layer(layer, frac, grad)})
         self.last_update = report
+        if _distributed():
+            check_same_layouts(self.layers, self.group)
         return report
 
     def _grow_scores(self, grad: torch.Tensor | None, like: torch.Tensor, block_size) -> torch.Tensor:
@@ -304,9 +410,14 @@ class DSTScheduler:
                 drop_e, grow_e = expand_blocks(drop, shape, bs), expand_blocks(grow, shape, bs)
             else:
                 drop_e, grow_e = drop, grow
-            after_drop = mask & ~drop_e
-            if bool(regrown.any()):
-                # Dropped and grown again: drop first, so the weight and its optimizer state restart at zero.
-                layer.set_masks(after_drop, frozen, optimizer=self.optimizer)
-            layer.set_masks(after_drop | grow_e, frozen, optimizer=self.optimizer)
+            # Dropped and grown again in one update: the weight and its optimizer state restart at zero
+            # (reset_mask), in the same set_masks call, so the trainable count never dips.
+            new_mask = (mask & ~drop_e) | grow_e
+            if not bool(regrown.any()):
+                layer.set_masks(new_mask, frozen, optimizer=self.optimizer)
+            elif "reset_mask" in inspect.signature(layer.set_masks).parameters:
+                layer.set_masks(new_mask, frozen, optimizer=self.optimizer, reset_mask=drop_e & grow_e)
+            else:  # a layer of the plain protocol: drop first, then grow, so the regrown restart at zero
+                layer.set_masks(mask & ~drop_e, frozen, optimizer=self.optimizer)
+                layer.set_masks(new_mask, frozen, optimizer=self.optimizer)
         return {"dropped": n_swap, "grown": n_swap, "regrown": int(regrown.sum())}

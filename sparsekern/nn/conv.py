@@ -153,17 +153,33 @@ class SparseConv2d(BlockSparseWeight):
 
     # ---------------------------------------------------------------- compute
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return sparse_conv2d(
+        y = sparse_conv2d(
             input,
             self.weight_train,
             self.weight_frozen,
-            self._layout,
+            self._current_layout(),
             self.weight_shape,
             self.bias,
             self.stride,
             self.padding,
             self.dilation,
         )
+        if self._dense_grad_probe is None:
+            return y
+        pads = convview.resolve_padding(self.padding, self.kernel_size, self.dilation, self.stride)
+        return self._with_dense_grad(y, input, (self.stride, pads, self.dilation))
+
+    def reset_parameters(self) -> None:
+        """Initialise the stored blocks and the bias as ``nn.Conv2d`` does (after ``to_empty()``, say)."""
+        w = self.weight_train
+        dense = torch.empty(self.weight_shape, device=w.device, dtype=w.dtype)
+        nn.init.kaiming_uniform_(dense, a=math.sqrt(5))
+        bias = None
+        if self.bias is not None:
+            fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            bias = torch.empty_like(self.bias).uniform_(-bound, bound)
+        self._copy_dense_(dense, bias)
 
     # ------------------------------------------------------------- inspection
     def to_dense(self) -> nn.Conv2d:

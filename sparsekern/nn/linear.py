@@ -120,7 +120,19 @@ class SparseLinear(BlockSparseWeight):
 
     # ---------------------------------------------------------------- compute
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return sparse_linear(input, self.weight_train, self.weight_frozen, self._layout, self.bias)
+        y = sparse_linear(input, self.weight_train, self.weight_frozen, self._current_layout(), self.bias)
+        return self._with_dense_grad(y, input)
+
+    def reset_parameters(self) -> None:
+        """Initialise the stored blocks and the bias as ``nn.Linear`` does (after ``to_empty()``, say)."""
+        w = self.weight_train
+        dense = torch.empty(self.weight_shape, device=w.device, dtype=w.dtype)
+        nn.init.kaiming_uniform_(dense, a=math.sqrt(5))
+        bias = None
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            bias = torch.empty_like(self.bias).uniform_(-bound, bound)
+        self._copy_dense_(dense, bias)
 
     # ------------------------------------------------------------- inspection
     def to_dense(self) -> nn.Linear:
