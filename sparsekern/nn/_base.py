@@ -87,8 +87,7 @@ def _warn_count_change(layer: nn.Module, before: int, after: int) -> None:
         f"{name}.set_masks: the number of trainable blocks changed ({before} -> {after}), so weight_train is "
         "a new Parameter. The optimizer passed as optimizer= follows; anything else built on the old one "
         "(DDP, FSDP, other optimizers, EMA copies, compiled graphs) must be rebuilt. Mask updates that keep "
-        "the count (SET, RigL) move everything in place instead."
-        + ("" if distributed else " (Said once per layer.)"),
+        "the count (SET, RigL) move everything in place instead." + ("" if distributed else " (Said once per layer.)"),
         stacklevel=3,
     )
 
