@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from . import bsmm_cpu
-from .bsmm_cpu import _ws
+from .bsmm_cpu import workspace
 from .meta import ConvGeom
 
 
@@ -64,7 +64,7 @@ def _padded_input(x: torch.Tensor, g: ConvGeom, hp: int, wp: int, xp: torch.Tens
     beyond them (a stride that does not divide) are dropped.
     """
     if xp is None:
-        xp = _ws.get("conv_xp", (g.c_pad, g.n, hp, wp), x)
+        xp = workspace.get("conv_xp", (g.c_pad, g.n, hp, wp), x)
     h1, w1 = max(0, min(g.h, hp - g.pad_h)), max(0, min(g.w, wp - g.pad_w))
     top, left = g.pad_h, g.pad_w
     # Zero only what the copy below does not overwrite: the padding ring and the padding channels.
@@ -135,7 +135,7 @@ def _dense_padding(g: ConvGeom):
 
 def _dense_weight4d(w_train, w_frozen, meta, n_frozen, g: ConvGeom) -> torch.Tensor:
     bm, bk = w_train.shape[1:]
-    wm = bsmm_cpu._dense_weight(w_train, w_frozen, meta, n_frozen, g.c_out, g.kh * g.kw * g.c_pad)
+    wm = bsmm_cpu.dense_weight(w_train, w_frozen, meta, n_frozen, g.c_out, g.kh * g.kw * g.c_pad)
     # A fresh NCHW copy, not the permuted view: a (Cout, kh, kw, Cin)-strided weight (and, for 1x1 kernels,
     # even .contiguous() of it) looks channels_last to torch, which then runs the conv channels_last and
     # converts x, dy and the results (1x1 1024->256 at 14x14: about 20 ms of copies per step).
@@ -233,7 +233,7 @@ def _plane_input(x: torch.Tensor, g: ConvGeom) -> torch.Tensor:
     """Padded channel-major ``x`` as ``(c_pad, N*Hp*Wp + tail)`` rows (a reused buffer), tail zeroed."""
     hp, wp, tail = _plane(g)
     planes = g.n * hp * wp
-    buf = _ws.get("conv_plane_x", (g.c_pad, planes + tail), x)
+    buf = workspace.get("conv_plane_x", (g.c_pad, planes + tail), x)
     buf[:, planes:].zero_()
     _padded_input(x, g, hp, wp, buf[:, :planes].view(g.c_pad, g.n, hp, wp))
     return buf
@@ -242,7 +242,7 @@ def _plane_input(x: torch.Tensor, g: ConvGeom) -> torch.Tensor:
 def _plane_dy(dy: torch.Tensor, g: ConvGeom, rows: int) -> torch.Tensor:
     """``dy`` in the output window of zeroed planes: ``(rows, N*Hp*Wp)``, a reused buffer."""
     hp, wp, _ = _plane(g)
-    buf = _ws.get("conv_plane_dy", (rows, g.n, hp, wp), dy)
+    buf = workspace.get("conv_plane_dy", (rows, g.n, hp, wp), dy)
     buf[g.c_out :].zero_()
     buf[: g.c_out, :, g.h_out :].zero_()
     buf[: g.c_out, :, : g.h_out, g.w_out :].zero_()
@@ -305,7 +305,7 @@ def forward(x, w_train, w_frozen, bias, meta, g: ConvGeom, n_frozen) -> torch.Te
         gather = _TapGather(_padded_input(x, g, hp, wp), g, bk, meta.row_indices, meta.col_indices)
         w_rows = vals.transpose(0, 1).contiguous()
         rb = meta.row_offsets.numel() - 1
-        bsmm_cpu._gathered_mm(
+        bsmm_cpu.gathered_mm(
             lambda s, e: w_rows[:, s:e].reshape(bm, (e - s) * bk),
             None, None, meta.row_offsets, bk, buf.view(rb, bm, -1), gather=gather,
         )  # fmt: skip
@@ -320,7 +320,7 @@ def _dyt(dy: torch.Tensor, rows: int) -> torch.Tensor:
     t = dy.transpose(0, 1)
     if rows == c and t.is_contiguous():
         return t.reshape(c, -1)
-    out = _ws.get("conv_dyt", (rows, n, ho, wo), dy)
+    out = workspace.get("conv_dyt", (rows, n, ho, wo), dy)
     out[:c].copy_(t)
     out[c:].zero_()
     return out.view(rows, -1)
@@ -419,7 +419,7 @@ def _gather_input_grad(dyt, w_train, w_frozen, meta, g: ConvGeom, n_frozen) -> t
     m = g.n * g.h_out * g.w_out
     hp, wp, _, _ = _padding(g)
     hp, wp = max(hp, g.pad_h + g.h), max(wp, g.pad_w + g.w)
-    dxp = _ws.get("conv_dxp", (g.c_pad, g.n, hp, wp), w_train)
+    dxp = workspace.get("conv_dxp", (g.c_pad, g.n, hp, wp), w_train)
     dxp.zero_()
     if meta.col_indices.numel():
         rb = meta.row_offsets.numel() - 1
@@ -428,8 +428,8 @@ def _gather_input_grad(dyt, w_train, w_frozen, meta, g: ConvGeom, n_frozen) -> t
         w_cols = vals[meta.block_index_t.long()].permute(2, 0, 1).contiguous()
         # Empty block columns have empty ranges, so the used columns' ranges abut.
         offsets = torch.cat([meta.col_offsets.long()[used], meta.col_offsets.long()[-1:]])
-        dcols = _ws.get("conv_cols", (used.numel(), bk, m), w_train)
-        bsmm_cpu._gathered_mm(
+        dcols = workspace.get("conv_cols", (used.numel(), bk, m), w_train)
+        bsmm_cpu.gathered_mm(
             lambda s, e: w_cols[:, s:e].reshape(bk, (e - s) * bm),
             dyt.view(rb, bm, m), meta.row_indices_t.long(), offsets, bm, dcols,
         )  # fmt: skip

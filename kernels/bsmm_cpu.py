@@ -136,7 +136,7 @@ class _Workspace(threading.local):
         return buf[:numel].view(shape)
 
 
-_ws = _Workspace()
+workspace = _Workspace()
 
 
 def release_workspace() -> None:
@@ -146,7 +146,7 @@ def release_workspace() -> None:
     They grow to the largest operands the thread has seen and are kept for reuse, because
     fresh multi-MB allocations are page-faulted on every call.
     """
-    _ws.buffers.clear()
+    workspace.buffers.clear()
     native.release_workspace()
 
 
@@ -157,7 +157,7 @@ def _transposed(t: torch.Tensor, rows: int, slot: str) -> torch.Tensor:
     """
     if t.shape[1] == rows and t.t().is_contiguous():
         return t.t()
-    out = _ws.get(slot, (rows, t.shape[0]), t)
+    out = workspace.get(slot, (rows, t.shape[0]), t)
     out[: t.shape[1]].copy_(t.t())
     out[t.shape[1] :].zero_()
     return out
@@ -168,7 +168,7 @@ def _unit_cols(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(1) == 1 else t.contiguous()
 
 
-def _dense_weight(w_train, w_frozen, meta, n_frozen, n, k, slot: str | None = None) -> torch.Tensor:
+def dense_weight(w_train, w_frozen, meta, n_frozen, n, k, slot: str | None = None) -> torch.Tensor:
     """The effective weight as a dense ``(n, k)`` tensor.
 
     Each block is copied once, straight into its place in the row-major
@@ -181,7 +181,7 @@ def _dense_weight(w_train, w_frozen, meta, n_frozen, n, k, slot: str | None = No
     rb, cb = meta.row_offsets.numel() - 1, meta.col_offsets.numel() - 1
     vals = effective_blocks(w_train, w_frozen, meta.storage, meta.aux, meta.element_state, n_frozen)
     shape = (rb * bm, cb * bk)
-    out = vals.new_empty(shape) if slot is None else _ws.get(slot, shape, vals)
+    out = vals.new_empty(shape) if slot is None else workspace.get(slot, shape, vals)
     grid = out.view(rb, bm, cb, bk).transpose(1, 2)  # (rb, cb, bm, bk) view of the row-major result
     if vals.shape[0] == rb * cb:  # every block computed: CSR order is the row-major block order
         grid.copy_(vals.view(rb, cb, bm, bk))
@@ -202,7 +202,7 @@ def _chunks(s: int, e: int, step: int):
         yield c0, min(e, c0 + step)
 
 
-def _gathered_mm(lhs_of, src, index, offsets, width, out, gather=None):
+def gathered_mm(lhs_of, src, index, offsets, width, out, gather=None):
     """``out[g] = sum_j lhs_of(j0, j1) @ src[index[j0:j1]]`` over the group ``g`` of ``offsets``.
 
     ``src`` is ``(G, width, M)``; groups are block rows (forward) or block
@@ -213,7 +213,7 @@ def _gathered_mm(lhs_of, src, index, offsets, width, out, gather=None):
     """
     m = out.shape[-1]
     step = max(1, CHUNK_ELEMS // width)
-    buf = _ws.get("gather", (step * width * m,), out)
+    buf = workspace.get("gather", (step * width * m,), out)
     offs = offsets.tolist()
     for g, (s, e) in enumerate(itertools.pairwise(offs)):
         if s == e:
@@ -236,7 +236,7 @@ def forward(x, w_train, w_frozen, bias, meta, n_out, n_frozen) -> torch.Tensor:
     m, k = x.shape
     how = path(meta, x.dtype)
     if how == "dense" or m == 0:
-        w = _dense_weight(w_train, w_frozen, meta, n_frozen, n_out, k, slot="dense_w")
+        w = dense_weight(w_train, w_frozen, meta, n_frozen, n_out, k, slot="dense_w")
         return torch.nn.functional.linear(x, w, bias)
     vals = effective_blocks(w_train, w_frozen, meta.storage, meta.aux, meta.element_state, n_frozen)
     if how == "native":  # blocks as (bk, bm): a row of the block is then one output vector
@@ -248,7 +248,7 @@ def forward(x, w_train, w_frozen, bias, meta, n_out, n_frozen) -> torch.Tensor:
     # (bm, nnzb, bk): a block row's blocks side by side are then a (bm, L) view.
     w_rows = vals.transpose(0, 1).contiguous()
     yt = x.new_empty(rb * bm, m)
-    _gathered_mm(
+    gathered_mm(
         lambda s, e: w_rows[:, s:e].reshape(bm, (e - s) * bk),
         xt, meta.col_indices.long(), meta.row_offsets, bk, yt.view(rb, bm, m),
     )  # fmt: skip
@@ -263,7 +263,7 @@ def input_grad(dy, w_train, w_frozen, meta, n_in, n_frozen) -> torch.Tensor:
     m, n = dy.shape
     how = path(meta, dy.dtype)
     if how == "dense" or m == 0:
-        return dy @ _dense_weight(w_train, w_frozen, meta, n_frozen, n, n_in, slot="dense_w")
+        return dy @ dense_weight(w_train, w_frozen, meta, n_frozen, n, n_in, slot="dense_w")
     vals = effective_blocks(w_train, w_frozen, meta.storage, meta.aux, meta.element_state, n_frozen)
     if how == "native":  # the transposed walk reads the blocks in place, through block_index_t
         return native.group_mm(
@@ -280,7 +280,7 @@ def input_grad(dy, w_train, w_frozen, meta, n_in, n_frozen) -> torch.Tensor:
     # Column order, each block transposed: a column's blocks stack into (bk, L).
     w_cols = vals[meta.block_index_t.long()].permute(2, 0, 1).contiguous()
     dxt = dy.new_empty(cb * bk, m)
-    _gathered_mm(
+    gathered_mm(
         lambda s, e: w_cols[:, s:e].reshape(bk, (e - s) * bm),
         dyt, meta.row_indices_t.long(), meta.col_offsets, bm, dxt.view(cb, bk, m),
     )  # fmt: skip
@@ -306,7 +306,7 @@ def weight_grad(dy, x, meta, block_size) -> torch.Tensor:
     t_cols = meta.col_indices.long()[tidx]
     if how == "dense" or m == 0:
         # The dense product goes to a reused buffer (no page faults); only dW itself is fresh.
-        g = _ws.get("dense_g", (rb * bm, cb * bk), x)
+        g = workspace.get("dense_g", (rb * bm, cb * bk), x)
         if m == 0 or (rb * bm, cb * bk) != (n, k):
             g.zero_()
         if m:
@@ -337,7 +337,7 @@ def gathered_weight_grad(dyt, t_rows, rb, bm, bk, gather) -> torch.Tensor:
     offs = torch.searchsorted(t_rows, torch.arange(rb + 1, device=dyt.device))
     dw_t = dyt.new_zeros(bm, n_train * bk)
     step = max(1, CHUNK_ELEMS // bk)
-    buf = _ws.get("gather", (step * bk * m,), dyt)
+    buf = workspace.get("gather", (step * bk * m,), dyt)
     pos = offs.tolist()
     for r, (s, e) in enumerate(itertools.pairwise(pos)):
         dy_r = dyt[r * bm : (r + 1) * bm]

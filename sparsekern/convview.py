@@ -35,10 +35,11 @@ import torch.nn.functional as F
 
 from sparsekern.kernels.meta import ConvGeom
 
-__all__ = ["ConvGeom", "conv_geometry", "from_matrix", "matrix_shape", "padded_channels", "to_matrix"]
+__all__ = ["ConvGeom", "conv_geometry", "from_matrix", "matrix_shape", "padded_channels", "pair", "to_matrix"]
 
 
-def _pair(v, name: str) -> tuple[int, int]:
+def pair(v, name: str) -> tuple[int, int]:
+    """``v`` as an ``(h, w)`` pair of ints (an int means both); ``TypeError`` naming ``name`` otherwise."""
     if isinstance(v, int) and not isinstance(v, bool):
         return (v, v)
     if isinstance(v, Sequence) and len(v) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in v):
@@ -100,7 +101,7 @@ def resolve_padding(padding, kernel: tuple[int, int], dilation: tuple[int, int],
                 out += [total // 2, total - total // 2]  # the odd extra goes bottom/right, as in torch
             return tuple(out)
         raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
-    ph, pw = _pair(padding, "padding")
+    ph, pw = pair(padding, "padding")
     if ph < 0 or pw < 0:
         raise ValueError(f"padding must be non-negative, got {padding!r}")
     return (ph, ph, pw, pw)
@@ -126,8 +127,8 @@ def conv_geometry(
     c_out, wc, kh, kw = weight_shape
     if c_in != wc:
         raise ValueError(f"input has {c_in} channels but the weight expects in_channels={wc}")
-    sh, sw = _pair(stride, "stride")
-    dh, dw = _pair(dilation, "dilation")
+    sh, sw = pair(stride, "stride")
+    dh, dw = pair(dilation, "dilation")
     if min(sh, sw, dh, dw) < 1:
         raise ValueError(f"stride and dilation must be positive, got stride={stride!r}, dilation={dilation!r}")
     top, bottom, left, right = resolve_padding(padding, (kh, kw), (dh, dw), (sh, sw))

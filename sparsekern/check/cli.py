@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sparsekern.check import twins
 from sparsekern.check.specs import INTERPRET_VARS, TILE_KEYS, build_jobs
-from sparsekern.check.static import _describe, check_one
+from sparsekern.check.static import check_one, describe_job
 
 
 # -------------------------------------------------------------------- running
@@ -46,7 +46,7 @@ def _progress(i: int, n: int, row: dict) -> None:
 
 
 def _failed_row(task, job: dict, exc: Exception) -> dict:
-    row = twins.describe(job) if task is twins.analyse_one else _describe(job)
+    row = twins.describe(job) if task is twins.analyse_one else describe_job(job)
     return dict(row, status="ERROR", problems=[f"worker died: {exc!r}"[:300]])
 
 

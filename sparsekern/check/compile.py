@@ -106,7 +106,7 @@ def compile_source(fn, signature: dict, consts: dict, divisible: list, cap: int,
     return triton.compile(src, target=GPUTarget("cuda", cap, 32), options=options), aligned
 
 
-def _compile(job: dict):
+def compile_job(job: dict):
     """Compile one kernel job (see ``specs.make_job``); returns (compiled, aligned)."""
     fn = kernel_fn(job["kind"])
     spec = spec_for(job["kind"], fn)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from sparsekern.check.compile import _compile, inspect_binary
+from sparsekern.check.compile import compile_job, inspect_binary
 from sparsekern.check.specs import (
     ARCHS,
     MAX_BLOCKS_PER_SM,
@@ -45,10 +45,10 @@ def check_one(job: dict) -> dict:
     # Triton 3.9 warns once per process that its FP-fusion default will change; it is noise here.
     warnings.filterwarnings("ignore", message=".*FP_FUSION.*")
     arch = ARCHS[job["cap"]]
-    row = _describe(job)
+    row = describe_job(job)
     start = time.perf_counter()
     try:
-        compiled, aligned = _compile(job)
+        compiled, aligned = compile_job(job)
         info = inspect_binary(compiled, arch)[0]
     except Exception as exc:  # a compile or tool failure is a finding, reported in the table
         msg = " ".join(str(exc).split())[:300]
@@ -66,7 +66,7 @@ def check_one(job: dict) -> dict:
     return row
 
 
-def _describe(job: dict) -> dict:
+def describe_job(job: dict) -> dict:
     kw = job["kwargs"]
     return {
         "kernel": SPECS[job["kind"]].fn_name,

@@ -148,7 +148,7 @@ def analyse_one(job: dict) -> dict:
     """Compile one proof job (kernel or twin) and read its MMA loop; never raises."""
     import warnings
 
-    from sparsekern.check.compile import _compile, inspect_binary, wgmma_serialized
+    from sparsekern.check.compile import compile_job, inspect_binary, wgmma_serialized
     from sparsekern.check.loops import TTGIR_ELEM, operand_buffers, sass_mma_loop, ttgir_mma_loop
 
     warnings.filterwarnings("ignore", message=".*FP_FUSION.*")
@@ -158,7 +158,7 @@ def analyse_one(job: dict) -> dict:
         if job.get("twin"):
             compiled, tma = compile_twin(job)
         else:
-            compiled, _ = _compile(job)
+            compiled, _ = compile_job(job)
             tma = twin_descriptors(job)
         row["tma"] = "".join("T" if t else "p" for t in tma)
         info, sass = inspect_binary(compiled, ARCHS[job["cap"]])

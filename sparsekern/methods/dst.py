@@ -100,7 +100,7 @@ def _weight_shape(mod: nn.Module) -> tuple[int, ...]:
     if hasattr(mod, "in_features"):
         return (mod.out_features, mod.in_features)
     if hasattr(mod, "kernel_size"):
-        return (mod.out_channels, mod.in_channels // getattr(mod, "groups", 1), *convview._pair(mod.kernel_size, "k"))
+        return (mod.out_channels, mod.in_channels // getattr(mod, "groups", 1), *convview.pair(mod.kernel_size, "k"))
     return tuple(mod.mask.shape)
 
 
@@ -110,8 +110,8 @@ def _dense_weight_grad(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, weig
         n, k = weight_shape
         return dy.reshape(-1, n).T.to(x.dtype) @ x.reshape(-1, k)
     kh, kw = weight_shape[2:]
-    stride = convview._pair(getattr(layer, "stride", 1), "stride")
-    dilation = convview._pair(getattr(layer, "dilation", 1), "dilation")
+    stride = convview.pair(getattr(layer, "stride", 1), "stride")
+    dilation = convview.pair(getattr(layer, "dilation", 1), "dilation")
     top, bottom, left, right = convview.resolve_padding(getattr(layer, "padding", 0), (kh, kw), dilation, stride)
     x = F.pad(x, (left, right, top, bottom))
     groups = getattr(layer, "groups", 1)

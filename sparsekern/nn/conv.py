@@ -29,14 +29,6 @@ from sparsekern.nn._base import BlockSparseWeight
 __all__ = ["SparseConv2d"]
 
 
-def _pair(v, name: str) -> tuple[int, int]:
-    if isinstance(v, int) and not isinstance(v, bool):
-        return (v, v)
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
-        return (int(v[0]), int(v[1]))
-    raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
-
-
 class SparseConv2d(BlockSparseWeight):
     """Block-sparse ``conv2d(x, W * mask) + b`` with trainable, frozen and pruned weights.
 
@@ -79,15 +71,15 @@ class SparseConv2d(BlockSparseWeight):
         if padding_mode != "zeros":
             raise NotImplementedError(f"SparseConv2d supports padding_mode='zeros' only, got {padding_mode!r}")
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride = _pair(stride, "stride")
-        self.dilation = _pair(dilation, "dilation")
+        self.kernel_size = convview.pair(kernel_size, "kernel_size")
+        self.stride = convview.pair(stride, "stride")
+        self.dilation = convview.pair(dilation, "dilation")
         if isinstance(padding, str):
             # Validates the string (and 'same' with stride > 1) now, not at the first forward.
             convview.resolve_padding(padding, self.kernel_size, self.dilation, self.stride)
             self.padding = padding
         else:
-            self.padding = _pair(padding, "padding")
+            self.padding = convview.pair(padding, "padding")
         self.groups, self.padding_mode = 1, "zeros"
         self.block_size = normalize_block_size(block_size)
         self.weight_shape = (out_channels, in_channels, *self.kernel_size)
