@@ -57,12 +57,12 @@ import sparsekern
 from bench import roofline
 from bench.common import Laps, autotune_session, dtype_name, markdown_table, progress, time_phases
 from sparsekern import SparseLinear
+from sparsekern.flops import PASSES
 from sparsekern.methods.blocks import block_grid, expand_blocks, keep_top_blocks, pool_blocks
 
 MODELS = ("mlp", "cnn", "transformer")
 MODES = ("forward", "backward", "optimizer", "step")
 ROOFLINE_MODES = MODES
-PASSES = ("forward", "input_grad", "weight_grad")
 CONV_MISSING = "conv layers stay dense: SparseConv2d not available"
 
 

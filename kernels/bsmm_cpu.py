@@ -28,7 +28,7 @@ import threading
 import torch
 
 from . import native
-from .store import adjacent, value_store
+from .store import effective_blocks
 
 # Above this block density (keyed by the block's smaller side) the gathered
 # path loses to one dense GEMM on the masked weight: the per-block-row GEMMs
@@ -46,36 +46,6 @@ DENSE_CROSSOVER = {16: 0.05, 32: 0.15, 64: 0.3, 128: 0.3}
 # 0.5, 0.96x at 0.6, 0.82x at 0.7; 128x128 is 1.15x at 0.5, 1.04x at 0.6, 0.70x at 0.7 (its two
 # 64-wide weight panels per block row stop fitting L2); 16x16 is 1.14x at 0.3 and 0.89x at 0.4.
 NATIVE_CROSSOVER = {16: 0.35, 32: 0.6, 64: 0.8, 128: 0.6}
-
-
-def effective_blocks(w_train, w_frozen, storage, aux, element_state, n_frozen) -> torch.Tensor:
-    """Effective values of the computed blocks ``(nnzb, bm, bk)`` in CSR order.
-
-    ``storage`` holds slots of the joined store ``[w_train | w_frozen]``
-    (``kernels/store.py``). With every computed block trainable (no frozen
-    store), that is ``w_train`` itself, returned without a copy: callers must
-    not write into the result. All work is on whole contiguous blocks (no
-    strided scatter), which keeps layouts made only of mixed blocks (element
-    masks) cheap.
-    """
-    if w_frozen.shape[0] == 0:
-        return w_train
-    s = storage.long()
-    if w_train.shape[0] == s.numel():  # every computed block is trainable: w_train is in CSR order
-        vals = w_train
-    else:
-        # The gather copies the blocks anyway, so stores that are not adjacent cost no warning here.
-        joined = value_store(w_train, w_frozen) if adjacent(w_train, w_frozen) else torch.cat([w_train, w_frozen])
-        vals = joined[s]
-    a = aux.long()
-    mixed = (a >= 0).nonzero().squeeze(1)
-    if mixed.numel() == a.numel():  # every block trainable and mixed: slots are in CSR order
-        return torch.where(element_state == 2, vals, w_frozen[n_frozen:])
-    if mixed.numel():
-        vals = vals.clone() if vals is w_train else vals
-        slot = a[mixed]
-        vals[mixed] = torch.where(element_state[slot] == 2, vals[mixed], w_frozen[n_frozen + slot])
-    return vals
 
 
 def native_applies(dtype: torch.dtype) -> bool:

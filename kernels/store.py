@@ -27,7 +27,7 @@ import warnings
 
 import torch
 
-__all__ = ["adjacent", "value_store", "join_stores"]
+__all__ = ["adjacent", "effective_blocks", "join_stores", "value_store"]
 
 _warned_copy = False
 
@@ -73,3 +73,33 @@ def value_store(w_train: torch.Tensor, w_frozen: torch.Tensor) -> torch.Tensor:
             stacklevel=3,
         )
     return torch.cat([w_train, w_frozen])
+
+
+def effective_blocks(w_train, w_frozen, storage, aux, element_state, n_frozen) -> torch.Tensor:
+    """Effective values of the computed blocks ``(nnzb, bm, bk)`` in CSR order.
+
+    ``storage`` holds slots of the joined store ``[w_train | w_frozen]``
+    (``kernels/store.py``). With every computed block trainable (no frozen
+    store), that is ``w_train`` itself, returned without a copy: callers must
+    not write into the result. All work is on whole contiguous blocks (no
+    strided scatter), which keeps layouts made only of mixed blocks (element
+    masks) cheap.
+    """
+    if w_frozen.shape[0] == 0:
+        return w_train
+    s = storage.long()
+    if w_train.shape[0] == s.numel():  # every computed block is trainable: w_train is in CSR order
+        vals = w_train
+    else:
+        # The gather copies the blocks anyway, so stores that are not adjacent cost no warning here.
+        joined = value_store(w_train, w_frozen) if adjacent(w_train, w_frozen) else torch.cat([w_train, w_frozen])
+        vals = joined[s]
+    a = aux.long()
+    mixed = (a >= 0).nonzero().squeeze(1)
+    if mixed.numel() == a.numel():  # every block trainable and mixed: slots are in CSR order
+        return torch.where(element_state == 2, vals, w_frozen[n_frozen:])
+    if mixed.numel():
+        vals = vals.clone() if vals is w_train else vals
+        slot = a[mixed]
+        vals[mixed] = torch.where(element_state[slot] == 2, vals[mixed], w_frozen[n_frozen + slot])
+    return vals

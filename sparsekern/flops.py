@@ -40,7 +40,7 @@ from sparsekern.nn._base import BlockSparseWeight
 from sparsekern.nn.conv import SparseConv2d
 from sparsekern.nn.linear import SparseLinear
 
-__all__ = ["FlopReport", "report", "OPTIMIZER_STATES"]
+__all__ = ["FlopReport", "OPTIMIZER_STATES", "PASSES", "report"]
 
 PASSES = ("forward", "input_grad", "weight_grad")
 LEVELS = ("dense", "element", "block")

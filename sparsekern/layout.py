@@ -59,7 +59,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from sparsekern.kernels.bsmm_cpu import effective_blocks
+from sparsekern.kernels.meta import Meta
+from sparsekern.kernels.store import effective_blocks
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -371,26 +372,7 @@ class BlockLayout:
 
     def meta(self) -> list[torch.Tensor]:
         """Index tensors in the order the kernel launchers take them (see ``kernels.meta.Meta``)."""
-        return [
-            self.row_offsets,
-            self.col_indices,
-            self.row_indices,
-            self.storage,
-            self.aux,
-            self.element_state,
-            self.row_order,
-            self.col_offsets,
-            self.row_indices_t,
-            self.block_index_t,
-            self.storage_t,
-            self.aux_t,
-            self.col_slot,
-            self.row_slot_t,
-            self.col_order,
-            self.train_index,
-            self.train_rank,
-            self.train_left,
-        ]
+        return [getattr(self, name) for name in Meta._fields]
 
     def to(self, device: torch.device | str) -> BlockLayout:
         """Return the layout with every tensor on ``device``."""

@@ -6,9 +6,8 @@ from torch import nn
 
 import sparsekern
 from sparsekern import SparseLinear
+from sparsekern.flops import PASSES
 from sparsekern.layout import BlockLayout
-
-PASSES = ("forward", "input_grad", "weight_grad")
 
 
 def _one_layer(mask, frozen=None, block=16, bias=True):
