@@ -318,8 +318,10 @@ class BlockLayout:
         layout = cls(
             shape=(n, k),
             block_size=(bm, bk),
-            block_code=block_code.to(torch.int8),
-            element_state=element_state.to(torch.int8),
+            # Copies: a layout is a snapshot, never an alias of the buffers it was read from (a module
+            # compares its buffers with it to notice in-place writes).
+            block_code=block_code.to(torch.int8, copy=True),
+            element_state=element_state.to(torch.int8, copy=True),
             row_offsets=_offsets(row_counts).to(i32),
             col_indices=col_idx.to(i32),
             row_indices=row_idx.to(i32),

@@ -11,6 +11,7 @@ import copy
 import os
 import traceback
 import warnings
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -173,6 +174,7 @@ def case_ddp_dst(rank, world, out):
         model, sched, masks0, changes = _train_dst(method, 50, 5)
         res[method] = {
             "fingerprints": torch.stack([layout_fingerprint(model[i]) for i in (0, 4)]),
+            "masks": [(model[i].mask.clone(), model[i].frozen_mask.clone()) for i in (0, 4)],
             "params": torch.cat([p.detach().flatten() for p in model.parameters()]),
             "changed": any(not torch.equal(model[i].mask, m) for i, m in zip((0, 4), masks0, strict=True)),
             "updates": changes,
@@ -312,7 +314,10 @@ CASES = {
 
 def worker(rank: int, world: int, init_file: str, out: str, names: list[str]) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # A bounded timeout: a collective-order bug fails the test in a minute instead of hanging CI for 30.
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=90)
+    )
     try:
         for name in names:
             try:

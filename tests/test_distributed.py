@@ -61,7 +61,9 @@ def test_fsdp2_gradients_and_an_in_place_mask_change(results):
 def test_dst_under_ddp_keeps_ranks_identical(results, method):
     r0, r1 = (res[method] for res in results("ddp_dst"))
     assert r0["changed"] and r0["updates"] > 0, "50 steps with delta_t=5 changed no mask"
-    assert torch.equal(r0["fingerprints"], r1["fingerprints"]), "ranks ended with different layouts"
+    for (m0, f0), (m1, f1) in zip(r0["masks"], r1["masks"], strict=True):
+        assert torch.equal(m0, m1) and torch.equal(f0, f1), "ranks ended with different masks"
+    assert torch.equal(r0["fingerprints"], r1["fingerprints"])
     assert torch.equal(r0["params"], r1["params"]), "ranks ended with different parameters"
     if method == "rigl":
         assert r0["dense_grads"] > 0

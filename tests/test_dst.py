@@ -319,3 +319,31 @@ def test_conv_rigl_block(cpu_path):
         assert torch.equal(c.frozen_mask, frozen0) and torch.equal(c.weight[frozen0], w0[frozen0])
         changed |= not torch.equal(c.mask, mask0)
     assert changed
+
+
+def test_layout_fingerprint_tells_swapped_blocks_apart():
+    from sparsekern.methods.dst import layout_fingerprint
+
+    a = torch.zeros(4, 4, dtype=torch.bool)
+    b = a.clone()
+    a[0, 0] = a[1, 1] = True  # position-weighted sums of these two are equal
+    b[0, 1] = b[1, 0] = True
+    la = SparseLinear(4, 4, block_size=16, mask=a)
+    lb = SparseLinear(4, 4, block_size=16, mask=b)
+    assert not torch.equal(layout_fingerprint(la), layout_fingerprint(lb))
+    assert torch.equal(layout_fingerprint(la), layout_fingerprint(SparseLinear(4, 4, block_size=16, mask=a)))
+
+
+def test_rigl_skips_a_non_finite_dense_gradient():
+    model, opt = make_model()
+    DSTScheduler(model, opt, method="rigl", delta_t=1, end_step=10)
+    masks = [m.mask for m in sparse_layers(model)]
+    x = torch.randn(8, K)
+    x[0, 0] = float("inf")
+    opt.zero_grad()
+    model(x).sum().backward()
+    for p in model.parameters():  # what a GradScaler would skip; here the step runs on zeroed gradients
+        p.grad = torch.zeros_like(p)
+    with pytest.warns(UserWarning, match="inf or NaN"):
+        opt.step()
+    assert all(torch.equal(m.mask, m0) for m, m0 in zip(sparse_layers(model), masks, strict=True))

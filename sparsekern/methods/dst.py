@@ -26,7 +26,8 @@ update restarts at zero as well (the published behaviour), in the same call
 (``reset_mask``), so the trainable count never dips. At a constant count of
 trainable blocks (always at block granularity) ``set_masks`` moves values,
 gradients and optimizer state *in place*: the Parameter objects, DDP's
-buckets, FSDP2's shards, EMA copies and compiled graphs all stay valid.
+buckets, FSDP2's shards and compiled graphs all stay valid (copies of the values, such as an EMA, are not
+moved).
 
 RigL's dense gradient is computed only on update steps. After the optimizer
 step that precedes an update step, the scheduler calls ``enable_dense_grad()``
@@ -71,10 +72,12 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import math
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -127,18 +130,21 @@ def _device(mod: nn.Module) -> torch.device:
 
 
 def layout_fingerprint(layer: nn.Module) -> torch.Tensor:
-    """Two int64 checksums of a sparse layer's layout (its kept and frozen masks), equal iff the masks are.
+    """A SHA-256 digest (32 uint8) of a sparse layer's kept and frozen masks: equal masks, equal digests.
 
-    Position-weighted sums, so moving a block changes them; what ``check_same_layouts`` compares.
+    Hashes the bytes of both masks packed 8 elements per byte, so any difference (a swap of two
+    blocks included) changes it, and ranks compare 32 bytes per layer instead of whole masks.
 
     Example:
         >>> a = SparseLinear(64, 32, block_size=16)
         >>> torch.equal(layout_fingerprint(a), layout_fingerprint(a))
         True
     """
-    mask, frozen = layer.mask.flatten(), layer.frozen_mask.flatten()
-    w = torch.arange(1, mask.numel() + 1, device=mask.device, dtype=torch.int64) % 1000003
-    return torch.stack([(w * mask).sum() + mask.sum() * 7919, (w * frozen).sum() + frozen.sum() * 104729])
+    digest = hashlib.sha256()
+    for m in (layer.mask, layer.frozen_mask):
+        digest.update(str(tuple(m.shape)).encode())
+        digest.update(np.packbits(m.detach().cpu().flatten().numpy()).tobytes())
+    return torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8)
 
 
 def check_same_layouts(layers, group=None) -> None:
@@ -153,7 +159,8 @@ def check_same_layouts(layers, group=None) -> None:
     """
     mine = torch.stack([layout_fingerprint(layer).cpu() for _, layer in layers])
     world = torch.distributed.get_world_size(group)
-    dev = _device(layers[0][1]) if torch.distributed.get_backend(group) == "nccl" else torch.device("cpu")
+    # gloo reduces CPU tensors; the other backends (nccl and the like) the layers' own device.
+    dev = torch.device("cpu") if torch.distributed.get_backend(group) == "gloo" else _device(layers[0][1])
     seen = [torch.empty_like(mine, device=dev) for _ in range(world)]
     torch.distributed.all_gather(seen, mine.to(dev), group=group)
     for rank, theirs in enumerate(seen):
@@ -229,6 +236,12 @@ class DSTScheduler:
             raise ValueError(f"end_step must be a positive int (the step where updates stop), got {end_step!r}")
         if check_fraction(drop_fraction, "drop_fraction") == 0.0:
             raise ValueError("drop_fraction must be above 0 (0 would never change a mask)")
+        if granularity == "element" and _distributed():
+            raise ValueError(
+                "granularity='element' under torch.distributed: element updates change a layer's number of "
+                "trainable blocks, so weight_train becomes a new Parameter that DDP/FSDP cannot follow; use "
+                "granularity='block', which keeps the count and moves everything in place"
+            )
         self.layers = [(name, mod) for name, mod in model.named_modules() if _is_sparse_layer(mod)]
         if not self.layers:
             raise ValueError("model has no sparse layers (modules with set_masks, e.g. SparseLinear)")
@@ -246,6 +259,7 @@ class DSTScheduler:
         self.dense_grad_count = 0
         self.last_update: list[dict] = []
         self._grads: dict[str, torch.Tensor] = {}
+        self._nonfinite: set[str] = set()
         self._armed: list = []
         self._step_hook = optimizer.register_step_post_hook(self._after_step)
         self._arm_if_next_updates()
@@ -292,6 +306,7 @@ class DSTScheduler:
 
     def _collect_dense_grads(self) -> None:
         """Take the layers' dense gradients (summed over the ranks' batches under ``torch.distributed``)."""
+        self._nonfinite = set()
         armed = {id(a) for a in self._armed}
         for name, mod in self.layers:
             if id(mod) in armed and mod.dense_grad is not None:
@@ -310,6 +325,16 @@ class DSTScheduler:
                     self._grads[name] = buf / world
                 else:
                     self._grads.pop(name, None)
+        for name in [n for n, g in self._grads.items() if not bool(g.isfinite().all())]:
+            # A step skipped by a GradScaler leaves its inf/NaN gradient in the probe; never grow from it.
+            # After the all-reduce every rank sees the same non-finite values, so all skip alike.
+            warnings.warn(
+                f"DSTScheduler: the dense gradient of layer {name!r} holds inf or NaN on update step "
+                f"{self.step_count} (an overflow, e.g. a step a GradScaler skipped); layer not updated",
+                stacklevel=4,
+            )
+            del self._grads[name]
+            self._nonfinite.add(name)
         if self.method == "rigl":
             self.dense_grad_count += len(self._grads)
 
@@ -363,6 +388,8 @@ class DSTScheduler:
         report = []
         for name, layer in self.layers:
             grad = self._grads.get(name)
+            if self.method == "rigl" and grad is None and name in self._nonfinite:
+                continue  # said when the gradient was collected
             if self.method == "rigl" and grad is None:
                 warnings.warn(
                     f"DSTScheduler: layer {name!r} got no dense gradient for update step {self.step_count}: no "

@@ -46,7 +46,7 @@ def dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
             prefix = f"{name}." if name else ""
             for key in _SPARSE_KEYS:
                 sd.pop(prefix + key, None)
-            sd[prefix + "weight"] = mod.weight.clone()
+            sd[prefix + "weight"] = mod.weight.detach().clone()
     return sd
 
 

@@ -129,25 +129,46 @@ _WRITE_DUNDERS = {
 _NOT_WRITES = {"requires_grad_", "retain_grad", "share_memory_"}
 
 
+def _written(func, name: str, args, kwargs):
+    """The tensor ``func`` would write into, or ``None`` for a pure read."""
+    out = kwargs.get("out")
+    if out is not None:
+        return out
+    if args and (
+        (name.endswith("_") and not name.startswith("__") and name not in _NOT_WRITES)
+        or name in _WRITE_DUNDERS
+        or kwargs.get("inplace") is True  # F.relu(w, inplace=True) arrives as relu
+    ):
+        return args[0]
+    return None
+
+
+def _views_of(result, sources) -> bool:
+    """Whether ``result`` shares memory with one of ``sources`` (a view: ``w[0]``, ``w.T``, ``w.view(-1)``)."""
+    if not isinstance(result, torch.Tensor) or isinstance(result, ReadOnlyWeight) or result.numel() == 0:
+        return False
+    ptr = result.untyped_storage().data_ptr()
+    return any(src.untyped_storage().data_ptr() == ptr for src in sources)
+
+
 class ReadOnlyWeight(torch.Tensor):
     """What a sparse layer's ``weight`` returns: a computed tensor that raises on any write.
 
-    Every operation works and returns a plain tensor (autograd included); in-place
-    ops, ``out=`` and ``.data`` raise ``RuntimeError``, because a write into a
-    computed tensor would silently be lost.
+    Reads work and return plain tensors (autograd included). Writes raise
+    ``RuntimeError``, because a write into a computed tensor would silently be
+    lost: in-place ops and ``out=`` into it or into any view of it (views and
+    ``.data`` stay read-only), and ``inplace=True``. ``detach()`` and copies
+    (``clone``, ``deepcopy``, ``torch.save``) give plain tensors.
     """
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        inplace = name.endswith("_") and not name.startswith("__") and name not in _NOT_WRITES
-        if (
-            inplace
-            or name in _WRITE_DUNDERS
-            or kwargs.get("out") is not None
-            or getattr(func, "__self__", None) is torch.Tensor.data  # .data: the getter, bound per access
-        ) and any(isinstance(a, ReadOnlyWeight) for a in (args[0],) if args):
+        target = _written(func, name, args, kwargs)
+        if isinstance(target, ReadOnlyWeight) or (
+            isinstance(target, (tuple, list)) and any(isinstance(t, ReadOnlyWeight) for t in target)
+        ):
             raise RuntimeError(
                 f"{name or func}: a sparse layer's .weight is computed from its stored blocks (W * mask) on each "
                 "access, so writes to it would be lost. Use layer.copy_dense_(w) to set values, "
@@ -155,7 +176,18 @@ class ReadOnlyWeight(torch.Tensor):
                 "penalties can use .weight as it is (it is differentiable)."
             )
         with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+            result = func(*args, **kwargs)
+        if name in ("detach", "clone", "__deepcopy__", "__reduce_ex__"):
+            return result
+        sources = [a for a in args if isinstance(a, ReadOnlyWeight)]
+        # A view (or .data) of a read-only tensor is read-only too: writing into it would be lost as well.
+        return result.as_subclass(ReadOnlyWeight) if _views_of(result, sources) else result
+
+    def __deepcopy__(self, memo):
+        return self.as_subclass(torch.Tensor).detach().clone()
+
+    def __reduce_ex__(self, protocol):
+        return self.as_subclass(torch.Tensor).detach().clone().__reduce_ex__(protocol)
 
 
 class BlockSparseWeight(nn.Module):
@@ -223,20 +255,29 @@ class BlockSparseWeight(nn.Module):
                 buf.copy_(value)
             else:
                 self.register_buffer(name, value.clone())
-        self._code_version = (self.block_code._version, self.element_state._version)
+        self._code_version = self._buffer_versions()
+
+    def _buffer_versions(self):
+        """The buffers' version counters; ``None`` for inference tensors, which have none."""
+        if self.block_code.is_inference() or self.element_state.is_inference():
+            return None
+        return (self.block_code._version, self.element_state._version)
 
     def _current_layout(self) -> BlockLayout:
         """The layout, rebuilt first if its buffers were written in place since it was installed.
 
-        Loaders that fill ``model.state_dict()`` tensors in place (``torch.distributed.checkpoint``) change
-        the buffers without calling ``load_state_dict``; running on the old layout would be silently wrong.
+        Loaders that fill ``model.state_dict()`` tensors in place (``dcp.load``) change the buffers without
+        calling ``load_state_dict``; running on the old layout would be silently wrong. This is a safety net
+        for eager mode only: a compiled forward does not run it (nor do writes that skip version counters,
+        such as collectives), so after such a load call ``load_state_dict`` (``set_state_dict`` does).
         """
         if torch.compiler.is_compiling():
             return self._layout
-        if (self.block_code._version, self.element_state._version) != self._code_version:
+        versions = self._buffer_versions()
+        if versions is not None and versions != self._code_version:
             lay = self._layout
             if torch.equal(self.block_code, lay.block_code) and torch.equal(self.element_state, lay.element_state):
-                self._code_version = (self.block_code._version, self.element_state._version)
+                self._code_version = versions
             else:
                 new = BlockLayout.from_block_code(self.block_code, self.element_state, lay.shape, self.block_size)
                 if (new.n_train, new.n_frozen_slots) != (self.weight_train.shape[0], self.weight_frozen.shape[0]):
@@ -317,9 +358,13 @@ class BlockSparseWeight(nn.Module):
         (``nn.init.zeros_(layer.weight)``, ``layer.weight.data.mul_(2)``) would be lost.
         To set values, use :meth:`copy_dense_` (or ``load_state_dict`` with a dense
         ``weight``); to initialise as ``nn.Linear``/``nn.Conv2d`` do, use
-        ``reset_parameters()``.
+        ``reset_parameters()``. For metadata use ``weight_shape`` and
+        ``weight_train.dtype``/``.device``: under FSDP2 every access gathers the
+        shards, a collective that all ranks must make.
         """
         dense = self._from_matrix(self._layout.to_dense(_full(self.weight_train), self.weight_frozen))
+        if torch.compiler.is_compiling():
+            return dense  # dynamo does not trace the subclass; a compiled graph never writes into it anyway
         return dense.as_subclass(ReadOnlyWeight)
 
     def copy_dense_(self, weight: torch.Tensor) -> BlockSparseWeight:
@@ -361,8 +406,9 @@ class BlockSparseWeight(nn.Module):
         number of trainable blocks stays the same (SET and RigL keep it), nothing
         is replaced: the values, the gradient and the optimizer state move to
         their new slots *in place*, in the same ``weight_train`` Parameter, so DDP's
-        buckets, FSDP2's shards, optimizers, EMA copies and compiled graphs all stay
-        valid. When the count changes, ``weight_train`` becomes a new Parameter
+        buckets, FSDP2's shards, optimizers and compiled graphs all stay valid.
+        Copies of the values (an EMA, ``AveragedModel``) are not moved: after a
+        change their slots hold other blocks. When the count changes, ``weight_train`` becomes a new Parameter
         (resizing one in place would break a graph still alive), with a warning:
         the optimizer passed follows; anything else built on the old one (DDP,
         FSDP, other optimizers, EMA copies) must be rebuilt.
@@ -402,12 +448,15 @@ class BlockSparseWeight(nn.Module):
                 )
             keep = None
             if reset_mask is not None:
-                keep = self._to_matrix(~_bool_mask(reset_mask, "reset_mask", self.weight_shape).to(param.device), True)
+                reset = _bool_mask(reset_mask, "reset_mask", self.weight_shape).to(param.device)
+                if bool((reset & self._from_matrix(new.dense_masks()[1])).any()):
+                    raise ValueError("reset_mask marks frozen elements; only trainable weights can restart at zero")
+                keep = self._to_matrix(~reset, True)
             zeros = torch.zeros_like(self.weight_frozen)
 
             def moved(t: torch.Tensor, frozen: torch.Tensor):
                 dense = old.to_dense(_full(t), frozen.to(t.dtype))
-                return new.split_values(dense if keep is None else dense * keep)
+                return new.split_values(dense if keep is None else torch.where(keep, dense, 0))
 
             w_train, w_frozen = moved(param, self.weight_frozen)
             grad = None if param.grad is None else moved(param.grad, zeros)[0]
@@ -416,6 +465,11 @@ class BlockSparseWeight(nn.Module):
                 for key, val in optimizer.state.get(param, {}).items():
                     if isinstance(val, torch.Tensor) and val.shape == param.shape:
                         state[key] = moved(val, zeros)[0]
+                    elif isinstance(val, torch.Tensor) and val.dim() > 0:
+                        raise ValueError(
+                            f"set_masks: optimizer state {key!r} has shape {tuple(val.shape)}, not the parameter's "
+                            f"{tuple(param.shape)} (a factored optimizer?); it cannot follow the blocks to new slots"
+                        )
         # Everything above can fail; nothing below can, so the module never ends half-changed.
         with torch.no_grad():
             if new.n_train == old.n_train:
@@ -464,15 +518,18 @@ class BlockSparseWeight(nn.Module):
             self._layout = self._layout.to(self.block_code.device)
             self.block_code.copy_(self._layout.block_code)
             self.element_state.copy_(self._layout.element_state)
-            self._code_version = (self.block_code._version, self.element_state._version)
+            self._code_version = self._buffer_versions()
         elif not self.weight_train.is_meta:
             self._layout = self._layout.to(self.block_code.device)
-            self._code_version = (self.block_code._version, self.element_state._version)
+            self._code_version = self._buffer_versions()
         self._rejoin_stores()
         return self
 
     def __setstate__(self, state):
+        state.setdefault("_dense_grad_probe", None)  # pickles of layers from before these attributes
         super().__setstate__(state)
+        if "_code_version" not in self.__dict__:
+            self._code_version = self._buffer_versions()
         self._rejoin_stores()  # copy.deepcopy and pickle copy the Parameter apart from the buffer
 
     def _rejoin_stores(self) -> None:
