@@ -1,22 +1,27 @@
-"""``python -m bench``: run benchmark suites on the present device, print tables, write results.
+"""``sparsekern-bench`` (or ``python -m sparsekern.bench``): run benchmark suites on the present device,
+print tables, write results.
 
 Examples::
 
-    python -m bench                          # linear suite, GPU if present else CPU
-    python -m bench --suite conv             # ResNet-50 conv layers: SparseConv2d vs nn.Conv2d and masked
-    python -m bench --suite layout           # layout build and set_masks cost against training steps
-    python -m bench --suite e2e              # training steps of small networks, dense vs masked vs sparse
-    python -m bench --suite linear,e2e       # several suites in one run (one roofline measurement)
-    python -m bench --quick --out /tmp/b     # tiny config (seconds), e.g. for tests
-    python -m bench --device cuda --tune     # GPU: autotune, store configs, then benchmark
-    python -m bench --suite linear,conv,e2e --device cuda --tune --run-folder   # as `make bench-gpu`
+    sparsekern-bench                          # linear suite, GPU if present else CPU
+    sparsekern-bench --suite conv             # ResNet-50 conv layers: SparseConv2d vs nn.Conv2d and masked
+    sparsekern-bench --suite layout           # layout build and set_masks cost against training steps
+    sparsekern-bench --suite e2e              # training steps of small networks, dense vs masked vs sparse
+    sparsekern-bench --suite linear,e2e       # several suites in one run (one roofline measurement)
+    sparsekern-bench --quick --out /tmp/b     # tiny config (seconds), e.g. for tests
+    sparsekern-bench --device cuda --tune     # GPU: autotune, store configs, then benchmark
+    sparsekern-bench --suite linear,conv,e2e --device cuda --tune --run-folder   # as `make bench-gpu`
 
-Results go to ``bench/results/<suite>_<device>_<date>.{csv,json,md}`` unless
-``--out`` says otherwise (``--run-folder``: into ``<out>/<device>-<date>/``);
-progress goes to stderr, the tables to stdout. GPU runs measure the dense
+The benchmark is installed with the package, so it runs from any folder; in a
+checkout ``python -m bench`` is the same command. Results go to
+``<out>/<suite>_<device>_<date>.{csv,json,md}`` (``--run-folder``: into
+``<out>/<device>-<date>/``). Without ``--out``, ``<out>`` is the checkout's
+``bench/results/`` when the current folder is inside a sparsekern checkout, else
+``./sparsekern-results`` (:func:`sparsekern.bench.common.default_out`).
+Progress goes to stderr, the tables to stdout. GPU runs measure the dense
 matmul rate and copy bandwidth once and add the roofline floor of every case
-(``bench/roofline.py``; ``--roofline`` does it on the CPU too) and run the
-static kernel check (``bench/static.py``; ``--static quick`` on the CPU).
+(``sparsekern/bench/roofline.py``; ``--roofline`` does it on the CPU too) and run the
+static kernel check (``sparsekern/bench/static.py``; ``--static quick`` on the CPU).
 
 Suites are registered in :data:`SUITES`; a registered suite whose module is
 not in the checkout (yet) is listed as unavailable, and ``all`` skips it.
@@ -35,8 +40,8 @@ from pathlib import Path
 
 import torch
 
-from bench import common, roofline
-from bench.static import SCOPES as STATIC_SCOPES
+from sparsekern.bench import common, roofline
+from sparsekern.bench.static import SCOPES as STATIC_SCOPES
 
 #: Suite name -> module. A suite module has ``default_config(device, dtype, quick)``,
 #: ``run(cfg, device, env)``, ``tables(rows)``, ``headline(rows)`` and optionally
@@ -44,10 +49,10 @@ from bench.static import SCOPES as STATIC_SCOPES
 #: (lines the report ends with), ``tune(cfg, device)`` + ``write_tuned(records)``
 #: (for ``--tune``) and ``ROOFLINE_MODES`` (modes of its roofline table).
 SUITES = {
-    "linear": "bench.linear",
-    "layout": "bench.layout",
-    "conv": "bench.conv",
-    "e2e": "bench.e2e",
+    "linear": "sparsekern.bench.linear",
+    "layout": "sparsekern.bench.layout",
+    "conv": "sparsekern.bench.conv",
+    "e2e": "sparsekern.bench.e2e",
 }
 
 
@@ -80,7 +85,7 @@ def parse_suites(text: str) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="sparsekern-bench", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--suite",
         default="linear",
@@ -93,7 +98,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="tiny configuration, for tests (linear: 256x256, 64 tokens; conv: 32->32 3x3 on 8x8; "
         "layout: 512x512; e2e: tiny networks)",
     )
-    p.add_argument("--out", type=Path, default=common.DEFAULT_OUT, help="results folder (default: bench/results)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results folder (default: bench/results/ inside a sparsekern checkout, else ./sparsekern-results)",
+    )
     p.add_argument("--dtype", default=None, help="float32|float16|bfloat16 (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default: per device)")
     p.add_argument("--warmup", type=int, default=None, help="untimed warmup steps (default: per device)")
@@ -140,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     env = common.environment(device)
     if env["interpret"]:
         common.progress("warning: SPARSEKERN_INTERPRET/TRITON_INTERPRET is set: CPU timings are the interpreter's")
-    out_dir = Path(args.out)
+    out_dir = Path(args.out) if args.out is not None else common.default_out()
     if args.run_folder:
         out_dir = out_dir / common.run_folder_name(env)
     common.progress(f"suites: {', '.join(suites)}; results in {out_dir}")
@@ -188,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     scope = args.static if args.static != "auto" else ("default" if device.type == "cuda" else "off")
     section, static_problems = "", 0
     if scope != "off":
-        from bench.static import write_static
+        from sparsekern.bench.static import write_static
 
         try:
             section, spaths, static_problems = write_static(out_dir, common.result_stem("static", env), scope)
@@ -242,7 +252,7 @@ def report(name, suite, cfg, rows, env, device, peaks) -> str:
         if table:
             text += "\n\n### Roofline: measured time against the floor\n\n" + roofline.describe_peaks(peaks) + ". "
             text += "Floor = computed-block FLOPs / matmul rate + bytes moved / copy bandwidth "
-            text += "(`bench/roofline.py`); % of floor = floor / measured p50.\n\n" + table
+            text += "(`sparsekern/bench/roofline.py`); % of floor = floor / measured p50.\n\n" + table
     for note in getattr(suite, "footnotes", lambda cfg, device: [])(cfg, device):
         text += "\n\n" + note
     if device.type != "cuda":
@@ -255,7 +265,7 @@ def report(name, suite, cfg, rows, env, device, peaks) -> str:
         if name == "linear":
             text += " Run `make bench-gpu` on a GPU machine for them."
         else:
-            text += f" Run `python -m bench --suite {name} --device cuda` on a GPU machine for them."
+            text += f" Run `sparsekern-bench --suite {name} --device cuda` on a GPU machine for them."
     return text
 
 
@@ -273,7 +283,3 @@ def run_summary(env, written, failed, peaks, static_section, out_dir: Path) -> s
     if static_section:
         text += "\n" + static_section + "\n"
     return text
-
-
-if __name__ == "__main__":
-    sys.exit(main())
