@@ -462,6 +462,13 @@ def test_console_script_runs_outside_the_checkout(tmp_path):
         assert env["git_sha"] != "unknown", env
 
 
+def test_repo_root_shim_runs_the_same_command(tmp_path):
+    """``python -m bench`` from the repository root (the old spelling) forwards to ``sparsekern.bench``."""
+    proc = _run(["-m", "bench", "--suite", "linear", "--quick", "--device", "cpu", "--out", str(tmp_path)])
+    _one(tmp_path, "linear_cpu_*.csv")
+    assert "| provider" in proc.stdout
+
+
 def test_default_out_inside_and_outside_a_checkout(tmp_path):
     from sparsekern.bench.common import default_out
 
