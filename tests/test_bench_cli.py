@@ -458,8 +458,10 @@ def test_console_script_runs_outside_the_checkout(tmp_path):
     assert "| provider" in proc.stdout
     env = json.loads(json_path.read_text())["environment"]
     assert env["sparsekern"] and env["device_type"] == "cpu"
-    if shutil.which("git") and (REPO / ".git").exists():  # an editable install: the checkout's commit
-        assert env["git_sha"] != "unknown", env
+    import sparsekern
+
+    if Path(sparsekern.__file__).resolve().parent.parent == REPO and shutil.which("git"):
+        assert env["git_sha"] != "unknown", f"run from this checkout (editable install), yet no commit: {env}"
 
 
 def test_repo_root_shim_runs_the_same_command(tmp_path):
