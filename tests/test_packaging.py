@@ -11,6 +11,7 @@ import importlib.metadata
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -63,12 +64,15 @@ CPU_WORKLOAD = textwrap.dedent(
 )
 
 
-def _run(script: str, extra_env: dict | None = None, args=("-c",), timeout=300) -> subprocess.CompletedProcess:
+def _run(script: str, extra_env: dict | None = None, timeout=300) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("SPARSEKERN_INTERPRET", "TRITON_INTERPRET")}
     env.update(extra_env or {})
-    return subprocess.run(
-        [sys.executable, *args, script], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO
-    )
+    # From an empty folder: ``-c`` puts the current folder on sys.path, and the checkout's own
+    # ``sparsekern/`` would shadow an installed (non-editable) sparsekern, which has ``kernels`` inside.
+    with tempfile.TemporaryDirectory() as cwd:
+        return subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd
+        )
 
 
 def _ok(proc: subprocess.CompletedProcess) -> None:
@@ -171,9 +175,9 @@ def test_test_suite_collects_without_triton():
     script = NO_TRITON + textwrap.dedent(
         """
         import pytest
-        sys.exit(pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", "tests"]))
+        sys.exit(pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", TESTS]))
         """
-    )
+    ).replace("TESTS", repr(str(REPO / "tests")))
     proc = _run(script)
     _ok(proc)
     assert "error" not in proc.stdout.splitlines()[-1].lower(), proc.stdout[-2000:]
