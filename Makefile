@@ -32,29 +32,29 @@ test: venv
 # linear suite (about 110 s: dense is timed again beside every case) and the e2e suite's training
 # steps (about 40 s), then the plots.
 bench: venv
-	$(PY) -m bench --suite linear,e2e --out $(RESULTS)
-	$(PY) bench/plot.py "$$(ls -t $(RESULTS)/linear_*.csv | head -n 1)" $(RESULTS)
-	$(PY) bench/plot.py "$$(ls -t $(RESULTS)/e2e_*.csv | head -n 1)" $(RESULTS)
+	$(PY) -m sparsekern.bench --suite linear,e2e --out $(RESULTS)
+	$(PY) -m sparsekern.bench.plot "$$(ls -t $(RESULTS)/linear_*.csv | head -n 1)" $(RESULTS)
+	$(PY) -m sparsekern.bench.plot "$$(ls -t $(RESULTS)/e2e_*.csv | head -n 1)" $(RESULTS)
 
 # One call on the GPU machine (< 8 min on one H100), everything under bench/results/<gpu>-<date>/:
-# the GPU tests' log, the GPU suites with --tune (linear, conv when bench/conv.py exists, e2e),
+# the GPU tests' log, the GPU suites with --tune (linear, conv when sparsekern/bench/conv.py exists, e2e),
 # each with its roofline table, the static check (sparsekern.check, default scope), the plots and one
-# ncu capture (--clock-control none) of the headline forward kernel (bench/ncu_forward.py).
+# ncu capture (--clock-control none) of the headline forward kernel (sparsekern/bench/ncu_forward.py).
 # Tuned configs are merged into kernels/tuned/<device>.json, which the kernels load.
-GPU_SUITES = $(if $(wildcard bench/conv.py),linear$(comma)conv$(comma)e2e,linear$(comma)e2e)
+GPU_SUITES = $(if $(wildcard sparsekern/bench/conv.py),linear$(comma)conv$(comma)e2e,linear$(comma)e2e)
 comma := ,
 
 bench-gpu:
 	python3 -m pip install --no-index --no-deps --no-build-isolation -e .
-	run=$(RESULTS)/$$(python3 -c "import torch; from bench.common import slug; print(slug(torch.cuda.get_device_name()))")-$$(date -u +%Y%m%d-%H%M%S); \
+	run=$(RESULTS)/$$(python3 -c "import torch; from sparsekern.bench.common import slug; print(slug(torch.cuda.get_device_name()))")-$$(date -u +%Y%m%d-%H%M%S); \
 	mkdir -p $$run; echo "results: $$run"; \
 	python3 -m pytest -q -m gpu tests > $$run/gpu_tests.txt 2>&1; rc=$$?; tail -n 30 $$run/gpu_tests.txt; \
 	[ $$rc -eq 0 ] || [ $$rc -eq 5 ] || echo "GPU tests FAILED (exit $$rc): see $$run/gpu_tests.txt"; \
-	python3 -m bench --suite $(GPU_SUITES) --device cuda --tune --out $$run; brc=$$?; \
-	for s in linear e2e; do python3 bench/plot.py "$$(ls -t $$run/$${s}_*.csv | head -n 1)" $$run || true; done; \
+	python3 -m sparsekern.bench --suite $(GPU_SUITES) --device cuda --tune --out $$run; brc=$$?; \
+	for s in linear e2e; do python3 -m sparsekern.bench.plot "$$(ls -t $$run/$${s}_*.csv | head -n 1)" $$run || true; done; \
 	if command -v ncu >/dev/null 2>&1; then \
 	  ncu --clock-control none -k regex:_bsmm_fwd_kernel -c 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
-	    --section Occupancy python3 bench/ncu_forward.py > $$run/ncu_forward.txt 2>&1 || echo "ncu capture failed: $$run/ncu_forward.txt"; \
+	    --section Occupancy python3 -m sparsekern.bench.ncu_forward > $$run/ncu_forward.txt 2>&1 || echo "ncu capture failed: $$run/ncu_forward.txt"; \
 	else echo "no ncu on this machine: no counter capture"; fi; \
 	cp kernels/tuned/*.json $$run/ 2>/dev/null || true; \
 	[ $$rc -eq 0 ] || [ $$rc -eq 5 ] && [ $$brc -eq 0 ]

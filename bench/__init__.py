@@ -1,6 +1,7 @@
-"""Benchmarks for sparsekern: ``python -m bench --suite linear`` (see ``bench/__main__.py``).
+"""Repository-root shim: the benchmark is ``sparsekern.bench`` (installed, runs from anywhere).
 
-``bench/common.py`` holds the shared machinery (timing, environment record,
-CSV/JSON/markdown output); each suite lives in its own module (``bench/linear.py``).
-Plots come from the separate script ``bench/plot.py``.
+This folder holds the tracked results (``bench/results/``) and the pytest-benchmark
+cases (``bench/test_bench_*.py``). It is not installed: a bare top-level ``bench``
+package would clash with other projects' on ``sys.path`` and PyPI. ``python -m bench``
+still works from the repository root, forwarding to ``sparsekern-bench``.
 """

@@ -6,7 +6,7 @@ Run::
     .venv/bin/python -m pytest bench/test_bench_e2e.py -k "default and mlp and (dense or density0.1)"
 
 ``small`` is the suite's ``--quick`` configuration, ``default`` the device's
-default (``bench/e2e.py``). Each case times one full training step (forward
+default (``sparsekern/bench/e2e.py``). Each case times one full training step (forward
 with the loss, backward, ``AdamW.step``) of one model: ``dense`` once per
 model, ``masked`` and ``sparsekern`` per density, with the suite's masks.
 A model with no sparse layer (a CNN without ``SparseConv2d``) skips its
@@ -18,8 +18,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.common import resolve_device, sync
-from bench.e2e import MODELS, build, default_config, masked_model, sparse_masks, sparse_model
+from sparsekern.bench.common import resolve_device, sync
+from sparsekern.bench.e2e import MODELS, build, default_config, masked_model, sparse_masks, sparse_model
 
 DEVICE = resolve_device("auto")
 CONFIGS = {

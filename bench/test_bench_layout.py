@@ -6,7 +6,7 @@ Run::
     .venv/bin/python -m pytest bench/test_bench_layout.py -k "default and (set_masks or train_step)"
 
 ``small`` is the suite's ``--quick`` configuration, ``default`` the full one
-(``bench/layout.py``): ``test_build`` times ``BlockLayout.from_masks`` with and
+(``sparsekern/bench/layout.py``): ``test_build`` times ``BlockLayout.from_masks`` with and
 without half the kept blocks frozen, ``test_set_masks`` one mask update with
 AdamW state to remap (alternating between two random masks), ``test_train_step``
 one training step of the same layer (forward, backward, AdamW). The suite's
@@ -21,8 +21,15 @@ import itertools
 import pytest
 import torch
 
-from bench.common import resolve_device, sync
-from bench.layout import STEPS_PER_UPDATE, SuiteConfig, default_config, frozen_half, make_update_case, training_step
+from sparsekern.bench.common import resolve_device, sync
+from sparsekern.bench.layout import (
+    STEPS_PER_UPDATE,
+    SuiteConfig,
+    default_config,
+    frozen_half,
+    make_update_case,
+    training_step,
+)
 from sparsekern.layout import BlockLayout
 from sparsekern.testing import random_block_mask
 

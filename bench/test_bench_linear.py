@@ -8,7 +8,7 @@ Run::
 ``small`` is the suite's ``--quick`` shape (256x256, 64 tokens); ``default`` is
 the device's default shape (CPU: 4096x4096, 2048 tokens, fp32; CUDA: bf16,
 16384 tokens), timed with few rounds because one dense CPU step takes about a
-second. Providers and modes are those of ``bench/linear.py``; the dense
+second. Providers and modes are those of ``sparsekern/bench/linear.py``; the dense
 baseline does not depend on block or density, so it runs once per shape.
 """
 
@@ -17,9 +17,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.common import resolve_device, sync
-from bench.linear import MaskedLinear, SuiteConfig, bsr_forward, default_config, make_base
 from sparsekern import SparseLinear
+from sparsekern.bench.common import resolve_device, sync
+from sparsekern.bench.linear import MaskedLinear, SuiteConfig, bsr_forward, default_config, make_base
 from sparsekern.testing import random_block_mask
 
 DEVICE = resolve_device("auto")

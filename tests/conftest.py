@@ -1,17 +1,28 @@
 """Test setup: Triton's interpreter on (without CUDA), a fresh reproducible seed per test, a ``gpu`` marker."""
 
+import importlib.util
 import os
 import zlib
 
 import pytest
 import torch
 
+
+def _triton_installed() -> bool:
+    try:  # found, not imported: importing triton before SPARSEKERN_INTERPRET is set breaks the interpreter
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 # Must happen before anything imports sparsekern (conftest itself never does): the kernels
 # package reads it at import. Triton's interpreter then runs the kernels on CPU tensors.
 # An explicit value wins; on a machine with CUDA the default is the compiled kernels, so
 # the ``gpu`` tests test what users run (the CPU-device Triton tests skip themselves then).
+# Without triton (a CPU-only install) the interpreter cannot run: the CPU paths are tested
+# and the Triton tests skip.
 if "SPARSEKERN_INTERPRET" not in os.environ:
-    os.environ["SPARSEKERN_INTERPRET"] = "0" if torch.cuda.is_available() else "1"
+    os.environ["SPARSEKERN_INTERPRET"] = "1" if _triton_installed() and not torch.cuda.is_available() else "0"
 # Tests pass explicit configs where they matter; benchmarking every candidate per shape
 # on a GPU would only cost compile time.
 os.environ.setdefault("SPARSEKERN_AUTOTUNE", "0")
@@ -82,7 +93,7 @@ def backend(request, monkeypatch):
 
     if request.param == "triton":
         if not (sk.HAS_TRITON and sk.INTERPRET):
-            pytest.skip("Triton's interpreter is off in this process (SPARSEKERN_INTERPRET != 1)")
+            pytest.skip("Triton's interpreter is off in this process (SPARSEKERN_INTERPRET != 1, or no triton)")
     else:
         monkeypatch.setattr(sk, "INTERPRET", False)
     assert sk.use_triton(torch.device("cpu")) == (request.param == "triton")
@@ -106,9 +117,10 @@ def launches(monkeypatch):
     from sparsekern.kernels import bsmm_cpu
 
     counts = LaunchCounts()
-    for name, module in {"triton": sk.bsmm, "cpu": bsmm_cpu}.items():
-        if module is None:
-            continue
+    modules = {"cpu": bsmm_cpu}
+    if sk.HAS_TRITON:  # loads the Triton module; without triton only the CPU launchers exist
+        modules["triton"] = sk.bsmm
+    for name, module in modules.items():
         for pass_, attr in zip(PASSES, LAUNCHER_NAMES[name], strict=True):
             counts[(name, pass_)] = 0
             original = getattr(module, attr)

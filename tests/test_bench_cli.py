@@ -3,11 +3,14 @@
 Speed is never judged here: the quick configuration only checks the plumbing.
 """
 
+import ast
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -35,23 +38,25 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def _env():
     # conftest turns the Triton interpreter on for this process; the benchmark
     # must time the real CPU path, as a user running it would.
-    env = {k: v for k, v in os.environ.items() if k not in ("SPARSEKERN_INTERPRET", "TRITON_INTERPRET")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return env
+    return {k: v for k, v in os.environ.items() if k not in ("SPARSEKERN_INTERPRET", "TRITON_INTERPRET")}
 
 
-def _run(args, timeout=600):
-    proc = subprocess.run(
-        [sys.executable, *args], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
-    )
+def _run(args, timeout=600, cwd=None, exe=sys.executable):
+    # By default from an empty folder: ``python -m`` puts the current folder on sys.path, and from the
+    # checkout its ``sparsekern/`` would shadow an installed (non-editable) sparsekern.
+    with tempfile.TemporaryDirectory() as empty:
+        proc = subprocess.run(
+            [exe, *args], cwd=cwd or empty, env=_env(), capture_output=True, text=True, timeout=timeout
+        )
     assert proc.returncode == 0, f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return proc
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench")
-    proc = _run(["-m", "bench", "--quick", "--device", "cpu", "--out", str(out)])
+    # Run from a folder outside the checkout: the installed module must not depend on the current folder.
+    out, cwd = tmp_path_factory.mktemp("bench"), tmp_path_factory.mktemp("elsewhere")
+    proc = _run(["-m", "sparsekern.bench", "--quick", "--device", "cpu", "--out", str(out)], cwd=cwd)
     return out, proc
 
 
@@ -96,9 +101,9 @@ def test_quick_run_writes_csv_json_markdown(quick_run):
 
 
 def _assert_plots(csv_path: Path, out_dir: Path) -> None:
-    """``bench/plot.py`` turns the CSV into a PNG in ``out_dir``."""
+    """``python -m sparsekern.bench.plot`` turns the CSV into a PNG in ``out_dir``."""
     pytest.importorskip("matplotlib")
-    proc = _run([str(REPO / "bench" / "plot.py"), str(csv_path), str(out_dir)])
+    proc = _run(["-m", "sparsekern.bench.plot", str(csv_path), str(out_dir)])
     png = out_dir / (csv_path.stem + ".png")
     assert png.exists(), f"no {png.name}; plot printed {proc.stdout!r}"
     assert png.read_bytes()[:8] == PNG_MAGIC
@@ -111,7 +116,7 @@ def test_plot_writes_png(quick_run, tmp_path):
 @pytest.fixture(scope="module")
 def layout_quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_layout")
-    proc = _run(["-m", "bench", "--suite", "layout", "--quick", "--device", "cpu", "--out", str(out)])
+    proc = _run(["-m", "sparsekern.bench", "--suite", "layout", "--quick", "--device", "cpu", "--out", str(out)])
     return out, proc
 
 
@@ -161,7 +166,9 @@ def test_layout_quick_run_writes_csv_json_markdown(layout_quick_run):
 @pytest.fixture(scope="module")
 def conv_quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_conv")
-    proc = _run(["-m", "bench", "--suite", "conv", "--quick", "--device", "cpu", "--roofline", "--out", str(out)])
+    proc = _run(
+        ["-m", "sparsekern.bench", "--suite", "conv", "--quick", "--device", "cpu", "--roofline", "--out", str(out)]
+    )
     return out, proc
 
 
@@ -192,7 +199,9 @@ def test_conv_quick_run_writes_csv_json_markdown(conv_quick_run):
 @pytest.fixture(scope="module")
 def e2e_quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_e2e")
-    proc = _run(["-m", "bench", "--suite", "e2e", "--quick", "--device", "cpu", "--roofline", "--out", str(out)])
+    proc = _run(
+        ["-m", "sparsekern.bench", "--suite", "e2e", "--quick", "--device", "cpu", "--roofline", "--out", str(out)]
+    )
     return out, proc
 
 
@@ -240,7 +249,7 @@ def test_e2e_quick_run_writes_csv_json_markdown(e2e_quick_run):
 
 # ------------------------------------------------------------ roofline model
 def test_roofline_gemm_pass_hand_counted():
-    from bench import roofline
+    from sparsekern.bench import roofline
 
     # 4 tokens, 8 x 16 weight, half the blocks, fp32: 2*4*8*16*0.5 FLOPs; 4*(4*16 + 4*8 + 0.5*8*16) bytes
     c = roofline.gemm_pass(4, 8, 16, 0.5, 4)
@@ -252,7 +261,7 @@ def test_roofline_gemm_pass_hand_counted():
 
 
 def test_roofline_docstring_example():
-    from bench import roofline
+    from sparsekern.bench import roofline
 
     c = roofline.gemm_pass(2048, 4096, 4096, 0.25, 2)
     assert c.flops == pytest.approx(17.18e9, rel=1e-3)
@@ -261,7 +270,7 @@ def test_roofline_docstring_example():
 
 
 def test_roofline_step_modes_and_adamw():
-    from bench import roofline
+    from sparsekern.bench import roofline
 
     fr = {"forward": 1.0, "input_grad": 1.0, "weight_grad": 0.5}
     passes = roofline.linear_step(2, 3, 5, fr, 2, input_grad=False)
@@ -279,7 +288,7 @@ def test_roofline_step_modes_and_adamw():
 def test_roofline_annotate_and_table():
     import math
 
-    from bench import roofline
+    from sparsekern.bench import roofline
 
     peaks = {"matmul_flops_per_s": 1e12, "copy_bytes_per_s": 1e12}
     rows = [
@@ -305,7 +314,7 @@ def test_roofline_annotate_and_table():
 
 def test_static_section_from_rows(tmp_path):
     """The static report's writer, fed rows in sparsekern.check's format (no compiling in this test)."""
-    from bench.static import write_static
+    from sparsekern.bench.static import write_static
 
     row = {
         "kernel": "_bsmm_fwd_kernel", "kind": "fwd", "has_mixed": False, "arch": "sm_90", "dtype": "fp16",
@@ -323,7 +332,7 @@ def test_static_section_from_rows(tmp_path):
 
 
 def test_suite_registry_lists_available_suites():
-    from bench.__main__ import SUITES, available_suites, parse_suites
+    from sparsekern.bench.cli import SUITES, available_suites, parse_suites
 
     have = available_suites()
     assert {"linear", "layout", "e2e"} <= set(have) and set(have) <= set(SUITES)
@@ -335,9 +344,9 @@ def test_suite_registry_lists_available_suites():
 
 def test_registered_suite_missing_from_the_checkout(monkeypatch):
     """A suite registered before its module lands: ``all`` skips it, naming it is a clear error."""
-    from bench import __main__ as cli
+    from sparsekern.bench import cli
 
-    monkeypatch.setattr(cli, "SUITES", {**cli.SUITES, "ghost": "bench.ghost_suite_not_written_yet"})
+    monkeypatch.setattr(cli, "SUITES", {**cli.SUITES, "ghost": "sparsekern.bench.ghost_suite_not_written_yet"})
     assert "ghost" not in cli.available_suites()
     assert "ghost" not in cli.parse_suites("all")
     with pytest.raises(SystemExit, match="not available in this checkout"):
@@ -348,7 +357,7 @@ def test_e2e_gemm_costs_hand_counted():
     import torch
     from torch import nn
 
-    from bench import e2e
+    from sparsekern.bench import e2e
 
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     costs = e2e.gemm_costs(model, e2e.gemm_layers(model, torch.randn(3, 4)), 4)
@@ -377,7 +386,7 @@ def test_multi_suite_run_isolates_a_failing_suite(tmp_path, monkeypatch):
 
     import torch
 
-    from bench import __main__ as cli
+    from sparsekern.bench import cli
 
     @dataclass
     class Cfg:
@@ -425,9 +434,9 @@ def test_e2e_failing_sparse_model_leaves_an_unavailable_row(monkeypatch):
 
     import torch
 
-    from bench import e2e
-    from bench.common import environment
     from sparsekern import SparseLinear
+    from sparsekern.bench import e2e
+    from sparsekern.bench.common import environment
 
     def broken(self, x):
         raise NotImplementedError("no kernel here")
@@ -441,3 +450,64 @@ def test_e2e_failing_sparse_model_leaves_an_unavailable_row(monkeypatch):
     bad = by[("sparsekern", "step")]
     assert math.isnan(bad["p50"]) and bad["note"].startswith("unavailable: NotImplementedError"), bad
     assert "| mlp" in e2e.tables(rows)
+
+
+# ------------------------------------------------- installed command, from anywhere
+def test_console_script_runs_outside_the_checkout(tmp_path):
+    """``sparsekern-bench`` is installed with the package; run from a folder that is no checkout and
+    given no ``--out``, it writes ``./sparsekern-results``."""
+    script = Path(sys.executable).with_name("sparsekern-bench")
+    assert script.exists(), f"no {script}: reinstall the package (pip install -e .) to get the console script"
+    proc = _run(["--suite", "linear", "--quick", "--device", "cpu"], cwd=tmp_path, exe=str(script))
+    out = tmp_path / "sparsekern-results"
+    csv_path, json_path, _ = (_one(out, f"linear_cpu_*.{ext}") for ext in ("csv", "json", "md"))
+    assert "| provider" in proc.stdout
+    env = json.loads(json_path.read_text())["environment"]
+    assert env["sparsekern"] and env["device_type"] == "cpu"
+    import sparsekern
+
+    if Path(sparsekern.__file__).resolve().parent.parent == REPO and shutil.which("git"):
+        assert env["git_sha"] != "unknown", f"run from this checkout (editable install), yet no commit: {env}"
+
+
+def test_repo_root_shim_runs_the_same_command(tmp_path):
+    """``python -m bench`` from the repository root (the old spelling) forwards to ``sparsekern.bench``.
+
+    Only for the checkout that is installed (editable, as ``make`` does): from the root, the
+    checkout's ``sparsekern/`` comes first on sys.path, so it must be the installed one.
+    """
+    import sparsekern
+
+    if Path(sparsekern.__file__).resolve().parent.parent != REPO:
+        pytest.skip(f"sparsekern is installed from {sparsekern.__file__}, not from this checkout (editable)")
+    cmd = ["-m", "bench", "--suite", "linear", "--quick", "--device", "cpu", "--out", str(tmp_path)]
+    proc = _run(cmd, cwd=REPO)
+    _one(tmp_path, "linear_cpu_*.csv")
+    assert "| provider" in proc.stdout
+
+
+def test_default_out_inside_and_outside_a_checkout(tmp_path):
+    from sparsekern.bench.common import default_out
+
+    assert default_out(REPO) == REPO / "bench" / "results"
+    assert default_out(REPO / "tests") == REPO / "bench" / "results", "any folder inside the checkout"
+    assert default_out(tmp_path) == tmp_path / "sparsekern-results"
+
+
+def test_only_the_bench_subpackage_imports_bench():
+    """Imports run one way: ``sparsekern.bench`` may import sparsekern, nothing else in it imports the benchmark."""
+    bench_pkg = REPO / "sparsekern" / "bench"
+    offenders = []
+    for path in [*(REPO / "sparsekern").rglob("*.py"), *(REPO / "kernels").rglob("*.py")]:
+        if bench_pkg in path.parents:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            hits = [n for n in names if n == "bench" or n.startswith(("bench.", "sparsekern.bench"))]
+            offenders += [f"{path.relative_to(REPO)}:{node.lineno} imports {n}" for n in hits]
+    assert not offenders, offenders

@@ -17,11 +17,14 @@ import torch
 
 import sparsekern.kernels as sk
 from sparsekern import convview
-from sparsekern.kernels import bsconv
-from sparsekern.kernels import configs as cfgs
 from sparsekern.kernels.meta import Meta
 from sparsekern.layout import BlockLayout
 from sparsekern.testing import assert_close, random_block_mask, reference_conv2d, reference_conv_grads
+
+pytest.importorskip("triton")  # every test here runs the Triton conv kernels
+
+from sparsekern.kernels import bsconv  # noqa: E402
+from sparsekern.kernels import configs as cfgs  # noqa: E402
 
 # The float64 reference pads an even 'same' kernel by copying the input; torch warns about it.
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths:UserWarning")

@@ -16,14 +16,15 @@ import math
 
 import pytest
 import torch
-import triton
 
-import sparsekern.kernels as sk
-from sparsekern.kernels import bsmm
-from sparsekern.kernels import configs as cfgs
-from sparsekern.layout import BlockLayout
-from sparsekern.nn import SparseLinear
-from sparsekern.testing import assert_close, random_block_mask, reference_grads, reference_linear, tolerance
+triton = pytest.importorskip("triton")  # before the kernel imports below, which need it
+
+import sparsekern.kernels as sk  # noqa: E402
+from sparsekern.kernels import bsmm  # noqa: E402
+from sparsekern.kernels import configs as cfgs  # noqa: E402
+from sparsekern.layout import BlockLayout  # noqa: E402
+from sparsekern.nn import SparseLinear  # noqa: E402
+from sparsekern.testing import assert_close, random_block_mask, reference_grads, reference_linear, tolerance  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

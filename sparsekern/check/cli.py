@@ -13,6 +13,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+from sparsekern import kernels
 from sparsekern.check import twins
 from sparsekern.check.specs import INTERPRET_VARS, TILE_KEYS, build_jobs
 from sparsekern.check.static import check_one, describe_job
@@ -250,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=None, help="worker processes (default: usable CPUs)")
     parser.add_argument("--only", metavar="TEXT", help="only kernels whose name contains TEXT (e.g. bsconv, bsmm)")
     args = parser.parse_args(argv)
+    if not kernels.HAS_TRITON:  # the check compiles the kernels: say so before any import fails deep inside
+        print(kernels.triton_missing_message("python -m sparsekern.check"), file=sys.stderr)
+        return 2
     if _interpreter_requested():
         # Re-exec rather than unset: the kernels may already be defined as interpreted functions.
         cmd = [sys.executable, "-m", "sparsekern.check", *(sys.argv[1:] if argv is None else argv)]

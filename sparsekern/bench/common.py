@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as _dt
+import importlib.metadata
 import json
 import math
 import os
@@ -28,8 +29,37 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO_ROOT / "bench" / "results"
+import sparsekern
+
+#: Where results go when run outside a checkout (``--out`` overrides): the current folder, so an
+#: installed ``sparsekern-bench`` never writes into site-packages.
+OUTSIDE_CHECKOUT_OUT = Path("sparsekern-results")
+
+
+def is_checkout(root: Path) -> bool:
+    """``root`` is a sparsekern source checkout: it holds the benchmark code and the tracked results."""
+    return (root / "sparsekern" / "bench" / "cli.py").is_file() and (root / "bench" / "results").is_dir()
+
+
+#: The checkout this code runs from (an editable install or the repo itself), or None when it was
+#: installed from a wheel or sdist; its git commit goes into every result row.
+SOURCE_ROOT: Path | None = Path(__file__).resolve().parents[2]
+if not is_checkout(SOURCE_ROOT):
+    SOURCE_ROOT = None
+
+
+def default_out(cwd: Path | None = None) -> Path:
+    """``bench/results`` of the checkout that holds ``cwd`` (or a parent of it), else ``./sparsekern-results``.
+
+    Example: run from ``~/sparsekern`` or ``~/sparsekern/tests`` -> ``~/sparsekern/bench/results``
+    (where tracked results live); run from ``/tmp`` -> ``/tmp/sparsekern-results``.
+    """
+    cwd = Path.cwd() if cwd is None else Path(cwd)
+    for folder in (cwd, *cwd.parents):
+        if is_checkout(folder):
+            return folder / "bench" / "results"
+    return cwd / OUTSIDE_CHECKOUT_OUT
+
 
 #: Long-format result columns. Times (``p20``/``p50``/``p80``) are milliseconds;
 #: ``shape`` is ``tokens x out_features x in_features`` (conv: input and kernel);
@@ -38,7 +68,7 @@ DEFAULT_OUT = REPO_ROOT / "bench" / "results"
 #: blocks that are frozen; ``model`` names the network of an end-to-end case
 #: (e2e suite); ``flops``/``bytes`` are the work of the computed blocks in that
 #: mode and ``floor_ms``/``pct_of_floor`` the roofline floor and the share of it
-#: the measured p50 reaches (``bench/roofline.py``; filled on GPU runs, or with
+#: the measured p50 reaches (``sparsekern/bench/roofline.py``; filled on GPU runs, or with
 #: ``--roofline``); ``note`` says why a provider has no numbers (``unavailable: ...``).
 COLUMNS = [
     "device",
@@ -212,14 +242,17 @@ def time_phases(
 
 # ------------------------------------------------------------- environment
 def git_sha() -> str:
-    """Short commit of the repository, ``-dirty`` when tracked files differ; ``unknown`` without git."""
+    """Short commit of the checkout the code runs from, ``-dirty`` when tracked files differ; ``unknown``
+    without git or when installed from a wheel (``environment()['sparsekern']`` has the version then)."""
+    if SOURCE_ROOT is None:  # never ask git in site-packages: a venv inside another repo would give its commit
+        return "unknown"
     try:
         sha = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=SOURCE_ROOT, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO_ROOT,
+            cwd=SOURCE_ROOT,
             capture_output=True,
             text=True,
             check=True,
@@ -229,19 +262,30 @@ def git_sha() -> str:
         return "unknown"
 
 
+#: Distributions that install the ``triton`` module: PyPI's, and the one torch nightlies depend on.
+TRITON_DISTRIBUTIONS = ("triton", "pytorch-triton", "pytorch-triton-rocm")
+
+
+def triton_version() -> str:
+    """The installed triton's version, ``absent`` without one; read without importing it (CPU runs never do)."""
+    if "triton" in sys.modules:
+        return sys.modules["triton"].__version__
+    for dist in TRITON_DISTRIBUTIONS:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "absent"
+
+
 def environment(device: torch.device) -> dict[str, object]:
     """What a result row needs to be comparable: device, versions, commit, date."""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "absent"
     return {
         "device": device_name(device),
         "device_type": device.type,
+        "sparsekern": sparsekern.__version__,
         "torch": torch.__version__,
-        "triton": triton_version,
+        "triton": triton_version(),
         "git_sha": git_sha(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "python": platform.python_version(),

@@ -2,7 +2,8 @@
 
 Usage::
 
-    python bench/plot.py bench/results/linear_cpu_<date>.csv [OUT_DIR]
+    python -m sparsekern.bench.plot bench/results/linear_cpu_<date>.csv [OUT_DIR]
+    python path/to/sparsekern/bench/plot.py <csv> [OUT_DIR]   # the same, without sparsekern or torch
 
 Writes ``<OUT_DIR>/<csv stem>.png`` (``OUT_DIR`` defaults to the CSV's folder).
 One panel per mode (forward, backward, step; weight_grad when measured).

@@ -36,7 +36,7 @@ Modes: ``forward`` (including the loss), ``backward``, ``optimizer``
 ``None`` before each step, outside the timing. ``flop_fraction`` is the
 GEMM FLOPs (linear and conv layers) a provider computes in a step over the
 dense model's; ``flops``/``bytes`` feed the roofline floor
-(``bench/roofline.py``): per layer and pass the computed blocks' FLOPs, the
+(``sparsekern/bench/roofline.py``): per layer and pass the computed blocks' FLOPs, the
 two activations and the computed weight blocks, plus AdamW's 7 x trainable
 elements of bytes; norms, activations and the loss are left out.
 """
@@ -54,9 +54,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import sparsekern
-from bench import roofline
-from bench.common import Laps, autotune_session, dtype_name, markdown_table, progress, time_phases
 from sparsekern import SparseLinear
+from sparsekern.bench import roofline
+from sparsekern.bench.common import Laps, autotune_session, dtype_name, markdown_table, progress, time_phases
 from sparsekern.flops import PASSES
 from sparsekern.methods.blocks import block_grid, expand_blocks, keep_top_blocks, pool_blocks
 
@@ -508,7 +508,7 @@ def tune(cfg: SuiteConfig, device: torch.device) -> dict[str, dict]:
 
 
 def write_tuned(records: dict[str, dict]) -> list[str]:
-    from bench.linear import write_tuned as write
+    from sparsekern.bench.linear import write_tuned as write
 
     return write(records)
 

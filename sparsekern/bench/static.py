@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.common import markdown_table, progress
+from sparsekern.bench.common import markdown_table, progress
 
 SCOPES = ("quick", "default", "full")
 

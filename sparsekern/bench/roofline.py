@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.common import markdown_table, time_fn
+from sparsekern.bench.common import markdown_table, time_fn
 
 #: Bytes an AdamW step moves per trainable element, in units of the element size.
 ADAMW_BYTES_PER_ELEMENT = 7

@@ -36,7 +36,7 @@ kept blocks (``sparsekern.testing.random_block_mask``); ``masked``,
 ``flop_fraction`` counts the FLOPs of the blocks a provider computes
 (``BlockLayout.flops``) against dense; ``masked`` and ``dense`` compute 1.0.
 ``flops``/``bytes`` are the same blocks' work per mode for the roofline floor
-(``bench/roofline.py``; bias ignored), filled on every row.
+(``sparsekern/bench/roofline.py``; bias ignored), filled on every row.
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import roofline
-from bench.common import (
+from sparsekern import SparseLinear
+from sparsekern.bench import roofline
+from sparsekern.bench.common import (
     Laps,
     autotune_session,
     dtype_name,
@@ -61,7 +62,6 @@ from bench.common import (
     time_phases,
     time_phases_interleaved,
 )
-from sparsekern import SparseLinear
 from sparsekern.testing import random_block_mask
 
 PROVIDERS = ("dense", "masked", "sparsekern", "torch_bsr", "stk")
@@ -261,7 +261,7 @@ def pass_fractions(layer: SparseLinear | None) -> dict[str, float]:
 
 
 def mode_costs(cfg: SuiteConfig, passes: dict[str, float]) -> dict[str, roofline.Cost]:
-    """The roofline cost of every mode (``bench/roofline.py``).
+    """The roofline cost of every mode (``sparsekern/bench/roofline.py``).
 
     ``forward``/``backward``/``step`` have ``x`` requiring grad (dX computed);
     ``weight_grad`` is dW alone.

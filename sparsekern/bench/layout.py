@@ -37,9 +37,9 @@ from types import SimpleNamespace
 
 import torch
 
-from bench.common import dtype_name, markdown_table, progress, time_fn
-from bench.linear import flop_fractions, half_frozen_mask
 from sparsekern import SparseLinear
+from sparsekern.bench.common import dtype_name, markdown_table, progress, time_fn
+from sparsekern.bench.linear import flop_fractions, half_frozen_mask
 from sparsekern.layout import BlockLayout
 from sparsekern.testing import random_block_mask
 

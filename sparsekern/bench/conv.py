@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import roofline
-from bench.common import autotune_session, dtype_name, markdown_table, progress, time_phases_interleaved
+from sparsekern.bench import roofline
+from sparsekern.bench.common import autotune_session, dtype_name, markdown_table, progress, time_phases_interleaved
 from sparsekern.methods.blocks import block_grid, expand_blocks
 from sparsekern.nn import SparseConv2d
 
@@ -141,7 +141,7 @@ def flop_fractions(layer: SparseConv2d, case: ConvCase, tokens: int) -> dict[str
 
 
 def pass_costs(layer: SparseConv2d | None, case: ConvCase, cfg: SuiteConfig, out: int) -> dict[str, roofline.Cost]:
-    """Roofline cost of every mode (``bench/roofline.py``); ``layer=None`` is the dense layer."""
+    """Roofline cost of every mode (``sparsekern/bench/roofline.py``); ``layer=None`` is the dense layer."""
     tokens = cfg.batch * out * out
     dense = 2 * tokens * case.c_out * case.c_in * case.kernel**2
     if layer is None:
@@ -297,6 +297,6 @@ def tune(cfg: SuiteConfig, device: torch.device) -> dict[str, dict]:
 
 
 def write_tuned(records: dict[str, dict]) -> list[str]:
-    from bench.linear import write_tuned as write
+    from sparsekern.bench.linear import write_tuned as write
 
     return write(records)

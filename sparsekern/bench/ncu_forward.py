@@ -1,10 +1,10 @@
 """One forward launch of the headline layer, for ``ncu`` to read counters from (``make bench-gpu``).
 
 bf16, 4096x4096 weight, 64x64 blocks at density 0.1, 16384 tokens: the linear suite's main case.
-The config comes from ``kernels/tuned/<device>.json`` (which ``bench --tune`` writes just before in
+The config comes from ``kernels/tuned/<device>.json`` (which ``sparsekern-bench --tune`` writes just before in
 ``make bench-gpu``), else the default; never a tuning sweep, so ncu profiles the kernel that runs.
 
-    ncu --clock-control none -k regex:_bsmm_fwd_kernel -c 1 python3 bench/ncu_forward.py
+    ncu --clock-control none -k regex:_bsmm_fwd_kernel -c 1 python3 -m sparsekern.bench.ncu_forward
 """
 
 import os
