@@ -19,5 +19,5 @@ setup(
     package_dir={"sparsekern.kernels": "kernels"},
     package_data={"sparsekern.kernels": ["tuned/*.json", "native/*.cpp"]},
     install_requires=["torch>=2.4", "triton>=3.0; platform_system=='Linux'", "numpy"],
-    extras_require={"dev": ["pytest", "pytest-benchmark", "ruff"], "examples": ["scikit-learn"]},
+    extras_require={"dev": ["pytest", "pytest-benchmark", "ruff", "transformers"], "examples": ["scikit-learn"]},
 )

@@ -351,3 +351,30 @@ def test_imp_global_with_conv_layers(backend):
     assert kept == round(0.25 * total)
     assert [r.sparse_layers for r in res.history] == [["0", "3"], ["0", "3"]]
     assert torch.equal(res.masks["0"], model[0].mask)
+
+
+# ------------------------------------------------------------- tied weights
+def test_tied_weights_stay_dense_and_tied_with_the_reason():
+    model = nn.ModuleDict({"emb": nn.Embedding(64, 48), "body": nn.Linear(48, 48), "head": nn.Linear(48, 64)})
+    model["head"].weight = model["emb"].weight
+    rep = sparsekern.sparsify(model, "magnitude", 0.5, block_size=BS)
+    assert rep["body"].sparse and not rep["head"].sparse
+    assert "its weight is tied to emb.weight" in rep["head"].reason
+    assert type(model["head"]) is nn.Linear and model["head"].weight is model["emb"].weight
+    assert sparsekern.methods.targets.tied_parameters(model) == {
+        "emb.weight": ["emb.weight", "head.weight"],
+        "head.weight": ["emb.weight", "head.weight"],
+    }
+    # Asked for explicitly, the tie is an error, and nothing changes.
+    before = model["body"].mask.clone()
+    with pytest.raises(ValueError, match="head cannot be converted: its weight is tied to emb.weight"):
+        apply_masks(model, {"body": (~before, None), "head": (torch.ones(64, 48, dtype=torch.bool), None)})
+    assert torch.equal(model["body"].mask, before) and type(model["head"]) is nn.Linear
+
+
+def test_a_module_registered_twice_is_converted_once_and_stays_shared():
+    shared = nn.Linear(48, 48)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    rep = sparsekern.sparsify(model, "magnitude", 0.5, block_size=BS)
+    assert list(rep.layers) == ["0"] and rep["0"].sparse
+    assert isinstance(model[0], SparseLinear) and model[2] is model[0]

@@ -11,10 +11,19 @@
 
 ``blocks.py`` pools per-element scores per block, ``select.py`` turns scores into
 masks (densities, distributions, granularity), ``scores.py`` holds the scores,
-``targets.py`` picks the layers.
+``targets.py`` picks the layers (``nn.Linear``, ``nn.Conv2d``, ``transformers``'
+``Conv1D``; tied weights stay dense).
 """
 
-from sparsekern.methods.api import FREEZE, METHODS, LayerReport, SparsifyReport, apply_masks, masks, sparsify
+from sparsekern.methods.api import (
+    FREEZE,
+    METHODS,
+    LayerReport,
+    SparsifyReport,
+    apply_masks,
+    masks,
+    sparsify,
+)
 from sparsekern.methods.dst import DSTScheduler
 from sparsekern.methods.lottery import ImpResult, ImpRound, imp
 from sparsekern.methods.select import (

@@ -32,9 +32,17 @@ from torch import nn
 
 from sparsekern.layout import BlockLayout, normalize_block_size
 from sparsekern.methods import scores as S
-from sparsekern.methods.blocks import REDUCTIONS, block_grid, pool_blocks
+from sparsekern.methods.blocks import REDUCTIONS, block_grid, pool_blocks, to_matrix
 from sparsekern.methods.select import GRANULARITIES, check_fraction, layer_densities, select
-from sparsekern.methods.targets import Target, current_masks, find_targets, replace_module, sparse_class
+from sparsekern.methods.targets import (
+    Target,
+    current_masks,
+    find_targets,
+    replace_module,
+    sparse_class,
+    tie_reason,
+    tied_parameters,
+)
 
 __all__ = ["METHODS", "FREEZE", "LayerReport", "SparsifyReport", "apply_masks", "masks", "sparsify"]
 
@@ -129,7 +137,8 @@ def _score_and_select(model, active, spec: _Spec, seed: int, opts: dict):
     shapes = {t.name: t.shape for t in active}
     per_layer = layer_densities(shapes, density, distribution)
     globally = per_layer is None
-    kw = {"globally": globally, "granularity": granularity, "block_size": block_size, "reduce": reduce}
+    blocks = {t.name: t.block(block_size) for t in active}  # a Conv1D's (in, out) scores take (bk, bm)
+    kw = {"globally": globally, "granularity": granularity, "block_size": blocks, "reduce": reduce}
     kw["prior"] = opts.get("prior")
 
     def at(frac: float):
@@ -170,16 +179,17 @@ def _choose_frozen(model, active, kept, spec: _Spec, seed: int, opts: dict):
         saliency = opts["snip"] if "snip" in opts else S.snip_scores(model, active, *opts["batches"])
     else:
         saliency = S.random_scores(active, seed + 1)
+    blocks = {t.name: t.block(block_size) for t in active}
 
     def size(n):
         if granularity == "block":
-            return int((pool_blocks(kept[n].float(), block_size, "max") > 0).sum()), math.prod(
-                block_grid(kept[n].shape, block_size)
+            return int((pool_blocks(kept[n].float(), blocks[n], "max") > 0).sum()), math.prod(
+                block_grid(kept[n].shape, blocks[n])
             )
         return int(kept[n].sum()), kept[n].numel()
 
     sizes = {t.name: size(t.name) for t in active}
-    kw = {"granularity": granularity, "block_size": block_size, "reduce": spec.reduce, "prior": kept}
+    kw = {"granularity": granularity, "block_size": blocks, "reduce": spec.reduce, "prior": kept}
     if spec.distribution == "global" and freeze == "freezenet":
         total_kept, total = (sum(v) for v in zip(*sizes.values(), strict=True))
         train = select(saliency, trainable * total_kept / max(1, total), globally=True, **kw)
@@ -235,13 +245,16 @@ def _plan(model: nn.Module, spec: _Spec, prior: dict[str, torch.Tensor] | None =
 
 
 _DOC_ARGS = """
-        model: the model; its ``nn.Linear`` (and ``nn.Conv2d``) layers are candidates.
+        model: the model; its ``nn.Linear``, ``nn.Conv2d`` and ``transformers``
+            ``Conv1D`` layers (and sparse ones) are candidates.
         method: one of ``METHODS``: ``"random"``, ``"magnitude"``, ``"snip"``,
             ``"grasp"``, ``"synflow"``, ``"force"``.
         density: fraction of weights kept over the sparsified layers.
         trainable: fraction of the kept weights that stay trainable; the rest
             are frozen at their current values.
-        block_size: int or ``(bm, bk)``, each in {16, 32, 64, 128}.
+        block_size: int or ``(bm, bk)``, each in {16, 32, 64, 128}; ``bm`` runs
+            over output features (a ``Conv1D``'s masks are ``(in, out)``, like its
+            weight, so its blocks are ``(bk, bm)`` there).
         distribution: ``"uniform"`` (every layer at ``density``), ``"erk"``
             (Erdős–Rényi-kernel) or ``"global"`` (one ranking over all layers).
         granularity: ``"block"`` (pooled scores, whole blocks: the kernels skip
@@ -330,12 +343,19 @@ def apply_masks(
     Args:
         model: the model, changed in place.
         layer_masks: ``{name: (mask, frozen_mask)}`` as :func:`masks` returns;
-            ``frozen_mask`` may be ``None``.
+            ``frozen_mask`` may be ``None``. Weight-shaped: a ``Conv1D``'s masks
+            are ``(in, out)``, its weight's own orientation.
         block_size: block size of newly converted layers (sparse ones keep theirs).
         optimizer: passed to ``set_masks`` of already sparse layers.
 
     Returns:
         ``model``.
+
+    Raises:
+        ValueError: an unknown layer name; a mask of the wrong shape or an
+            invalid mask pair; a layer that cannot be converted; a dense layer
+            whose weight is tied to another module's (converting it would break
+            the tie).
 
     Example:
         >>> apply_masks(model, masks(model, "magnitude", 0.2, block_size=16), block_size=16)
@@ -344,6 +364,7 @@ def apply_masks(
     unknown = [n for n in layer_masks if n not in modules]
     if unknown:
         raise ValueError(f"masks name unknown layer(s) {unknown}; the model has {sorted(n for n in modules if n)}")
+    tied = tied_parameters(model)
     new_modules, updates = {}, {}
     for name, (mask, frozen) in layer_masks.items():
         mod = modules[name]
@@ -360,6 +381,9 @@ def apply_masks(
         cls = sparse_class(mod)
         if cls is None:
             raise ValueError(f"layer {name} is a {type(mod).__name__}, which this sparsekern version cannot convert")
+        tie = tie_reason(tied, name, mod)
+        if tie is not None:
+            raise ValueError(f"layer {name} cannot be converted: {tie}")
         new_modules[name] = cls.from_dense(mod, mask=mask, frozen_mask=frozen, block_size=block_size)
     # Nothing above changed the model; below, nothing can fail.
     for name, new in new_modules.items():
@@ -370,8 +394,6 @@ def apply_masks(
 
 
 def _matrix(m: torch.Tensor, block_size) -> torch.Tensor:
-    from sparsekern.methods.blocks import to_matrix
-
     return to_matrix(m.bool(), normalize_block_size(block_size)[1], False)
 
 
@@ -384,7 +406,9 @@ class LayerReport:
     """What :func:`sparsify` did to one layer.
 
     Attributes:
-        name, kind, shape: the layer's name, ``"linear"``/``"conv2d"``, weight shape.
+        name, kind, shape: the layer's name, ``"linear"``, ``"conv1d"`` (``transformers``' ``Conv1D``,
+            converted to a ``SparseLinear``; ``shape`` is its weight's ``(in, out)``) or ``"conv2d"``,
+            and the weight shape it had.
         sparse: True when it was converted; else ``reason`` says why not.
         element_density: kept weights over all weights.
         trainable_fraction: trainable weights over kept weights.
@@ -393,6 +417,7 @@ class LayerReport:
         flops_per_token: ``{pass: {"dense", "element", "block"}}`` per input row
             (per output position for convolutions), from ``layout.flops(1)``.
         flops_saved: ``{pass: fraction}`` of the dense FLOPs the kernels skip.
+        note: what else happened to a converted layer (a ``Conv1D`` converted), or ``None``.
     """
 
     name: str
@@ -406,6 +431,7 @@ class LayerReport:
     trainable_block_fraction: float
     flops_per_token: dict[str, dict[str, int]]
     flops_saved: dict[str, float]
+    note: str | None = None
 
 
 @dataclass
@@ -431,7 +457,13 @@ class SparsifyReport:
         return [n for n, r in self.layers.items() if r.sparse]
 
     def total(self) -> dict[str, float]:
-        """Element density, trainable fraction and per-pass FLOPs saved over all reported layers."""
+        """Element density, trainable fraction and per-pass FLOPs saved over all reported layers.
+
+        Every layer in the report counts, weighted by its weight's size: the
+        converted ones at their densities and those left dense (too small,
+        excluded, tied) at density 1, so the figures describe the candidate
+        layers of the whole model, not one of them.
+        """
         numel = {n: math.prod(r.shape) for n, r in self.layers.items()}
         kept = sum(r.element_density * numel[n] for n, r in self.layers.items())
         train = sum(r.element_density * r.trainable_fraction * numel[n] for n, r in self.layers.items())
@@ -453,7 +485,7 @@ class SparsifyReport:
             lines.append(
                 f"| {r.name} | {'x'.join(map(str, r.shape))} | {'yes' if r.sparse else 'no'} "
                 f"| {r.element_density:.3f} | {r.trainable_fraction:.3f} | {r.block_fraction:.3f} "
-                f"| {s['forward']:.3f} | {s['input_grad']:.3f} | {s['weight_grad']:.3f} | {r.reason or ''} |"
+                f"| {s['forward']:.3f} | {s['input_grad']:.3f} | {s['weight_grad']:.3f} | {r.reason or r.note or ''} |"
             )
         t = self.total()
         lines.append(
@@ -464,8 +496,11 @@ class SparsifyReport:
         return "\n".join(lines)
 
 
-def _layer_report(t: Target, mod: nn.Module, reason: str | None) -> LayerReport:
-    kind = "conv2d" if len(t.shape) == 4 else "linear"
+def _layer_report(t: Target, mod: nn.Module, reason: str | None, note: str | None = None) -> LayerReport:
+    kind = "conv2d" if len(t.shape) == 4 else "conv1d" if t.transposed else "linear"
+    if reason is None and t.transposed:
+        conv1d = f"transformers Conv1D, now a SparseLinear {t.shape[1]}x{t.shape[0]} (out x in)"
+        note = conv1d if note is None else f"{conv1d}; {note}"
     if reason is None:
         lay = mod.layout
         counts = lay.element_counts()
@@ -485,6 +520,7 @@ def _layer_report(t: Target, mod: nn.Module, reason: str | None) -> LayerReport:
             trainable_block_fraction=lay.trainable_block_fraction,
             flops_per_token=f,
             flops_saved={p: 1 - f[p]["block"] / f[p]["dense"] if f[p]["dense"] else 0.0 for p in PASSES},
+            note=note,
         )
     per_row = 2 * math.prod(t.shape)
     wgrad = per_row if mod.weight.requires_grad else 0
@@ -534,8 +570,12 @@ def sparsify(
     Masks are computed on the dense model (see :func:`masks`), then every
     chosen layer is replaced by ``from_dense(layer, mask=, frozen_mask=,
     block_size=)``. Nothing changes when any step fails. Layers too small to
-    gain, excluded, or of a kind this version cannot convert stay dense, and
-    the report says why.
+    gain, excluded, tied to another module's weight (GPT-2's ``lm_head``), or
+    of a kind this version cannot convert stay dense, and the report says why.
+
+    Hugging Face models: ``transformers``' ``Conv1D`` layers (GPT-2) become
+    ``SparseLinear`` (in the ``nn.Linear`` orientation), and tied weights stay
+    tied, so ``model.tie_weights()`` keeps working.
 
     Args:{args}
 
