@@ -183,22 +183,25 @@ def test_masks_of_a_conv1d_are_in_its_orientation_and_aligned_to_the_layer_block
 
 
 def test_imp_rewinds_conv1d_weights_in_the_converted_orientation():
-    # Layer "0" is square: a rewind that forgot the transpose would load silently, and wrongly.
+    # Layer "0" is square: a rewind or a mask nesting that forgot the transpose would run silently, and wrongly.
     model = nn.Sequential(Conv1D(nf=64, nx=64), nn.ReLU(), Conv1D(nf=32, nx=64))
     init = {n: model.get_submodule(n).weight.detach().clone() for n in ("0", "2")}
     seen = {}
 
     def train(m, info):
-        if info.round == 1:
-            seen.update({n: (m.get_submodule(n).weight.clone(), m.get_submodule(n).mask) for n in init})
+        if info.round > 0:
+            seen[info.round] = {n: (m.get_submodule(n).weight.clone(), m.get_submodule(n).mask) for n in init}
         opt = torch.optim.SGD(m.parameters(), lr=0.1)
         for _ in range(2):
             opt.zero_grad()
             m(torch.randn(4, 64)).square().mean().backward()
             opt.step()
 
-    imp(model, train, rounds=1, prune_fraction=0.5, block_size=16)
+    result = imp(model, train, rounds=2, prune_fraction=0.5, block_size=16)
     for n, w0 in init.items():
-        w, mask = seen[n]
         assert isinstance(model.get_submodule(n), SparseLinear)
-        assert torch.equal(w, torch.where(mask, w0.T, 0.0)), f"layer {n} is not the rewound initialisation"
+        for r in (1, 2):
+            w, mask = seen[r][n]
+            assert torch.equal(w, torch.where(mask, w0.T, 0.0)), f"round {r}: layer {n} is not the rewound init"
+        assert not (seen[2][n][1] & ~seen[1][n][1]).any(), "round 2 keeps a subset of round 1"
+        assert torch.equal(result.masks[n], seen[2][n][1]) and result.masks[n].shape == w0.T.shape

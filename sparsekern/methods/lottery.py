@@ -101,7 +101,8 @@ class ImpResult:
 
     Attributes:
         model: the pruned, trained model (the object passed in).
-        masks: ``{name: mask}`` of the last round.
+        masks: ``{name: mask}`` of the last round, shaped as the sparse layers' weights
+            (``(out, in)`` for a layer that was a ``Conv1D``).
         history: one :class:`SparsifyReport` per pruning round.
         rewind_state: the stored rewind point (dense ``state_dict``), or ``None`` for ``"lr"``.
     """
@@ -210,7 +211,8 @@ def imp(
         apply_masks(model, {n: (m, None) for n, m in new.items()}, block_size)
         if rewind == "weights":
             model.load_state_dict(_in_current_orientation(saved["state"], saved["conv1d"], model))
-        kept = new
+        # The layers' own masks: a Conv1D's plan mask is (in, out), the SparseLinear it became is (out, in).
+        kept = {n: model.get_submodule(n).mask for n in new}
         modules = dict(model.named_modules())
         history.append(SparsifyReport({t.name: _layer_report(t, modules[t.name], t.skip) for t in plan.targets}))
         train_fn(model, ImpRound(r, rounds, density, rewind, rewind_step, rewind_step))
