@@ -205,3 +205,17 @@ def test_imp_rewinds_conv1d_weights_in_the_converted_orientation():
             assert torch.equal(w, torch.where(mask, w0.T, 0.0)), f"round {r}: layer {n} is not the rewound init"
         assert not (seen[2][n][1] & ~seen[1][n][1]).any(), "round 2 keeps a subset of round 1"
         assert torch.equal(result.masks[n], seen[2][n][1]) and result.masks[n].shape == w0.T.shape
+
+
+def test_flop_report_counts_conv1d_layers_dense_and_sparse():
+    model, _, _ = gpt2()
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ))
+    dense = sparsekern.report(model, ids)
+    names = [layer["name"] for layer in dense.layers]
+    assert sum(".c_" in n for n in names) == 8 and "lm_head" in names
+    sparsekern.sparsify(model, "magnitude", 0.25, block_size=16, seed=0)
+    sparse = sparsekern.report(model, ids)
+    assert [layer["name"] for layer in sparse.layers] == names
+    assert sparse.total["dense"] == dense.total["dense"]
+    c_fc = next(layer for layer in sparse.layers if layer["name"].endswith("h.0.mlp.c_fc"))["flops"]
+    assert c_fc["block"]["forward"] == c_fc["dense"]["forward"] // 4 == 2 * BATCH * SEQ * 64 * 256 // 4
