@@ -31,7 +31,7 @@ setup(
     install_requires=["torch>=2.11", "numpy"],
     extras_require={
         "triton": ["triton>=3.6"],
-        "dev": ["pytest", "pytest-benchmark", "ruff", "triton>=3.6; platform_system=='Linux'"],
+        "dev": ["pytest", "pytest-benchmark", "ruff", "transformers", "triton>=3.6; platform_system=='Linux'"],
         "examples": ["scikit-learn"],
     },
 )

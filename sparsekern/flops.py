@@ -20,8 +20,8 @@ A conv layer's ``block`` FLOPs include the padding channels of its blocks
 (``Cin`` is rounded up to the block inside each filter tap, see
 ``sparsekern/convview.py``), so a 3-channel stem can exceed its dense count.
 
-Known limits: only ``nn.Linear``, ``nn.Conv2d`` (``groups=1``) and the sparse
-layers are counted; other modules (attention, norms, pooling) are left out of
+Known limits: only ``nn.Linear``, ``transformers``' ``Conv1D``, ``nn.Conv2d``
+(``groups=1``) and the sparse layers are counted; other modules (attention, norms, pooling) are left out of
 the totals.
 
 Example:
@@ -38,6 +38,7 @@ from torch import nn
 
 from sparsekern.nn._base import BlockSparseWeight
 from sparsekern.nn.conv import SparseConv2d
+from sparsekern.nn.hf import conv1d_features, is_conv1d
 from sparsekern.nn.linear import SparseLinear
 
 __all__ = ["FlopReport", "OPTIMIZER_STATES", "PASSES", "report"]
@@ -87,11 +88,18 @@ def _zero() -> dict:
     return {level: dict.fromkeys(PASSES, 0) for level in LEVELS}
 
 
-COUNTED = (nn.Linear, nn.Conv2d, SparseLinear, SparseConv2d)
+COUNTED = (nn.Linear, nn.Conv2d, SparseLinear, SparseConv2d)  # and transformers' Conv1D (is_conv1d)
+
+
+def _counted(mod: nn.Module) -> bool:
+    return isinstance(mod, COUNTED) or is_conv1d(mod)
 
 
 def _fan(mod: nn.Module) -> tuple[int, int]:
     """``(outputs, fan_in)``: the dense GEMM a layer is, per token."""
+    if is_conv1d(mod):
+        n_in, n_out = conv1d_features(mod)
+        return n_out, n_in
     if isinstance(mod, (nn.Linear, SparseLinear)):
         return mod.out_features, mod.in_features
     kh, kw = mod.kernel_size
@@ -99,7 +107,7 @@ def _fan(mod: nn.Module) -> tuple[int, int]:
 
 
 def _tokens(mod: nn.Module, x, y) -> int:
-    if isinstance(mod, (nn.Linear, SparseLinear)):
+    if isinstance(mod, (nn.Linear, SparseLinear)) or is_conv1d(mod):
         return x.numel() // x.shape[-1] if x.dim() else 0
     return y.numel() // mod.out_channels
 
@@ -145,8 +153,8 @@ def report(model: nn.Module, example_input, optimizer: str = "adamw") -> FlopRep
     """Count FLOPs and memory of ``model``'s linear and conv layers for one training step on ``example_input``.
 
     Args:
-        model: any module; its ``nn.Linear``, ``nn.Conv2d``, ``SparseLinear`` and
-            ``SparseConv2d`` submodules are counted.
+        model: any module; its ``nn.Linear``, ``Conv1D`` (``transformers``), ``nn.Conv2d``,
+            ``SparseLinear`` and ``SparseConv2d`` submodules are counted.
         example_input: a tensor or a tuple of positional arguments for ``model``.
         optimizer: ``"sgd"``, ``"sgd_momentum"``, ``"adam"`` or ``"adamw"``: how
             many state tensors each trainable element carries.
@@ -175,7 +183,7 @@ def report(model: nn.Module, example_input, optimizer: str = "adamw") -> FlopRep
         return record
 
     for name, mod in model.named_modules():
-        if isinstance(mod, COUNTED):
+        if _counted(mod):
             handles.append(mod.register_forward_hook(hook(name)))
     args = example_input if isinstance(example_input, tuple) else (example_input,)
     try:

@@ -24,6 +24,19 @@ With ``eps = torch.finfo(dtype).eps`` (unit roundoff ``u = eps / 2``):
 
 Hence ``atol = scale * (2 * eps * sqrt(k) + eps32 * k)``: fp16 at ``k = 70``
 gives ``atol ~ 0.016`` and ``rtol ~ 1e-3``, bf16 ``atol ~ 0.13`` and ``rtol ~ 8e-3``.
+
+Whole models (:func:`assert_chain_close`): an output (or a gradient) of a
+model is the end of a chain of ``depth`` reductions, each at most ``k`` long.
+One reduction whose result has RMS ``r`` has terms of RMS ``r / sqrt(k)``, so
+its bound is :func:`tolerance` at ``scale = r / sqrt(k)``. Each link adds its
+own rounding relative to its result, and the links pass earlier errors on
+with a gain of about one (normalisations and softmax are scale-free, residual
+streams add), so the chain's bound is ``depth`` times one link's, with ``r``
+the RMS of the expected tensor. Compare tensors whose exact value may be
+zero (the gradient of a bias in front of a softmax, which is invariant to
+it) together with the rest of their module, so that ``r`` is the size of the
+terms that cancelled: the GPT-2 test gets ``atol ~ 3e-5 * r``, and a wrong
+block errs by the size of its contribution, orders of magnitude more.
 """
 
 from __future__ import annotations
@@ -37,6 +50,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 __all__ = [
+    "assert_chain_close",
     "assert_close",
     "random_block_mask",
     "reference_conv2d",
@@ -209,6 +223,29 @@ def assert_close(
         f"in expected: {int(exp.isnan().sum())} NaN, {int(exp.isinf().sum())} inf\n"
         f"  first failing positions: {first}"
     )
+
+
+def assert_chain_close(
+    actual: torch.Tensor, expected_f64: torch.Tensor, dtype: torch.dtype, k: int, depth: int, name: str
+) -> None:
+    """:func:`assert_close` for the end of ``depth`` chained reductions of length at most ``k`` (a whole model).
+
+    The tolerance scale is ``depth * rms(expected) / sqrt(k)`` (see the module docstring).
+
+    Args:
+        actual: the tensor computed in ``dtype``.
+        expected_f64: the float64 reference.
+        dtype: the computation dtype.
+        k: the longest reduction in the chain (e.g. a transformer's widest matmul).
+        depth: the number of reductions chained (forward; forward plus backward for gradients).
+        name: printed on failure.
+
+    Example:
+        >>> assert_chain_close(model(x).logits, ref(x).logits, torch.float32, k=256, depth=13, name="logits")
+    """
+    __tracebackhide__ = True
+    rms = float(expected_f64.detach().double().square().mean().sqrt()) if expected_f64.numel() else 0.0
+    assert_close(actual, expected_f64, dtype, k, name, scale=depth * rms / math.sqrt(max(int(k), 1)))
 
 
 def _index(flat: int, shape: torch.Size) -> tuple[int, ...]:

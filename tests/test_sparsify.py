@@ -351,3 +351,84 @@ def test_imp_global_with_conv_layers(backend):
     assert kept == round(0.25 * total)
     assert [r.sparse_layers for r in res.history] == [["0", "3"], ["0", "3"]]
     assert torch.equal(res.masks["0"], model[0].mask)
+
+
+# ------------------------------------------------------------- tied weights
+def test_tied_weights_stay_dense_and_tied_with_the_reason():
+    model = nn.ModuleDict({"emb": nn.Embedding(64, 48), "body": nn.Linear(48, 48), "head": nn.Linear(48, 64)})
+    model["head"].weight = model["emb"].weight
+    rep = sparsekern.sparsify(model, "magnitude", 0.5, block_size=BS)
+    assert rep["body"].sparse and not rep["head"].sparse
+    assert "its weight is tied to emb.weight" in rep["head"].reason
+    assert type(model["head"]) is nn.Linear and model["head"].weight is model["emb"].weight
+    assert sparsekern.methods.targets.tied_parameters(model) == {
+        "emb.weight": ["emb.weight", "head.weight"],
+        "head.weight": ["emb.weight", "head.weight"],
+    }
+    # Asked for explicitly, the tie is an error, and nothing changes.
+    before = model["body"].mask.clone()
+    with pytest.raises(ValueError, match="head cannot be converted: its weight is tied to emb.weight"):
+        apply_masks(model, {"body": (~before, None), "head": (torch.ones(64, 48, dtype=torch.bool), None)})
+    assert torch.equal(model["body"].mask, before) and type(model["head"]) is nn.Linear
+
+
+def test_a_module_registered_twice_is_converted_once_and_stays_shared():
+    shared = nn.Linear(48, 48)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    rep = sparsekern.sparsify(model, "magnitude", 0.5, block_size=BS)
+    assert list(rep.layers) == ["0"] and rep["0"].sparse
+    assert isinstance(model[0], SparseLinear) and model[2] is model[0]
+
+
+# ------------------------------------------------------------- re-blocking
+def test_sparsify_again_with_another_block_size_reblocks_and_says_so():
+    model = mlp()
+    sparsekern.sparsify(model, "magnitude", 0.5, block_size=32, min_blocks=1)
+    old = {n: model.get_submodule(n) for n in ("0", "2")}
+    assert all(m.block_size == (32, 32) for m in old.values())
+    weights = {n: m.weight.clone() for n, m in old.items()}
+    rep = sparsekern.sparsify(model, "magnitude", 0.25, block_size=BS, min_blocks=1)
+    for name in ("0", "2"):
+        layer = model.get_submodule(name)
+        assert layer.block_size == (BS, BS) and layer.layout.n_mixed == 0, "the new layout is made of 16x16 blocks"
+        assert rep[name].note == "re-blocked from 32x32 to 16x16"
+        assert layer.layout.nnz_blocks == round(0.25 * layer.layout.grid[0] * layer.layout.grid[1])
+        # The kept values are the old layer's effective weight (re-blocking converts W * mask).
+        assert torch.equal(layer.weight, torch.where(layer.mask, weights[name], 0.0))
+        assert old[name].mask.logical_or(~layer.mask).all(), "magnitude keeps blocks inside the old mask"
+        assert layer.bias is old[name].bias
+    assert "re-blocked from 32x32 to 16x16" in rep.table()
+
+
+def test_reblock_keeps_element_masks_frozen_masks_and_the_optimizer_state():
+    layer = SparseLinear(48, 40, block_size=32, mask=torch.rand(40, 48) < 0.6)
+    with torch.no_grad():
+        layer.set_masks(layer.mask, frozen_mask=layer.mask & (torch.rand(40, 48) < 0.3))
+    model = nn.Sequential(layer)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(3, 48)).sum().backward()
+    opt.step()
+    exp_avg = layer.layout.to_dense(opt.state[layer.weight_train]["exp_avg"], torch.zeros_like(layer.weight_frozen))
+    mask, frozen, weight = layer.mask, layer.frozen_mask, layer.weight
+    new = sparsekern.methods.reblock(layer, block_size=(16, 32))
+    assert new.block_size == (16, 32) and torch.equal(new.mask, mask) and torch.equal(new.frozen_mask, frozen)
+    assert torch.equal(new.weight, weight) and layer.block_size == (32, 32), "the old layer is unchanged"
+    # Through apply_masks with the optimizer: it holds the new Parameter with the same state per element.
+    apply_masks(model, {"0": (mask, frozen)}, block_size=16, optimizer=opt)
+    new = model[0]
+    assert new.block_size == (16, 16) and torch.equal(new.weight, weight)
+    held = [p for g in opt.param_groups for p in g["params"]]
+    assert any(p is new.weight_train for p in held) and not any(p is layer.weight_train for p in held)
+    moved = new.layout.to_dense(opt.state[new.weight_train]["exp_avg"], torch.zeros_like(new.weight_frozen))
+    assert torch.equal(moved, exp_avg)
+    model(torch.randn(3, 48)).sum().backward()
+    opt.step()  # the optimizer steps the live layer
+    assert not torch.equal(new.weight, weight) and torch.equal(new.weight[frozen], weight[frozen])
+
+
+def test_apply_masks_without_a_block_size_keeps_each_sparse_layers_blocks():
+    model = mlp()
+    sparsekern.sparsify(model, "magnitude", 0.5, block_size=32, min_blocks=1)
+    layer = model[0]
+    apply_masks(model, {"0": (layer.mask, None)})
+    assert model[0] is layer and layer.block_size == (32, 32)

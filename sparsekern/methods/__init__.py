@@ -2,7 +2,8 @@
 
 * :func:`masks` computes ``{layer: (mask, frozen_mask)}`` without touching the model
   (for dynamic sparse training, adapters and benchmarks);
-* :func:`apply_masks` converts layers (or calls ``set_masks`` on sparse ones);
+* :func:`apply_masks` converts layers (or calls ``set_masks`` on sparse ones,
+  or re-blocks them at a new block size, :func:`reblock`);
 * :func:`sparsify` does both and returns a :class:`SparsifyReport`;
 * :func:`imp` finds lottery tickets by iterative magnitude pruning with rewinding;
 * :class:`DSTScheduler` runs SET and RigL (``dst.py``), changing masks on the optimizer step;
@@ -11,10 +12,20 @@
 
 ``blocks.py`` pools per-element scores per block, ``select.py`` turns scores into
 masks (densities, distributions, granularity), ``scores.py`` holds the scores,
-``targets.py`` picks the layers.
+``targets.py`` picks the layers (``nn.Linear``, ``nn.Conv2d``, ``transformers``'
+``Conv1D``; tied weights stay dense).
 """
 
-from sparsekern.methods.api import FREEZE, METHODS, LayerReport, SparsifyReport, apply_masks, masks, sparsify
+from sparsekern.methods.api import (
+    FREEZE,
+    METHODS,
+    LayerReport,
+    SparsifyReport,
+    apply_masks,
+    masks,
+    reblock,
+    sparsify,
+)
 from sparsekern.methods.dst import DSTScheduler
 from sparsekern.methods.lottery import ImpResult, ImpRound, imp
 from sparsekern.methods.select import (
@@ -44,6 +55,7 @@ __all__ = [
     "imp",
     "layer_densities",
     "masks",
+    "reblock",
     "select",
     "sparsify",
 ]

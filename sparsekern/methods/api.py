@@ -32,11 +32,19 @@ from torch import nn
 
 from sparsekern.layout import BlockLayout, normalize_block_size
 from sparsekern.methods import scores as S
-from sparsekern.methods.blocks import REDUCTIONS, block_grid, pool_blocks
+from sparsekern.methods.blocks import REDUCTIONS, block_grid, from_matrix, pool_blocks, to_matrix
 from sparsekern.methods.select import GRANULARITIES, check_fraction, layer_densities, select
-from sparsekern.methods.targets import Target, current_masks, find_targets, replace_module, sparse_class
+from sparsekern.methods.targets import (
+    Target,
+    current_masks,
+    find_targets,
+    replace_module,
+    sparse_class,
+    tie_reason,
+    tied_parameters,
+)
 
-__all__ = ["METHODS", "FREEZE", "LayerReport", "SparsifyReport", "apply_masks", "masks", "sparsify"]
+__all__ = ["METHODS", "FREEZE", "LayerReport", "SparsifyReport", "apply_masks", "masks", "reblock", "sparsify"]
 
 METHODS = ("random", "magnitude", "snip", "grasp", "synflow", "force")
 DATA_METHODS = ("snip", "grasp", "force")
@@ -129,7 +137,8 @@ def _score_and_select(model, active, spec: _Spec, seed: int, opts: dict):
     shapes = {t.name: t.shape for t in active}
     per_layer = layer_densities(shapes, density, distribution)
     globally = per_layer is None
-    kw = {"globally": globally, "granularity": granularity, "block_size": block_size, "reduce": reduce}
+    blocks = {t.name: t.block(block_size) for t in active}  # a Conv1D's (in, out) scores take (bk, bm)
+    kw = {"globally": globally, "granularity": granularity, "block_size": blocks, "reduce": reduce}
     kw["prior"] = opts.get("prior")
 
     def at(frac: float):
@@ -170,16 +179,17 @@ def _choose_frozen(model, active, kept, spec: _Spec, seed: int, opts: dict):
         saliency = opts["snip"] if "snip" in opts else S.snip_scores(model, active, *opts["batches"])
     else:
         saliency = S.random_scores(active, seed + 1)
+    blocks = {t.name: t.block(block_size) for t in active}
 
     def size(n):
         if granularity == "block":
-            return int((pool_blocks(kept[n].float(), block_size, "max") > 0).sum()), math.prod(
-                block_grid(kept[n].shape, block_size)
+            return int((pool_blocks(kept[n].float(), blocks[n], "max") > 0).sum()), math.prod(
+                block_grid(kept[n].shape, blocks[n])
             )
         return int(kept[n].sum()), kept[n].numel()
 
     sizes = {t.name: size(t.name) for t in active}
-    kw = {"granularity": granularity, "block_size": block_size, "reduce": spec.reduce, "prior": kept}
+    kw = {"granularity": granularity, "block_size": blocks, "reduce": spec.reduce, "prior": kept}
     if spec.distribution == "global" and freeze == "freezenet":
         total_kept, total = (sum(v) for v in zip(*sizes.values(), strict=True))
         train = select(saliency, trainable * total_kept / max(1, total), globally=True, **kw)
@@ -235,13 +245,16 @@ def _plan(model: nn.Module, spec: _Spec, prior: dict[str, torch.Tensor] | None =
 
 
 _DOC_ARGS = """
-        model: the model; its ``nn.Linear`` (and ``nn.Conv2d``) layers are candidates.
+        model: the model; its ``nn.Linear``, ``nn.Conv2d`` and ``transformers``
+            ``Conv1D`` layers (and sparse ones) are candidates.
         method: one of ``METHODS``: ``"random"``, ``"magnitude"``, ``"snip"``,
             ``"grasp"``, ``"synflow"``, ``"force"``.
         density: fraction of weights kept over the sparsified layers.
         trainable: fraction of the kept weights that stay trainable; the rest
             are frozen at their current values.
-        block_size: int or ``(bm, bk)``, each in {16, 32, 64, 128}.
+        block_size: int or ``(bm, bk)``, each in {16, 32, 64, 128}; ``bm`` runs
+            over output features (a ``Conv1D``'s masks are ``(in, out)``, like its
+            weight, so its blocks are ``(bk, bm)`` there).
         distribution: ``"uniform"`` (every layer at ``density``), ``"erk"``
             (Erdős–Rényi-kernel) or ``"global"`` (one ranking over all layers).
         granularity: ``"block"`` (pooled scores, whole blocks: the kernels skip
@@ -319,23 +332,43 @@ if masks.__doc__:  # None under python -OO
 def apply_masks(
     model: nn.Module,
     layer_masks: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
-    block_size=32,
+    block_size=None,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> nn.Module:
-    """Put masks on ``model``'s layers: dense layers are replaced, sparse ones get ``set_masks``.
+    """Put masks on ``model``'s layers: dense layers are replaced, sparse ones get ``set_masks`` or are re-blocked.
 
     All masks are checked (and every new module built) before any layer
     changes, so a failure leaves the model as it was.
 
+    Re-blocking: a sparse layer whose block size differs from an explicit
+    ``block_size`` is rebuilt at the new size from its effective dense weight
+    (``to_dense()``) and the given masks, as a fresh conversion would be. The
+    new layer keeps the old ``bias`` Parameter, ``requires_grad`` and training
+    mode; forward hooks on the old module are not carried over. Its
+    ``weight_train`` is a new Parameter: the ``optimizer``, when given, gets it
+    in the old one's place with its state moved element by element, as
+    ``set_masks`` does.
+
     Args:
         model: the model, changed in place.
         layer_masks: ``{name: (mask, frozen_mask)}`` as :func:`masks` returns;
-            ``frozen_mask`` may be ``None``.
-        block_size: block size of newly converted layers (sparse ones keep theirs).
-        optimizer: passed to ``set_masks`` of already sparse layers.
+            ``frozen_mask`` may be ``None``. Weight-shaped: a ``Conv1D``'s masks
+            are ``(in, out)``, its weight's own orientation.
+        block_size: int or ``(bm, bk)``: every named layer ends with this block
+            size (sparse layers of another size are re-blocked). ``None`` (the
+            default): 32 for dense layers; sparse layers keep theirs.
+        optimizer: follows the layers that change in place (``set_masks``) or
+            are re-blocked. Layers converted from dense get new Parameters that
+            no optimizer holds yet: build it after converting.
 
     Returns:
         ``model``.
+
+    Raises:
+        ValueError: an unknown layer name; a mask of the wrong shape or an
+            invalid mask pair; a layer that cannot be converted; a dense layer
+            whose weight is tied to another module's (converting it would break
+            the tie).
 
     Example:
         >>> apply_masks(model, masks(model, "magnitude", 0.2, block_size=16), block_size=16)
@@ -344,10 +377,12 @@ def apply_masks(
     unknown = [n for n in layer_masks if n not in modules]
     if unknown:
         raise ValueError(f"masks name unknown layer(s) {unknown}; the model has {sorted(n for n in modules if n)}")
-    new_modules, updates = {}, {}
+    new_size = None if block_size is None else normalize_block_size(block_size)
+    tied = tied_parameters(model)
+    new_modules, updates, moves = {}, {}, []
     for name, (mask, frozen) in layer_masks.items():
         mod = modules[name]
-        if current_masks(mod) is not None:
+        if current_masks(mod) is not None and new_size in (None, tuple(mod.block_size)):
             w = mod.weight
             if tuple(mask.shape) != tuple(w.shape):
                 raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, weight is {tuple(w.shape)}")
@@ -357,21 +392,93 @@ def apply_masks(
             )  # fmt: skip
             updates[name] = (mask, frozen)
             continue
+        if current_masks(mod) is not None:
+            new = reblock(mod, mask, frozen, new_size)
+            if optimizer is not None:
+                moves.append(_optimizer_move(optimizer, mod, new))
+            new_modules[name] = new
+            continue
         cls = sparse_class(mod)
         if cls is None:
             raise ValueError(f"layer {name} is a {type(mod).__name__}, which this sparsekern version cannot convert")
-        new_modules[name] = cls.from_dense(mod, mask=mask, frozen_mask=frozen, block_size=block_size)
+        tie = tie_reason(tied, name, mod)
+        if tie is not None:
+            raise ValueError(f"layer {name} cannot be converted: {tie}")
+        new_modules[name] = cls.from_dense(mod, mask=mask, frozen_mask=frozen, block_size=new_size or 32)
     # Nothing above changed the model; below, nothing can fail.
     for name, new in new_modules.items():
         replace_module(model, name, new)
+    for move in moves:
+        move()
     for name, (mask, frozen) in updates.items():
         modules[name].set_masks(mask, frozen_mask=frozen, optimizer=optimizer)
     return model
 
 
-def _matrix(m: torch.Tensor, block_size) -> torch.Tensor:
-    from sparsekern.methods.blocks import to_matrix
+def reblock(layer: nn.Module, mask: torch.Tensor | None = None, frozen_mask=None, block_size=32) -> nn.Module:
+    """A new sparse layer like ``layer`` at another ``block_size``: same effective weight, the given masks.
 
+    The old layer is not changed. The result is built by ``from_dense`` on
+    ``layer.to_dense()`` and shares ``layer``'s ``bias`` Parameter; its
+    ``weight_train`` keeps ``layer``'s ``requires_grad`` and it keeps the
+    training mode. Element-level masks survive any re-blocking: a layout holds
+    element-level state, so blocks that the new size cuts across become mixed.
+
+    Args:
+        layer: a ``SparseLinear`` or ``SparseConv2d``.
+        mask: weight-shaped bool; default ``layer.mask`` (the same kept weights, new blocks).
+        frozen_mask: weight-shaped bool; default: ``layer.frozen_mask`` when ``mask``
+            is defaulted too, else nothing frozen (as for ``set_masks``).
+        block_size: int or ``(bm, bk)``.
+
+    Returns:
+        The new layer (put it in the model with ``targets.replace_module``).
+
+    Raises:
+        TypeError: ``layer`` is not a sparse layer.
+        ValueError: a bad block size or masks.
+
+    Example:
+        >>> new = reblock(model.fc, block_size=16)
+        >>> torch.equal(new.weight, model.fc.weight) and torch.equal(new.mask, model.fc.mask)
+        True
+    """
+    if current_masks(layer) is None:
+        raise TypeError(f"reblock expects a sparse layer (SparseLinear, SparseConv2d), got {type(layer).__name__}")
+    if mask is None:
+        mask = layer.mask
+        if frozen_mask is None:
+            frozen_mask = layer.frozen_mask
+    new = type(layer).from_dense(layer.to_dense(), mask=mask, frozen_mask=frozen_mask, block_size=block_size)
+    new.weight_train.requires_grad_(layer.weight_train.requires_grad)
+    if layer.bias is not None:
+        new.bias = layer.bias  # the same Parameter: optimizers and hooks holding it stay valid
+    return new.train(layer.training)
+
+
+def _optimizer_move(optimizer: torch.optim.Optimizer, old: nn.Module, new: nn.Module):
+    """Compute now (it may fail) how ``optimizer`` follows ``old.weight_train`` to ``new.weight_train``; return a
+    closure that applies it (it cannot fail)."""
+    param, fresh = old.weight_train, new.weight_train
+    moved = {}
+    with torch.no_grad():
+        for key, val in optimizer.state.get(param, {}).items():
+            if isinstance(val, torch.Tensor) and val.shape == param.shape:
+                dense = old.layout.to_dense(val, torch.zeros_like(old.weight_frozen, dtype=val.dtype))
+                dense = to_matrix(from_matrix(dense, old.weight_shape), new.block_size[1])
+                moved[key] = new.layout.split_values(dense)[0]
+
+    def apply() -> None:
+        for group in optimizer.param_groups:
+            group["params"] = [fresh if p is param else p for p in group["params"]]
+        state = optimizer.state.pop(param, None)
+        if state is not None:
+            optimizer.state[fresh] = {**state, **moved}
+
+    return apply
+
+
+def _matrix(m: torch.Tensor, block_size) -> torch.Tensor:
     return to_matrix(m.bool(), normalize_block_size(block_size)[1], False)
 
 
@@ -384,7 +491,9 @@ class LayerReport:
     """What :func:`sparsify` did to one layer.
 
     Attributes:
-        name, kind, shape: the layer's name, ``"linear"``/``"conv2d"``, weight shape.
+        name, kind, shape: the layer's name, ``"linear"``, ``"conv1d"`` (``transformers``' ``Conv1D``,
+            converted to a ``SparseLinear``; ``shape`` is its weight's ``(in, out)``) or ``"conv2d"``,
+            and the weight shape it had.
         sparse: True when it was converted; else ``reason`` says why not.
         element_density: kept weights over all weights.
         trainable_fraction: trainable weights over kept weights.
@@ -393,6 +502,8 @@ class LayerReport:
         flops_per_token: ``{pass: {"dense", "element", "block"}}`` per input row
             (per output position for convolutions), from ``layout.flops(1)``.
         flops_saved: ``{pass: fraction}`` of the dense FLOPs the kernels skip.
+        note: what else happened to a converted layer (a ``Conv1D`` converted, a
+            sparse layer re-blocked to a new block size), or ``None``.
     """
 
     name: str
@@ -406,6 +517,7 @@ class LayerReport:
     trainable_block_fraction: float
     flops_per_token: dict[str, dict[str, int]]
     flops_saved: dict[str, float]
+    note: str | None = None
 
 
 @dataclass
@@ -431,7 +543,13 @@ class SparsifyReport:
         return [n for n, r in self.layers.items() if r.sparse]
 
     def total(self) -> dict[str, float]:
-        """Element density, trainable fraction and per-pass FLOPs saved over all reported layers."""
+        """Element density, trainable fraction and per-pass FLOPs saved over all reported layers.
+
+        Every layer in the report counts, weighted by its weight's size: the
+        converted ones at their densities and those left dense (too small,
+        excluded, tied) at density 1, so the figures describe the candidate
+        layers of the whole model, not one of them.
+        """
         numel = {n: math.prod(r.shape) for n, r in self.layers.items()}
         kept = sum(r.element_density * numel[n] for n, r in self.layers.items())
         train = sum(r.element_density * r.trainable_fraction * numel[n] for n, r in self.layers.items())
@@ -453,7 +571,7 @@ class SparsifyReport:
             lines.append(
                 f"| {r.name} | {'x'.join(map(str, r.shape))} | {'yes' if r.sparse else 'no'} "
                 f"| {r.element_density:.3f} | {r.trainable_fraction:.3f} | {r.block_fraction:.3f} "
-                f"| {s['forward']:.3f} | {s['input_grad']:.3f} | {s['weight_grad']:.3f} | {r.reason or ''} |"
+                f"| {s['forward']:.3f} | {s['input_grad']:.3f} | {s['weight_grad']:.3f} | {r.reason or r.note or ''} |"
             )
         t = self.total()
         lines.append(
@@ -464,8 +582,11 @@ class SparsifyReport:
         return "\n".join(lines)
 
 
-def _layer_report(t: Target, mod: nn.Module, reason: str | None) -> LayerReport:
-    kind = "conv2d" if len(t.shape) == 4 else "linear"
+def _layer_report(t: Target, mod: nn.Module, reason: str | None, note: str | None = None) -> LayerReport:
+    kind = "conv2d" if len(t.shape) == 4 else "conv1d" if t.transposed else "linear"
+    if reason is None and t.transposed:
+        conv1d = f"transformers Conv1D, now a SparseLinear {t.shape[1]}x{t.shape[0]} (out x in)"
+        note = conv1d if note is None else f"{conv1d}; {note}"
     if reason is None:
         lay = mod.layout
         counts = lay.element_counts()
@@ -485,6 +606,7 @@ def _layer_report(t: Target, mod: nn.Module, reason: str | None) -> LayerReport:
             trainable_block_fraction=lay.trainable_block_fraction,
             flops_per_token=f,
             flops_saved={p: 1 - f[p]["block"] / f[p]["dense"] if f[p]["dense"] else 0.0 for p in PASSES},
+            note=note,
         )
     per_row = 2 * math.prod(t.shape)
     wgrad = per_row if mod.weight.requires_grad else 0
@@ -534,8 +656,16 @@ def sparsify(
     Masks are computed on the dense model (see :func:`masks`), then every
     chosen layer is replaced by ``from_dense(layer, mask=, frozen_mask=,
     block_size=)``. Nothing changes when any step fails. Layers too small to
-    gain, excluded, or of a kind this version cannot convert stay dense, and
-    the report says why.
+    gain, excluded, tied to another module's weight (GPT-2's ``lm_head``), or
+    of a kind this version cannot convert stay dense, and the report says why.
+
+    Hugging Face models: ``transformers``' ``Conv1D`` layers (GPT-2) become
+    ``SparseLinear`` (in the ``nn.Linear`` orientation), and tied weights stay
+    tied, so ``model.tie_weights()`` keeps working.
+
+    Running it again on a sparse model re-scores its sparse layers; those of
+    another ``block_size`` are re-blocked (rebuilt at the new size from their
+    effective weight, see :func:`reblock`) and the report's ``note`` says so.
 
     Args:{args}
 
@@ -554,11 +684,17 @@ def sparsify(
         >>> print(rep.table())
     """
     plan = _plan(model, _spec(locals()))
-    apply_masks(model, plan.masks, block_size)
+    new_size = normalize_block_size(block_size)
+    notes = {
+        t.name: f"re-blocked from {t.module.block_size[0]}x{t.module.block_size[1]} to {new_size[0]}x{new_size[1]}"
+        for t in plan.targets
+        if t.name in plan.masks and current_masks(t.module) is not None and tuple(t.module.block_size) != new_size
+    }
+    apply_masks(model, plan.masks, new_size)
     for name in plan.frozen_dense:
         model.get_submodule(name).weight.requires_grad_(False)
     modules = dict(model.named_modules())
-    return SparsifyReport({t.name: _layer_report(t, modules[t.name], t.skip) for t in plan.targets})
+    return SparsifyReport({t.name: _layer_report(t, modules[t.name], t.skip, notes.get(t.name)) for t in plan.targets})
 
 
 if sparsify.__doc__:

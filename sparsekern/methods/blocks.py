@@ -28,6 +28,7 @@ __all__ = [
     "SIGNED_REDUCTION",
     "block_grid",
     "expand_blocks",
+    "from_matrix",
     "keep_top_blocks",
     "pool_blocks",
     "to_matrix",
@@ -45,6 +46,20 @@ def to_matrix(t: torch.Tensor, bk: int, fill=0) -> torch.Tensor:
     if t.dim() == 4:
         return convview.to_matrix(t, bk, fill)
     raise ValueError(f"expected a 2-D linear or 4-D conv weight, got shape {tuple(t.shape)}")
+
+
+def from_matrix(m: torch.Tensor, weight_shape) -> torch.Tensor:
+    """Inverse of :func:`to_matrix`: a matrix view back to the weight's shape (2-D as is, 4-D via ``convview``).
+
+    Example:
+        >>> from_matrix(to_matrix(torch.ones(8, 3, 1, 1), 16), (8, 3, 1, 1)).shape
+        torch.Size([8, 3, 1, 1])
+    """
+    if len(weight_shape) == 2:
+        return m
+    if len(weight_shape) == 4:
+        return convview.from_matrix(m, *weight_shape[1:])
+    raise ValueError(f"expected a 2-D linear or 4-D conv weight shape, got {tuple(weight_shape)}")
 
 
 def block_grid(weight_shape, block_size) -> tuple[int, int]:

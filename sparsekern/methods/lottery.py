@@ -31,6 +31,7 @@ from torch import nn
 from sparsekern.methods.api import SparsifyReport, _layer_report, _plan, _Spec, apply_masks
 from sparsekern.methods.select import check_fraction
 from sparsekern.methods.targets import current_masks
+from sparsekern.nn.hf import is_conv1d
 
 __all__ = ["ImpResult", "ImpRound", "imp"]
 
@@ -48,6 +49,19 @@ def dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
                 sd.pop(prefix + key, None)
             sd[prefix + "weight"] = mod.weight.detach().clone()
     return sd
+
+
+def _in_current_orientation(state: dict[str, torch.Tensor], conv1d: set[str], model: nn.Module) -> dict:
+    """``state`` (saved from the dense model) with the weights of ``Conv1D`` layers converted since transposed.
+
+    A ``Conv1D`` weight is ``(in, out)``; the ``SparseLinear`` it became loads ``(out, in)``.
+    """
+    out = dict(state)
+    for name in conv1d:
+        key = f"{name}.weight" if name else "weight"
+        if key in out and current_masks(model.get_submodule(name)) is not None:
+            out[key] = out[key].T
+    return out
 
 
 @dataclass
@@ -87,7 +101,8 @@ class ImpResult:
 
     Attributes:
         model: the pruned, trained model (the object passed in).
-        masks: ``{name: mask}`` of the last round.
+        masks: ``{name: mask}`` of the last round, shaped as the sparse layers' weights
+            (``(out, in)`` for a layer that was a ``Conv1D``).
         history: one :class:`SparsifyReport` per pruning round.
         rewind_state: the stored rewind point (dense ``state_dict``), or ``None`` for ``"lr"``.
     """
@@ -119,7 +134,7 @@ def imp(
     """Find a lottery ticket by iterative magnitude pruning; ``model`` is changed in place.
 
     Args:
-        model: a model with dense ``nn.Linear`` layers.
+        model: a model with dense ``nn.Linear`` (or ``Conv1D``, ``nn.Conv2d``) layers.
         train_fn: ``train_fn(model, info)`` trains ``model`` for one round;
             ``info`` is an :class:`ImpRound`. In round 0 it calls
             ``info.checkpoint()`` at step ``rewind_step`` (not needed when
@@ -179,6 +194,7 @@ def imp(
 
     def save():
         saved["state"] = dense_state(model)
+        saved["conv1d"] = {name for name, mod in model.named_modules() if is_conv1d(mod)}
 
     if rewind == "weights" and rewind_step == 0:
         save()
@@ -194,8 +210,9 @@ def imp(
         new = {n: (m & kept[n] if kept is not None else m) for n, (m, _) in plan.masks.items()}
         apply_masks(model, {n: (m, None) for n, m in new.items()}, block_size)
         if rewind == "weights":
-            model.load_state_dict(saved["state"])
-        kept = new
+            model.load_state_dict(_in_current_orientation(saved["state"], saved["conv1d"], model))
+        # The layers' own masks: a Conv1D's plan mask is (in, out), the SparseLinear it became is (out, in).
+        kept = {n: model.get_submodule(n).mask for n in new}
         modules = dict(model.named_modules())
         history.append(SparsifyReport({t.name: _layer_report(t, modules[t.name], t.skip) for t in plan.targets}))
         train_fn(model, ImpRound(r, rounds, density, rewind, rewind_step, rewind_step))

@@ -17,7 +17,8 @@ synflow    ``w' * dR/dw'`` with ``w' = |w| * m``,             an input shape
 Everything runs through ``torch.func.functional_call`` on copies of the
 weights and buffers, so the model's parameters, ``.grad`` fields and buffers
 (BatchNorm statistics) are left exactly as they were. Scores are computed on
-dense ``nn.Linear``/``nn.Conv2d`` layers; sparse modules only take the
+dense ``nn.Linear``/``nn.Conv2d``/``Conv1D`` layers, shaped as each layer's
+own weight (``(in, out)`` for a ``Conv1D``); sparse modules only take the
 data-free ``random`` and ``magnitude`` scores.
 """
 
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from sparsekern.methods.targets import Target, dense_weight
+from sparsekern.methods.targets import Target, dense_weight, is_dense_target
 
 __all__ = ["force_scores", "grasp_scores", "magnitude_scores", "random_scores", "snip_scores", "synflow_scores"]
 
@@ -86,7 +87,7 @@ def _eval_mode(model: nn.Module, enabled: bool):
 
 def _dense_only(targets: list[Target], method: str) -> None:
     for t in targets:
-        if not isinstance(t.module, (nn.Linear, nn.Conv2d)):
+        if not is_dense_target(t.module):
             raise ValueError(
                 f"{method} scores a dense model, but {t.name} is a {type(t.module).__name__}; "
                 "compute masks before converting (or use method='magnitude')"

@@ -149,7 +149,10 @@ def select(
             ``globally``) the density over all layers together.
         globally: one ranking over all layers instead of one per layer.
         granularity: ``"block"`` or ``"element"``.
-        block_size: int or ``(bm, bk)`` for ``"block"``.
+        block_size: int or ``(bm, bk)`` for ``"block"``, the block over a score
+            tensor's first two dimensions; or ``{name: block}`` per layer (a
+            ``Conv1D``'s ``(in, out)`` scores take ``(bk, bm)``, see
+            ``targets.Target.block``).
         reduce: block pooling of unsigned scores, ``"l1"``, ``"l2"`` or ``"max"``.
         signed: the scores carry a sign (GraSP): blocks pool them by their sum.
         prior: optional masks; only elements (blocks with a kept element) inside
@@ -169,12 +172,13 @@ def select(
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
     names = list(scores)
+    blocks = {n: (block_size[n] if isinstance(block_size, dict) else block_size) for n in names}
     ranked, allowed = {}, {}
     for n in names:
         s = scores[n].detach().float()
         if granularity == "block":
-            s = pool_blocks(s, block_size, SIGNED_REDUCTION if signed else reduce)
-            ok = None if prior is None else pool_blocks(prior[n].float(), block_size, "max") > 0
+            s = pool_blocks(s, blocks[n], SIGNED_REDUCTION if signed else reduce)
+            ok = None if prior is None else pool_blocks(prior[n].float(), blocks[n], "max") > 0
         else:
             ok = None if prior is None else prior[n].bool()
         s = torch.nan_to_num(s, nan=-math.inf).flatten()
@@ -200,7 +204,7 @@ def select(
     for n in names:
         shape = tuple(scores[n].shape)
         if granularity == "block":
-            out[n] = expand_blocks(keep[n].view(block_grid(shape, block_size)), shape, block_size)
+            out[n] = expand_blocks(keep[n].view(block_grid(shape, blocks[n])), shape, blocks[n])
         else:
             out[n] = keep[n].view(shape)
     return out

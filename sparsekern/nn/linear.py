@@ -14,6 +14,14 @@ is cut to the current masks.
 Known limits: ``weight`` is materialised on each access (use it for
 inspection, not in a training loop); masks are fixed between ``set_masks``
 calls.
+
+``from_dense`` also converts ``transformers``' ``Conv1D`` (GPT-2's linear,
+weight ``(in, out)``, see ``sparsekern/nn/hf.py``). The result is an ordinary
+``SparseLinear`` in the ``nn.Linear`` orientation: its ``weight``, ``mask`` and
+checkpoints are ``(out, in)``, the transpose of the ``Conv1D``'s (a ``Conv1D``
+checkpoint must be transposed to load into it). The masks passed *to*
+``from_dense`` for a ``Conv1D`` are in the ``Conv1D`` weight's ``(in, out)``
+orientation.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from torch import nn
 from sparsekern.functional import sparse_linear
 from sparsekern.layout import normalize_block_size
 from sparsekern.nn._base import BlockSparseWeight
+from sparsekern.nn.hf import conv1d_features, is_conv1d
 
 __all__ = ["SparseLinear"]
 
@@ -83,31 +92,67 @@ class SparseLinear(BlockSparseWeight):
     @classmethod
     def from_dense(
         cls,
-        linear: nn.Linear,
+        linear: nn.Module,
         mask: torch.Tensor | None = None,
         frozen_mask: torch.Tensor | None = None,
         block_size: int | tuple[int, int] = 32,
     ) -> SparseLinear:
-        """Convert an ``nn.Linear``; ``mask`` defaults to the module's own mask, else ``linear.weight != 0``.
+        """Convert an ``nn.Linear`` (or a ``transformers`` ``Conv1D``) to a ``SparseLinear``.
 
-        A module pruned by ``torch.nn.utils.prune`` (``weight_orig``/``weight_mask``)
-        or parametrized by ``torch.ao.pruning`` (a ``FakeSparsity`` ``.mask``) keeps its
+        ``mask`` defaults to the module's own mask, else ``weight != 0``. A module
+        pruned by ``torch.nn.utils.prune`` (``weight_orig``/``weight_mask``) or
+        parametrized by ``torch.ao.pruning`` (a ``FakeSparsity`` ``.mask``) keeps its
         exact mask, so ``sparsifier.convert(model, mapping={nn.Linear: SparseLinear})`` works.
+
+        Args:
+            linear: an ``nn.Linear`` (subclasses too), or ``transformers``'
+                ``Conv1D`` (``y = x @ W + b``, ``W`` of shape ``(in, out)``).
+            mask: bool, weight-shaped, True = kept: ``(out, in)`` for an
+                ``nn.Linear``, ``(in, out)`` (the ``Conv1D`` weight's own
+                orientation) for a ``Conv1D``.
+            frozen_mask: same shape as ``mask``, True = kept but never updated.
+            block_size: int or ``(bm, bk)``; ``bm`` runs over output features,
+                ``bk`` over input features, whatever the source's orientation.
 
         Returns:
             A ``SparseLinear`` on the same device and dtype whose output equals
-            ``F.linear(x, linear.weight * mask, linear.bias)``.
+            ``F.linear(x, linear.weight * mask, linear.bias)`` (for a ``Conv1D``:
+            ``x @ (W * mask) + b``). Its own weight and masks are ``(out, in)``.
+
+        Raises:
+            TypeError: ``linear`` is neither an ``nn.Linear`` nor a ``Conv1D``.
+            ValueError: a mask whose shape is not the source weight's.
 
         Example:
             >>> dense = nn.Linear(128, 64)
             >>> sparse = SparseLinear.from_dense(dense, mask=dense.weight.abs() > 0.05)
+            >>> from transformers.pytorch_utils import Conv1D
+            >>> c = Conv1D(nf=64, nx=128)  # weight (128, 64)
+            >>> SparseLinear.from_dense(c, mask=c.weight.abs() > 0.01).weight.shape
+            torch.Size([64, 128])
         """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_dense expects an nn.Linear, got {type(linear).__name__}")
-        w, mask, bias = cls._dense_parts(linear, mask)
+        if is_conv1d(linear):
+            n_in, n_out = conv1d_features(linear)
+            for what, m in (("mask", mask), ("frozen_mask", frozen_mask)):
+                # Checked here, not after the transpose, so the message names the Conv1D's orientation.
+                if m is not None and not isinstance(m, torch.Tensor):
+                    raise TypeError(f"{what} must be a torch.Tensor, got {type(m).__name__}")
+                if m is not None and tuple(m.shape) != (n_in, n_out):
+                    raise ValueError(
+                        f"{what} for a Conv1D has shape {tuple(m.shape)}; it must be the Conv1D weight's own "
+                        f"(in, out) orientation {(n_in, n_out)}"
+                    )
+            w, mask, bias = cls._dense_parts(linear, mask)
+            w, mask = w.T, mask.T
+            frozen_mask = None if frozen_mask is None else frozen_mask.T
+        elif isinstance(linear, nn.Linear):
+            n_in, n_out = linear.in_features, linear.out_features
+            w, mask, bias = cls._dense_parts(linear, mask)
+        else:
+            raise TypeError(f"from_dense expects an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
         mod = cls(
-            linear.in_features,
-            linear.out_features,
+            n_in,
+            n_out,
             bias=bias is not None,
             block_size=block_size,
             mask=mask,
