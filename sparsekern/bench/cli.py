@@ -7,6 +7,7 @@ Examples::
     sparsekern-bench --suite conv             # ResNet-50 conv layers: SparseConv2d vs nn.Conv2d and masked
     sparsekern-bench --suite layout           # layout build and set_masks cost against training steps
     sparsekern-bench --suite e2e              # training steps of small networks, dense vs masked vs sparse
+    sparsekern-bench --suite fidelity         # survey methods on the stdlib's source: element vs block masks
     sparsekern-bench --suite linear,e2e       # several suites in one run (one roofline measurement)
     sparsekern-bench --quick --out /tmp/b     # tiny config (seconds), e.g. for tests
     sparsekern-bench --device cuda --tune     # GPU: autotune, store configs, then benchmark
@@ -47,12 +48,15 @@ from sparsekern.bench.static import SCOPES as STATIC_SCOPES
 #: ``run(cfg, device, env)``, ``tables(rows)``, ``headline(rows)`` and optionally
 #: ``describe(cfg)`` (the header's configuration sentence), ``footnotes(cfg, device)``
 #: (lines the report ends with), ``tune(cfg, device)`` + ``write_tuned(records)``
-#: (for ``--tune``) and ``ROOFLINE_MODES`` (modes of its roofline table).
+#: (for ``--tune``), ``ROOFLINE_MODES`` (modes of its roofline table), ``RESULT_COLUMNS`` (its own
+#: CSV/JSON columns instead of :data:`common.COLUMNS`) and ``write_extra(rows, paths)`` (more files
+#: beside the results, e.g. a plot; returns ``{kind: path}``).
 SUITES = {
     "linear": "sparsekern.bench.linear",
     "layout": "sparsekern.bench.layout",
     "conv": "sparsekern.bench.conv",
     "e2e": "sparsekern.bench.e2e",
+    "fidelity": "sparsekern.bench.fidelity",
 }
 
 
@@ -187,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(name)
             continue
         print(text, flush=True)
-        paths = common.write_results(rows, env, out_dir, common.result_stem(name, env), text)
+        columns = getattr(suite, "RESULT_COLUMNS", common.COLUMNS)
+        paths = common.write_results(rows, env, out_dir, common.result_stem(name, env), text, columns)
+        if hasattr(suite, "write_extra"):
+            paths = {**paths, **suite.write_extra(rows, paths)}
         for kind, path in paths.items():
             common.progress(f"wrote {kind}: {path}")
         written.append((name, paths, suite.headline(rows) or ""))

@@ -332,19 +332,27 @@ def run_folder_name(env: dict[str, object]) -> str:
 
 
 def write_results(
-    rows: list[dict[str, object]], env: dict[str, object], out_dir: Path, stem: str, markdown: str
+    rows: list[dict[str, object]],
+    env: dict[str, object],
+    out_dir: Path,
+    stem: str,
+    markdown: str,
+    columns: Sequence[str] = COLUMNS,
 ) -> dict[str, Path]:
-    """Write ``<stem>.csv`` (long format), ``<stem>.json`` (environment + rows) and ``<stem>.md``."""
+    """Write ``<stem>.csv`` (long format), ``<stem>.json`` (environment + rows) and ``<stem>.md``.
+
+    ``columns`` are the CSV's and JSON's (default :data:`COLUMNS`; a suite may define its own).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("csv", "json", "md")}
     with paths["csv"].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: _csv_value(row.get(k, "")) for k in COLUMNS})
-    clean = [{k: _json_value(row.get(k)) for k in COLUMNS} for row in rows]
-    paths["json"].write_text(json.dumps({"environment": env, "columns": COLUMNS, "rows": clean}, indent=1) + "\n")
+            writer.writerow({k: _csv_value(row.get(k, "")) for k in columns})
+    clean = [{k: _json_value(row.get(k)) for k in columns} for row in rows]
+    paths["json"].write_text(json.dumps({"environment": env, "columns": list(columns), "rows": clean}, indent=1) + "\n")
     paths["md"].write_text(markdown.rstrip() + "\n")
     return paths
 
