@@ -108,6 +108,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="results folder (default: bench/results/ inside a sparsekern checkout, else ./sparsekern-results)",
     )
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="fidelity suite only: comma-separated methods to train (e.g. dense,rigl; default: all)",
+    )
     p.add_argument("--dtype", default=None, help="float32|float16|bfloat16 (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default: per device)")
     p.add_argument("--warmup", type=int, default=None, help="untimed warmup steps (default: per device)")
@@ -167,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             suite = importlib.import_module(SUITES[name])
             cfg = suite.default_config(device, dtype, quick=args.quick)
+            if args.methods is not None:
+                if not hasattr(suite, "select_methods"):
+                    raise SystemExit(f"--methods: suite {name} has no methods to select")
+                cfg = suite.select_methods(cfg, [m.strip() for m in args.methods.split(",") if m.strip()])
             if args.repeats is not None:
                 cfg.repeats = args.repeats
             if args.warmup is not None:

@@ -171,6 +171,14 @@ def default_config(device: torch.device, dtype: torch.dtype | None = None, quick
     )
 
 
+def select_methods(cfg: FidelityConfig, methods: list[str]) -> FidelityConfig:
+    """``cfg`` with only the runs of ``methods`` (``--methods``); unknown names are an error."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown fidelity method(s) {unknown}; choose from {METHODS}")
+    return replace(cfg, specs=tuple(s for s in cfg.specs if s.method in methods))
+
+
 def describe(cfg: FidelityConfig) -> str:
     return (
         f"byte-level GPT, {cfg.layers} layers, width {cfg.width}, {cfg.heads} heads, context {cfg.context}, "
