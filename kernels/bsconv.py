@@ -1,5 +1,7 @@
 """Block-sparse 2-D convolution as an implicit GEMM, with a three-state block-sparse weight.
 
+Import path: ``sparsekern.kernels.bsconv`` (this folder, ``kernels/``, installs as ``sparsekern.kernels``).
+
 The weight is the matrix view of ``sparsekern/convview.py``: ``(Cout, Cin, kh, kw)``
 becomes ``(Cout, kh*kw*c_pad)`` with ``K`` ordered ``(kh, kw, Cin)`` and ``Cin``
 padded to ``c_pad`` (a multiple of ``bk``) inside each tap, so block column ``c``

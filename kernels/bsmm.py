@@ -1,5 +1,7 @@
 """Block-sparse matmul for ``Y = X @ W.T`` with a three-state block-sparse ``W``.
 
+Import path: ``sparsekern.kernels.bsmm`` (this folder, ``kernels/``, installs as ``sparsekern.kernels``).
+
 Shapes and conventions (``M`` tokens, ``N`` out features, ``K`` in features):
 
 * ``x``: ``(M, K)``, any strides. ``dy``: ``(M, N)``, any strides.
