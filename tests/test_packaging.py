@@ -9,6 +9,7 @@ a CPU-only install runs the CPU kernels.
 
 import importlib.metadata
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -223,10 +224,16 @@ def test_import_kernels_from_the_checkout_fails_and_points_at_sparsekern_kernels
 
 def test_a_regular_install_imports_sparsekern_kernels(tmp_path):
     """``pip install .`` (not editable) puts kernels/ at sparsekern/kernels/, where the guard lets it import."""
-    target = tmp_path / "site"
+    # Built from a copy: pip builds in the source folder (build/, *.egg-info), which stays the checkout's own.
+    src, target = tmp_path / "src", tmp_path / "site"
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for name in ("sparsekern", "kernels"):
+        shutil.copytree(REPO / name, src / name, ignore=skip)
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
     build = subprocess.run(
-        [*pip, "--target", str(target), str(REPO)], capture_output=True, text=True, cwd=tmp_path, timeout=600
+        [*pip, "--target", str(target), str(src)], capture_output=True, text=True, cwd=tmp_path, timeout=600
     )
     if build.returncode != 0:
         pytest.skip(f"pip cannot build the package offline here: {build.stderr[-500:]}")
