@@ -1,5 +1,10 @@
 """What every block-sparse layer shares: the two value stores, the layout, mask updates and checkpoints.
 
+Why one file of this size: every path that replaces the stores (construction, ``set_masks``,
+loading, ``.to()``, deepcopy, unpickling) must keep ``weight_train`` and ``weight_frozen`` views of
+one buffer, so they stay beside each other; the read-only weight is in ``readonly.py`` and the
+foreign-mask reader in ``foreign_masks.py``.
+
 A layer's weight has a user-facing shape (``(out, in)`` for linear,
 ``(Cout, Cin, kh, kw)`` for conv) and a *matrix view* on which the
 :class:`~sparsekern.layout.BlockLayout` is built. Subclasses say how to go
