@@ -5,6 +5,9 @@ One import path: ``setup.py`` installs this folder as ``sparsekern.kernels``
 (``kernels/bsmm.py`` is ``sparsekern.kernels.bsmm``). ``import kernels`` from
 the repository root would load a second copy, with its own autotune caches and
 workspaces, so it raises ``ImportError`` instead (the guard below).
+Tools that probe for PyPI's unrelated ``kernels`` package (``transformers`` does, on import) meet
+the same error when the repository root is on ``sys.path`` (``python -m ...`` run from the root);
+run them from another folder (``tests/conftest.py`` drops the root from ``sys.path``).
 
 Triton is optional. The CPU kernels (``bsmm_cpu``, ``bsconv_cpu``) never need
 it, so ``import sparsekern`` and everything that runs on CPU tensors work
