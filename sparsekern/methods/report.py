@@ -135,41 +135,38 @@ def layer_report(t: Target, mod: nn.Module, reason: str | None, note: str | None
     if reason is None and t.transposed:
         conv1d = f"transformers Conv1D, now a SparseLinear {t.shape[1]}x{t.shape[0]} (out x in)"
         note = conv1d if note is None else f"{conv1d}; {note}"
+    numel = math.prod(t.shape)
     if reason is None:
         lay = mod.layout
         counts = lay.element_counts()
         f = lay.flops(1)
         # A conv matrix view pads input channels up to the block: dense counts real weights only.
         for p in PASSES:
-            f[p]["dense"] = 2 * math.prod(t.shape)
-        return LayerReport(
-            name=t.name,
-            kind=kind,
-            shape=t.shape,
-            sparse=True,
-            reason=None,
-            element_density=counts["kept"] / max(1, math.prod(t.shape)),
-            trainable_fraction=counts["trainable"] / max(1, counts["kept"]),
-            block_fraction=lay.block_density,
-            trainable_block_fraction=lay.trainable_block_fraction,
-            flops_per_token=f,
-            flops_saved={p: 1 - f[p]["block"] / f[p]["dense"] if f[p]["dense"] else 0.0 for p in PASSES},
-            note=note,
-        )
-    per_row = 2 * math.prod(t.shape)
-    wgrad = per_row if mod.weight.requires_grad else 0
-    f = {p: dict.fromkeys(("dense", "element", "block"), per_row) for p in ("forward", "input_grad")}
-    f["weight_grad"] = {"dense": per_row, "element": wgrad, "block": wgrad}
+            f[p]["dense"] = 2 * numel
+        element_density = counts["kept"] / max(1, numel)
+        trainable_fraction = counts["trainable"] / max(1, counts["kept"])
+        block_fraction, trainable_block_fraction = lay.block_density, lay.trainable_block_fraction
+        saved = {p: 1 - f[p]["block"] / f[p]["dense"] if f[p]["dense"] else 0.0 for p in PASSES}
+    else:
+        per_row = 2 * numel
+        wgrad = per_row if mod.weight.requires_grad else 0
+        f = {p: dict.fromkeys(("dense", "element", "block"), per_row) for p in ("forward", "input_grad")}
+        f["weight_grad"] = {"dense": per_row, "element": wgrad, "block": wgrad}
+        element_density, trainable_fraction = 1.0, float(wgrad > 0)
+        block_fraction, trainable_block_fraction = 1.0, float(wgrad > 0)
+        saved = {p: 1 - f[p]["block"] / f[p]["dense"] for p in PASSES}
+        note = None  # notes describe converted layers only
     return LayerReport(
         name=t.name,
         kind=kind,
         shape=t.shape,
-        sparse=False,
+        sparse=reason is None,
         reason=reason,
-        element_density=1.0,
-        trainable_fraction=float(wgrad > 0),
-        block_fraction=1.0,
-        trainable_block_fraction=float(wgrad > 0),
+        element_density=element_density,
+        trainable_fraction=trainable_fraction,
+        block_fraction=block_fraction,
+        trainable_block_fraction=trainable_block_fraction,
         flops_per_token=f,
-        flops_saved={p: 1 - f[p]["block"] / f[p]["dense"] for p in PASSES},
+        flops_saved=saved,
+        note=note,
     )
