@@ -8,7 +8,7 @@ Run::
 ``small`` is the suite's ``--quick`` shape (256x256, 64 tokens); ``default`` is
 the device's default shape (CPU: 4096x4096, 2048 tokens, fp32; CUDA: bf16,
 16384 tokens), timed with few rounds because one dense CPU step takes about a
-second. Providers and modes are those of ``sparsekern/bench/linear.py``; the dense
+second. Providers and modes are those of ``sparsekern/bench/linear.py`` (peers in ``providers.py``); the dense
 baseline does not depend on block or density, so it runs once per shape.
 """
 
@@ -19,7 +19,8 @@ import torch
 
 from sparsekern import SparseLinear
 from sparsekern.bench.common import resolve_device, sync
-from sparsekern.bench.linear import MaskedLinear, SuiteConfig, bsr_forward, default_config, make_base
+from sparsekern.bench.linear import SuiteConfig, default_config, make_base
+from sparsekern.bench.providers import MaskedLinear, bsr_forward
 from sparsekern.testing import random_block_mask
 
 DEVICE = resolve_device("auto")

@@ -1,4 +1,13 @@
-"""Triton block-sparse kernels and their CPU counterparts (installed as ``sparsekern.kernels``).
+"""Triton block-sparse kernels and their CPU counterparts: the source folder ``kernels/`` of ``sparsekern.kernels``.
+
+One import path: ``setup.py`` installs this folder as ``sparsekern.kernels``
+(``package_dir``), and every module here is ``sparsekern.kernels.<name>``
+(``kernels/bsmm.py`` is ``sparsekern.kernels.bsmm``). ``import kernels`` from
+the repository root would load a second copy, with its own autotune caches and
+workspaces, so it raises ``ImportError`` instead (the guard below).
+Tools that probe for PyPI's unrelated ``kernels`` package (``transformers`` does, on import) meet
+the same error when the repository root is on ``sys.path`` (``python -m ...`` run from the root);
+run them from another folder (``tests/conftest.py`` drops the root from ``sys.path``).
 
 Triton is optional. The CPU kernels (``bsmm_cpu``, ``bsconv_cpu``) never need
 it, so ``import sparsekern`` and everything that runs on CPU tensors work
@@ -19,6 +28,13 @@ the Triton kernels. This module sets ``TRITON_INTERPRET`` from
 import importlib
 import importlib.util
 import os
+
+if __name__ != "sparsekern.kernels":
+    raise ImportError(
+        f"the kernels/ folder imports only as sparsekern.kernels (here it was imported as {__name__!r}, "
+        "which would load a second copy of the kernels with their own caches): "
+        "use `import sparsekern.kernels` (or `from sparsekern.kernels import ...`) after `pip install -e .`"
+    )
 
 if os.environ.get("SPARSEKERN_INTERPRET") == "1":
     os.environ["TRITON_INTERPRET"] = "1"

@@ -1,5 +1,13 @@
 """Block-sparse 2-D convolution as an implicit GEMM, with a three-state block-sparse weight.
 
+Why one file of this size: it is one operation family (STYLE.md 2), the three implicit-GEMM
+kernels (forward, input gradient, weight gradient) and their launchers, which must agree on the
+same tap tables, channel order and store layout; about 380 lines are the kernels and 100 this
+docstring. Shared tile code is in ``tiles.py``, operand checks in ``launch.py``, configs in
+``configs.py``. A split would put the kernels apart from the host tables they index.
+
+Import path: ``sparsekern.kernels.bsconv`` (this folder, ``kernels/``, installs as ``sparsekern.kernels``).
+
 The weight is the matrix view of ``sparsekern/convview.py``: ``(Cout, Cin, kh, kw)``
 becomes ``(Cout, kh*kw*c_pad)`` with ``K`` ordered ``(kh, kw, Cin)`` and ``Cin``
 padded to ``c_pad`` (a multiple of ``bk``) inside each tap, so block column ``c``

@@ -1,5 +1,7 @@
 """CPU path for the block-sparse convolution: GEMMs over the computed blocks, no im2col.
 
+Import path: ``sparsekern.kernels.bsconv_cpu`` (this folder, ``kernels/``, installs as ``sparsekern.kernels``).
+
 Same operands and results as the Triton launchers in ``bsconv.py``: ``x``
 ``(N, Cin, H, W)`` and ``dy`` ``(N, Cout, Ho, Wo)`` in any memory format, the
 weight in the matrix view of ``sparsekern/convview.py`` (a block is ``bm``

@@ -1,5 +1,11 @@
 """Block-sparse matmul for ``Y = X @ W.T`` with a three-state block-sparse ``W``.
 
+Why one file of this size: it is one operation family (STYLE.md 2), the forward, input-gradient
+and weight-gradient kernels with their launchers, under the 600 lines STYLE.md sets for a split;
+the autotuner and configs are in ``configs.py``, the checks in ``launch.py``, tiles in ``tiles.py``.
+
+Import path: ``sparsekern.kernels.bsmm`` (this folder, ``kernels/``, installs as ``sparsekern.kernels``).
+
 Shapes and conventions (``M`` tokens, ``N`` out features, ``K`` in features):
 
 * ``x``: ``(M, K)``, any strides. ``dy``: ``(M, N)``, any strides.

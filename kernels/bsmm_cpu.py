@@ -1,5 +1,7 @@
 """CPU path for the block-sparse matmul: native kernels, gathered block GEMMs, or one dense GEMM.
 
+Import path: ``sparsekern.kernels.bsmm_cpu`` (this folder, ``kernels/``, installs as ``sparsekern.kernels``).
+
 Same operands and results as the Triton launchers in ``bsmm.py`` (see there
 for shapes). Three implementations, chosen per call by :func:`path`:
 

@@ -1,5 +1,7 @@
 """Tuning data for the block-sparse matmul kernels.
 
+Import path: ``sparsekern.kernels.configs`` (this folder, ``kernels/``, installs as ``sparsekern.kernels``).
+
 Configs are built by named factories, filtered against the sparsity block
 (tiles must divide it) and against the device's shared memory, and looked up
 by a bucketed key so that a new token count does not trigger a re-tune.

@@ -1,5 +1,7 @@
 """What every Triton launcher shares: operand checks, precision, the TMA decision and descriptors.
 
+Import path: ``sparsekern.kernels.launch`` (this folder, ``kernels/``, installs as ``sparsekern.kernels``).
+
 Used by ``bsmm.py`` (linear) and ``bsconv.py`` (conv); nothing here launches.
 
 TMA: on sm_90 and newer the kernels read their dense operands and the value

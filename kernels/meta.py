@@ -1,5 +1,7 @@
 """The kernel-facing view of a block layout, shared by the Triton and CPU launchers.
 
+Import path: ``sparsekern.kernels.meta`` (this folder, ``kernels/``, installs as ``sparsekern.kernels``).
+
 Kept apart from ``bsmm.py`` so that the CPU path works without importing Triton.
 """
 

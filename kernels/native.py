@@ -1,5 +1,7 @@
 """Builds and loads the native CPU kernels (``native/bsmm.cpp``) and wraps them for torch tensors.
 
+Import path: ``sparsekern.kernels.native`` (this folder, ``kernels/``, installs as ``sparsekern.kernels``).
+
 What they cover: the block-sparse linear passes (forward, input gradient,
 weight gradient) on CPU tensors, fp32 or bf16 activations (fp32 sums), block
 sides that are multiples of 16. POSIX systems only (the workspace uses

@@ -1,5 +1,7 @@
 """The one value store every kernel reads: ``[w_train | w_frozen]`` as a single ``(n_slots, bm, bk)`` tensor.
 
+Import path: ``sparsekern.kernels.store`` (this folder, ``kernels/``, installs as ``sparsekern.kernels``).
+
 A computed block's values live at ``store[slot]`` with ``slot = layout.storage[p]``:
 
 ==================  =====================================================

@@ -1,5 +1,7 @@
 """Tile helpers shared by the block-sparse kernels of ``bsmm.py`` (linear) and ``bsconv.py`` (conv).
 
+Import path: ``sparsekern.kernels.tiles`` (this folder, ``kernels/``, installs as ``sparsekern.kernels``).
+
 Each is a ``@triton.jit`` function inlined into the kernels that call it: the
 MMA with its precision switch, the metadata prefetch that keeps the main loops
 pipelinable, the weight-tile load from the joined value store (TMA or

@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from sparsekern.nn._base import BlockSparseWeight
 from sparsekern.nn.conv import SparseConv2d
 from sparsekern.nn.hf import conv1d_features, is_conv1d
 from sparsekern.nn.linear import SparseLinear
+from sparsekern.nn.sparse_weight import BlockSparseWeight
 
 __all__ = ["FlopReport", "OPTIMIZER_STATES", "PASSES", "report"]
 

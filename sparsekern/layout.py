@@ -1,5 +1,10 @@
 """Three-state block layouts: which weight blocks are computed, which are trained.
 
+Why one file of this size: ``BlockLayout`` is one data structure, and its builders, index
+tensors, ``validate()`` and the block-value mapping must agree on one encoding. Its FLOP count
+(``flops``/``summary``, 30 lines) stays here because ``sparsekern.flops`` sits above ``nn``
+(it walks models) and this layer may not import it (ARCHITECTURE.md).
+
 A weight ``W`` of shape ``(N, K)`` (``out_features, in_features``) is cut into
 blocks of ``bm x bk`` elements, ``RB = ceil(N / bm)`` block rows and
 ``CB = ceil(K / bk)`` block columns. Edge blocks may hang over the matrix; the

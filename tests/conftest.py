@@ -2,7 +2,9 @@
 
 import importlib.util
 import os
+import sys
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +25,12 @@ def _triton_installed() -> bool:
 # and the Triton tests skip.
 if "SPARSEKERN_INTERPRET" not in os.environ:
     os.environ["SPARSEKERN_INTERPRET"] = "1" if _triton_installed() and not torch.cuda.is_available() else "0"
+# ``python -m pytest`` from the checkout puts its root on sys.path, where the folder ``kernels/`` looks
+# like PyPI's ``kernels`` package: transformers finds it, imports it to read a version, and meets the
+# guard that makes ``import kernels`` fail (kernels/ is sparsekern.kernels only). The package itself is
+# found through its install (editable or not), so the root is not needed here.
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != _ROOT]
 # Tests pass explicit configs where they matter; benchmarking every candidate per shape
 # on a GPU would only cost compile time.
 os.environ.setdefault("SPARSEKERN_AUTOTUNE", "0")

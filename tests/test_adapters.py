@@ -1,4 +1,4 @@
-"""Adapters: torch prune, torch.ao, mask dicts and files, checkpoints; ``nn._ingest``.
+"""Adapters: torch prune, torch.ao, mask dicts and files, checkpoints; ``nn.foreign_masks``.
 
 ``granularity="exact"`` must keep outputs and gradients (float64 references from
 ``sparsekern.testing``, gradients only at trainable elements); ``"block"`` must keep
@@ -15,7 +15,7 @@ from sparsekern import convview
 from sparsekern.adapters import from_checkpoint, from_mask_dict, from_torch_ao, from_torch_prune
 from sparsekern.methods.blocks import block_grid, expand_blocks
 from sparsekern.nn import SparseConv2d, SparseLinear
-from sparsekern.nn._ingest import dense_weight_and_mask, has_foreign_mask
+from sparsekern.nn.foreign_masks import dense_weight_and_mask, has_foreign_mask
 from sparsekern.testing import (
     assert_close,
     random_block_mask,
@@ -203,7 +203,7 @@ def test_from_dense_reads_torch_prune_masks():
     assert torch.equal(sparse.bias, torch.where(lin.bias_mask.bool(), lin.bias_orig, 0))
 
 
-# ------------------------------------------------------------------- _ingest
+# ------------------------------------------------------------- foreign_masks
 def test_ingest_forms():
     lin = nn.Linear(40, 48)
     w, m = dense_weight_and_mask(lin)

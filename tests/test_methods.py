@@ -88,6 +88,32 @@ def test_deterministic_under_seed(method):
     assert any(not torch.equal(a[n][1], c[n][1]) for n in a)
 
 
+def test_method_config_is_the_public_calls_arguments():
+    """masks() and sparsify() take MethodConfig's fields by name, with its defaults, and plan() gives the same masks."""
+    import dataclasses
+    import inspect
+
+    from sparsekern.methods import MethodConfig, plan, sparsify
+
+    fields = {f.name: f.default for f in dataclasses.fields(MethodConfig)}
+    for fn in (masks, sparsify):
+        params = dict(inspect.signature(fn).parameters)
+        params.pop("model")
+        assert {n: p.default for n, p in params.items()} == fields, fn.__name__
+    for name in fields:  # every field is documented
+        assert f"        {name}" in MethodConfig.__doc__ or f", {name}:" in MethodConfig.__doc__, name
+    model, data = mlp(), batches()
+    a = run(model, "snip", 0.4, 0.5, data=data, seed=3)
+    cfg = MethodConfig("snip", 0.4, 0.5, block_size=BS, data=data, iterations=3, seed=3)
+    b = plan(model, cfg).masks
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name][0], b[name][0]) and torch.equal(a[name][1], b[name][1])
+    assert cfg.checked().block_size == (BS, BS) and cfg.block_size == BS  # a value: checked() returns a copy
+    with pytest.raises(ValueError, match="unknown method"):
+        MethodConfig(method="nope").checked()
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_scoring_does_not_mutate_the_model(method):
     model = nn.Sequential(nn.Linear(40, 48), nn.BatchNorm1d(48), nn.Dropout(0.5), nn.Linear(48, 32))

@@ -622,7 +622,7 @@ def test_failed_set_masks_leaves_module_unchanged(layer, bad):
 
 def test_warns_once_when_no_block_is_empty(monkeypatch):
     """An element mask that leaves no block empty skips nothing: said once, not on every layer."""
-    import sparsekern.nn._base as base
+    import sparsekern.nn.sparse_weight as base
 
     monkeypatch.setattr(base, "_warned_no_empty_block", False)
     unstructured = torch.rand(64, 64) < 0.5  # 16x16 blocks of a random mask: all mixed

@@ -9,6 +9,7 @@ a CPU-only install runs the CPU kernels.
 
 import importlib.metadata
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -194,3 +195,51 @@ def test_installed_metadata_makes_triton_optional():
     assert all("extra" in r for r in triton), f"triton is required unconditionally: {triton}"
     extras = importlib.metadata.metadata("sparsekern").get_all("Provides-Extra") or []
     assert {"triton", "dev"} <= set(extras), extras
+
+
+def test_import_kernels_from_the_checkout_fails_and_points_at_sparsekern_kernels():
+    """``kernels/`` is ``sparsekern.kernels`` only: ``import kernels`` from the repository root refuses to load."""
+    script = textwrap.dedent(
+        """
+        import sys
+        try:
+            import kernels.bsmm_cpu
+        except ImportError as e:
+            assert "sparsekern.kernels" in str(e), e
+        else:
+            raise AssertionError("import kernels loaded a second copy")
+        assert not any(m == "kernels" or m.startswith("kernels.") for m in sys.modules), sorted(sys.modules)
+        import sparsekern.kernels.bsmm_cpu
+        print(sparsekern.kernels.__name__)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("SPARSEKERN_INTERPRET", "TRITON_INTERPRET")}
+    # From the repository root: ``-c`` puts it first on sys.path, so ``kernels`` is found there.
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+    _ok(proc)
+    assert proc.stdout.strip() == "sparsekern.kernels"
+
+
+def test_a_regular_install_imports_sparsekern_kernels(tmp_path):
+    """``pip install .`` (not editable) puts kernels/ at sparsekern/kernels/, where the guard lets it import."""
+    # Built from a copy: pip builds in the source folder (build/, *.egg-info), which stays the checkout's own.
+    src, target = tmp_path / "src", tmp_path / "site"
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for name in ("sparsekern", "kernels"):
+        shutil.copytree(REPO / name, src / name, ignore=skip)
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
+    build = subprocess.run(
+        [*pip, "--target", str(target), str(src)], capture_output=True, text=True, cwd=tmp_path, timeout=600
+    )
+    if build.returncode != 0:
+        pytest.skip(f"pip cannot build the package offline here: {build.stderr[-500:]}")
+    env = {k: v for k, v in os.environ.items() if k not in ("SPARSEKERN_INTERPRET", "TRITON_INTERPRET")}
+    env["PYTHONPATH"] = str(target)
+    script = "import sparsekern.kernels.bsmm_cpu as m, sparsekern; print(m.__file__)"
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path)
+    _ok(proc)
+    assert Path(proc.stdout.strip()) == target / "sparsekern" / "kernels" / "bsmm_cpu.py"

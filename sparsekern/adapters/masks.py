@@ -26,7 +26,7 @@ from torch import nn
 
 from sparsekern.adapters._core import ConversionReport, Target, check_options, convert_targets, sparse_class
 from sparsekern.methods.select import check_fraction
-from sparsekern.nn._ingest import dense_weight_and_mask
+from sparsekern.nn.foreign_masks import dense_weight_and_mask
 
 __all__ = ["from_checkpoint", "from_mask_dict"]
 

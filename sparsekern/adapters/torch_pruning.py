@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from sparsekern.adapters._core import ConversionReport, Target, convert_targets
-from sparsekern.nn._ingest import dense_weight_and_mask
+from sparsekern.nn.foreign_masks import dense_weight_and_mask
 
 __all__ = ["from_torch_prune", "from_torch_ao"]
 

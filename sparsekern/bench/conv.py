@@ -297,6 +297,6 @@ def tune(cfg: SuiteConfig, device: torch.device) -> dict[str, dict]:
 
 
 def write_tuned(records: dict[str, dict]) -> list[str]:
-    from sparsekern.bench.linear import write_tuned as write
+    from sparsekern.bench.providers import write_tuned as write
 
     return write(records)

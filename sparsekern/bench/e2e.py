@@ -1,5 +1,8 @@
 """End-to-end suite: full training steps of small networks, dense against masked-dense against sparsekern.
 
+Why one file of this size: one suite (models, masks, timing, FLOP and roofline counts, tables),
+close to 500 lines; the peers and shared helpers are in ``providers.py``, timing in ``common.py``.
+
 Models (``model`` column; ``shape`` describes its size):
 
 * ``mlp``: ``Linear(d0, d1) -> ReLU -> Linear(d1, d2) -> ReLU -> Linear(d2, d3)``
@@ -508,7 +511,7 @@ def tune(cfg: SuiteConfig, device: torch.device) -> dict[str, dict]:
 
 
 def write_tuned(records: dict[str, dict]) -> list[str]:
-    from sparsekern.bench.linear import write_tuned as write
+    from sparsekern.bench.providers import write_tuned as write
 
     return write(records)
 

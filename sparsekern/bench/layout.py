@@ -39,7 +39,7 @@ import torch
 
 from sparsekern import SparseLinear
 from sparsekern.bench.common import dtype_name, markdown_table, progress, time_fn
-from sparsekern.bench.linear import flop_fractions, half_frozen_mask
+from sparsekern.bench.providers import flop_fractions, half_frozen_mask
 from sparsekern.layout import BlockLayout
 from sparsekern.testing import random_block_mask
 
@@ -119,7 +119,7 @@ def describe(cfg: SuiteConfig) -> str:
 def frozen_half(mask: torch.Tensor, layout: BlockLayout, generator: torch.Generator) -> torch.Tensor:
     """A frozen mask over a random half of the kept blocks of ``layout`` (built from ``mask``).
 
-    The linear suite's ``half_frozen_mask``, fed the mask directly instead of a layer's
+    The shared ``half_frozen_mask`` (``providers.py``), fed the mask directly instead of a layer's
     (a layer would materialise it again from the layout).
     """
     return half_frozen_mask(SimpleNamespace(layout=layout, mask=mask), generator)

@@ -1,5 +1,8 @@
 """Linear suite: one ``SparseLinear`` training step against the ways people run pruned layers today.
 
+The peers and the helpers other suites share live in ``providers.py``; this file holds the suite
+(its config, the run, the tables, tuning).
+
 Providers, timed in the same run on the same weight, input and ``dy``:
 
 * ``dense``: ``nn.Linear``, the baseline every speedup is measured against.
@@ -43,31 +46,35 @@ from __future__ import annotations
 
 import gc
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sparsekern import SparseLinear
 from sparsekern.bench import roofline
 from sparsekern.bench.common import (
-    Laps,
     autotune_session,
     dtype_name,
     markdown_table,
     progress,
-    time_fn,
     time_phases,
     time_phases_interleaved,
 )
+from sparsekern.bench.providers import (
+    STK_BLOCK,
+    TRAIN_MODES,
+    MaskedLinear,
+    flop_fractions,
+    half_frozen_mask,
+    stk_status,
+    time_bsr,
+    time_bsr_step,
+    time_stk,
+    train_step,
+)
+from sparsekern.bench.providers import write_tuned as write_tuned  # the suite protocol (cli.py): suite.write_tuned
 from sparsekern.testing import random_block_mask
-
-PROVIDERS = ("dense", "masked", "sparsekern", "torch_bsr", "stk")
-#: The only block size stk supports, and what every dimension must divide by.
-STK_BLOCK = 128
-TRAIN_MODES = ("forward", "backward", "step")
 
 
 @dataclass
@@ -119,89 +126,6 @@ def default_config(device: torch.device, dtype: torch.dtype | None = None, quick
 
 
 # ---------------------------------------------------------------- providers
-class MaskedLinear(nn.Module):
-    """Dense compute on ``weight * mask`` every step, as pruning libraries run it."""
-
-    def __init__(self, base: nn.Linear, mask: torch.Tensor):
-        super().__init__()
-        self.weight = base.weight
-        self.bias = base.bias
-        self.register_buffer("mask", mask.to(base.weight.dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight * self.mask, self.bias)
-
-
-def half_frozen_mask(layer: SparseLinear, generator: torch.Generator) -> torch.Tensor:
-    """A frozen mask covering a random half of ``layer``'s kept blocks."""
-    lay = layer.layout
-    (n, k), (bm, bk) = lay.shape, lay.block_size
-    kept = (lay.block_code > 0).flatten().nonzero().squeeze(1).cpu()
-    pick = kept[torch.randperm(kept.numel(), generator=generator)[: kept.numel() // 2]]
-    grid = torch.zeros(lay.block_code.numel(), dtype=torch.bool)
-    grid[pick] = True
-    dense = grid.view(lay.grid).repeat_interleave(bm, 0).repeat_interleave(bk, 1)[:n, :k]
-    return dense.to(lay.device) & layer.mask
-
-
-def bsr_forward(base: nn.Linear, mask: torch.Tensor, block: int):
-    """A forward-only callable ``x -> y`` on a BSR copy of ``base.weight * mask``.
-
-    Raises whatever torch raises when BSR is not supported for this device/dtype.
-    """
-    with torch.no_grad():
-        wb = (base.weight * mask).to_sparse_bsr((block, block))
-        bias = base.bias.detach() if base.bias is not None else None
-    if base.weight.device.type == "cuda":
-        from torch.sparse._triton_ops import bsr_dense_mm
-
-        def fwd(x):
-            y = bsr_dense_mm(wb, x.t()).t()
-            return y if bias is None else y + bias
-
-    else:
-
-        def fwd(x):
-            y = torch.sparse.mm(wb, x.t()).t()
-            return y if bias is None else y + bias
-
-    return fwd
-
-
-class StkLinear(nn.Module):
-    """``base`` with weight ``base.weight * mask`` as a stanford-stk block-sparse matrix (128x128 blocks).
-
-    Forward ``y = dsd(W, x^T)^T + b``; stk's autograd computes ``dW`` with
-    ``sdd`` on ``W``'s topology and ``dx`` with ``dsd`` on ``W^T``. Raises
-    ``ImportError`` without stk and whatever stk raises for unsupported cases.
-    """
-
-    def __init__(self, base: nn.Linear, mask: torch.Tensor, block: int = STK_BLOCK):
-        super().__init__()
-        import stk
-
-        self._stk = stk
-        with torch.no_grad():
-            # Kept blocks of random weights are never all zero, so to_sparse keeps exactly the mask's blocks.
-            matrix = stk.ops.to_sparse(base.weight * mask.to(base.weight.dtype), block)
-        self.matrix = matrix.requires_grad_(True)
-        self.bias = base.bias
-
-    def clear_grads(self) -> None:
-        self.matrix.data.grad = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._stk.ops.dsd(self.matrix, x.t()).t()
-        return y if self.bias is None else y + self.bias
-
-
-def stk_status() -> str | None:
-    """``None`` when ``import stk`` works, else the one line the run prints."""
-    try:
-        import stk  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install: either way there is no peer
-        return f"stk (stanford-stk) is absent ({type(exc).__name__}): no stk numbers in this run"
-    return None
 
 
 def stk_supported(cfg: SuiteConfig, device: torch.device, block: int) -> bool:
@@ -219,37 +143,7 @@ def make_base(cfg: SuiteConfig, device: torch.device) -> tuple[nn.Linear, torch.
     return base, x, dy
 
 
-def train_step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, laps: Laps, weight_grad_only: bool = False):
-    """One forward + backward; laps ``forward``/``backward`` (or only ``weight_grad``)."""
-    for p in module.parameters():
-        p.grad = None
-    if isinstance(module, StkLinear):
-        module.clear_grads()
-    x.grad = None
-    laps.start()
-    y = module(x)
-    if weight_grad_only:
-        laps.start()  # the forward is setup here, not measured
-        y.backward(dy)
-        laps.lap("weight_grad")
-    else:
-        laps.lap("forward")
-        y.backward(dy)
-        laps.lap("backward")
-
-
 # ------------------------------------------------------------------- FLOPs
-def flop_fractions(layer: SparseLinear, tokens: int) -> dict[str, float]:
-    """Computed-block FLOPs over dense FLOPs, per mode."""
-    f = layer.layout.flops(tokens)
-    fwd, dx, dw = (f[p]["block"] for p in ("forward", "input_grad", "weight_grad"))
-    dense = f["forward"]["dense"]
-    return {
-        "forward": fwd / dense,
-        "backward": (dx + dw) / (2 * dense),
-        "step": (fwd + dx + dw) / (3 * dense),
-        "weight_grad": dw / dense,
-    }
 
 
 def pass_fractions(layer: SparseLinear | None) -> dict[str, float]:
@@ -391,81 +285,6 @@ def run(cfg: SuiteConfig, device: torch.device, env: dict[str, object]) -> list[
     return rows
 
 
-def time_bsr(base: nn.Linear, mask: torch.Tensor, block: int, x: torch.Tensor, timing: dict):
-    """``(stats, note)`` for the torch BSR forward; NaN stats and an ``unavailable: ...`` note when it fails."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "BSR support is in beta", untuned-GPU warnings
-            fwd = bsr_forward(base, mask, block)
-            with torch.no_grad():
-                fwd(x)  # fail here, not inside the timing loop
-                return time_fn(lambda: fwd(x), **timing), ""
-    except Exception as exc:  # any failure means "torch cannot do this here"
-        first = str(exc).splitlines()[0][:120] if str(exc) else ""
-        note = f"unavailable: {type(exc).__name__}: {first}"
-        progress(f"  torch_bsr {note}")
-        return {"p20": math.nan, "p50": math.nan, "p80": math.nan}, note
-
-
-def bsr_step(base: nn.Linear, mask: torch.Tensor, block: int):
-    """CUDA only: ``step(x, dy, laps)`` running forward and backward with ``torch.sparse._triton_ops``.
-
-    ``W`` and ``W^T`` are BSR copies of ``base.weight * mask`` (built once, as a
-    layout would be). Forward ``y = bsr_dense_mm(W, x^T)^T + b``; backward
-    ``dx = bsr_dense_mm(W^T, dy^T)^T``, ``dW = sampled_addmm(W, dy^T, x)`` (dy^T x
-    on W's blocks only), ``db = dy.sum(0)``.
-    """
-    from torch.sparse._triton_ops import bsr_dense_mm, sampled_addmm
-
-    with torch.no_grad():
-        w = base.weight * mask
-        wb = w.to_sparse_bsr((block, block))
-        wtb = w.t().contiguous().to_sparse_bsr((block, block))
-        bias = base.bias.detach() if base.bias is not None else None
-
-    def step(x, dy, laps):
-        with torch.no_grad():
-            laps.start()
-            y = bsr_dense_mm(wb, x.t()).t()
-            if bias is not None:
-                y = y + bias
-            laps.lap("forward")
-            bsr_dense_mm(wtb, dy.t()).t()
-            sampled_addmm(wb, dy.t(), x, beta=0.0)
-            dy.sum(0)
-            laps.lap("backward")
-
-    return step
-
-
-def time_bsr_step(base: nn.Linear, mask: torch.Tensor, block: int, x: torch.Tensor, dy: torch.Tensor, timing: dict):
-    """Stats of the CUDA BSR training step, or ``None`` when torch cannot run it (the caller times the forward)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "BSR support is in beta", untuned-GPU warnings
-            step = bsr_step(base, mask, block)
-            step(x, dy, Laps(x.device))  # fail here, not inside the timing loop
-            return time_phases(lambda laps: step(x, dy, laps), **timing)
-    except Exception as exc:  # the backward ops are beta: fall back to the forward alone
-        first = str(exc).splitlines()[0][:120] if str(exc) else ""
-        progress(f"  torch_bsr backward unavailable ({type(exc).__name__}: {first}): forward only")
-        return None
-
-
-def time_stk(base: nn.Linear, mask: torch.Tensor, block: int, x: torch.Tensor, dy: torch.Tensor, timing: dict):
-    """``(stats, note)`` of stk's training step; NaN stats and an ``unavailable: ...`` note when stk fails."""
-    try:
-        layer = StkLinear(base, mask, block)
-        layer(x).backward(dy)  # fail here, not inside the timing loop
-        return time_phases(lambda laps: train_step(layer, x, dy, laps), **timing), ""
-    except Exception as exc:  # any failure means "stk cannot do this here"
-        first = str(exc).splitlines()[0][:120] if str(exc) else ""
-        note = f"unavailable: {type(exc).__name__}: {first}"
-        progress(f"  stk {note}")
-        nan = {"p20": math.nan, "p50": math.nan, "p80": math.nan}
-        return {m: dict(nan) for m in TRAIN_MODES}, note
-
-
 # ------------------------------------------------------------------ tables
 def _fmt_ms(v: float) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -595,21 +414,3 @@ def tune(cfg: SuiteConfig, device: torch.device) -> dict[str, dict]:
             layer(x).backward(dy)
             torch.cuda.synchronize(device)
     return records()
-
-
-def write_tuned(records: dict[str, dict]) -> list[str]:
-    """Merge ``records`` into ``kernels/tuned/<device>.json`` files; return the paths written."""
-    import json
-
-    from sparsekern.kernels import configs as kcfg
-
-    written = []
-    for name, recs in records.items():
-        path = kcfg.tuned_path(name)
-        old = json.loads(path.read_text()) if path.exists() else {}
-        merged = {**old, **recs}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(dict(sorted(merged.items())), indent=1) + "\n")
-        kcfg.load_tuned.cache_clear()
-        written.append(f"{path} ({len(recs)} tuned, {len(merged)} total)")
-    return written

@@ -98,8 +98,6 @@ without them.
 
 from sparsekern.check.cli import (
     HEADER,
-    _clean_env,
-    _interpreter_requested,
     failures,
     format_proof,
     format_table,
@@ -109,11 +107,6 @@ from sparsekern.check.cli import (
     run_proof,
 )
 from sparsekern.check.compile import (
-    _inspect_binary,
-    _make_source,
-    _signature,
-    _tool,
-    _triton_ptxas_flags,
     compile_job,
     count_tensor_core_ops,
     parse_ptxas,
@@ -143,6 +136,5 @@ __all__ = [
     "Arch", "KernelSpec", "Precision", "build_jobs", "build_proof_jobs", "check_one", "count_tensor_core_ops",
     "failures", "format_proof", "format_table", "judge", "judge_proof", "main", "occupancy", "operand_buffers",
     "parse_ptxas", "parse_sass", "ptxas_perf_warnings", "run_all", "run_check", "run_proof", "sass_loops",
-    "sass_mma_loop", "ttgir_mma_loop", "wgmma_serialized", "_clean_env", "compile_job", "_inspect_binary",
-    "_interpreter_requested", "_make_source", "_signature", "_tool", "_triton_ptxas_flags",
+    "sass_mma_loop", "ttgir_mma_loop", "wgmma_serialized", "compile_job",
 ]  # fmt: skip

@@ -5,13 +5,16 @@
 * :func:`apply_masks` converts layers (or calls ``set_masks`` on sparse ones,
   or re-blocks them at a new block size, :func:`reblock`);
 * :func:`sparsify` does both and returns a :class:`SparsifyReport`;
+* :class:`MethodConfig` holds a method's settings (the named arguments of ``masks`` and
+  ``sparsify``) and :func:`plan` turns a model and a config into masks (``config.py``, ``planning.py``);
 * :func:`imp` finds lottery tickets by iterative magnitude pruning with rewinding;
 * :class:`DSTScheduler` runs SET and RigL (``dst.py``), changing masks on the optimizer step;
 * :func:`select`, :func:`layer_densities` and :func:`find_targets` are the building
   blocks, for code that brings its own scores (dynamic sparse training).
 
-``blocks.py`` pools per-element scores per block, ``select.py`` turns scores into
-masks (densities, distributions, granularity), ``scores.py`` holds the scores,
+``api.py`` holds the verbs, ``report.py`` the report types, ``blocks.py`` pools
+per-element scores per block, ``select.py`` turns scores into masks (densities,
+distributions, granularity), ``scores.py`` holds the scores,
 ``targets.py`` picks the layers (``nn.Linear``, ``nn.Conv2d``, ``transformers``'
 ``Conv1D``; tied weights stay dense).
 """
@@ -20,6 +23,7 @@ from sparsekern.methods.api import (
     FREEZE,
     METHODS,
     LayerReport,
+    MethodConfig,
     SparsifyReport,
     apply_masks,
     masks,
@@ -28,6 +32,7 @@ from sparsekern.methods.api import (
 )
 from sparsekern.methods.dst import DSTScheduler
 from sparsekern.methods.lottery import ImpResult, ImpRound, imp
+from sparsekern.methods.planning import Plan, plan
 from sparsekern.methods.select import (
     DISTRIBUTIONS,
     GRANULARITIES,
@@ -47,6 +52,8 @@ __all__ = [
     "ImpResult",
     "ImpRound",
     "LayerReport",
+    "MethodConfig",
+    "Plan",
     "SparsifyReport",
     "apply_masks",
     "check_fraction",
@@ -55,6 +62,7 @@ __all__ = [
     "imp",
     "layer_densities",
     "masks",
+    "plan",
     "reblock",
     "select",
     "sparsify",

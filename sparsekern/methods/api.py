@@ -1,20 +1,14 @@
-"""The pruning-facing API: ``masks`` computes, ``apply_masks`` converts, ``sparsify`` does both and reports.
+"""The pruning-facing verbs: ``masks`` computes, ``apply_masks`` converts, ``sparsify`` does both and reports.
 
 Every method yields, per layer, a ``(mask, frozen_mask)`` pair of weight-shaped
 bool tensors (``frozen_mask`` inside ``mask``): pruned where ``mask`` is False,
 frozen at the current value where ``frozen_mask`` is True, trainable elsewhere.
 
-Pipeline of :func:`masks`:
-
-1. pick the layers (``targets.find_targets``: names, exclusions, too-small rule);
-2. score them on the dense model (``scores.py``; iterative methods re-score
-   ``iterations`` times on an exponential density schedule ``d ** (t / T)``);
-3. keep the top elements or blocks per layer (``uniform``/``erk`` densities)
-   or over all layers (``global``), see ``select.py``;
-4. choose the frozen part: whole layers (``freeze_layers``), then among the kept
-   weights keep ``trainable`` of them trainable, at random or by SNIP saliency
-   (``freeze="freezenet"``); with ``granularity="block"`` whole blocks are
-   frozen, so they skip the weight-gradient GEMM.
+``masks`` and ``sparsify`` take a method's settings as named arguments, build a
+:class:`~sparsekern.methods.config.MethodConfig` from them and pass it to
+:func:`~sparsekern.methods.planning.plan` (``planning.py``: pick the layers, score,
+select, freeze); ``apply_masks`` swaps the layers all-or-nothing; the report
+types live in ``report.py``.
 
 Known limits: data-driven scores need the model's layers dense (score first,
 then convert).
@@ -22,260 +16,40 @@ then convert).
 
 from __future__ import annotations
 
-import contextlib
-import math
-from dataclasses import dataclass, field, replace
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sparsekern.layout import BlockLayout, normalize_block_size
-from sparsekern.methods import scores as S
-from sparsekern.methods.blocks import REDUCTIONS, block_grid, from_matrix, pool_blocks, to_matrix
-from sparsekern.methods.select import GRANULARITIES, check_fraction, layer_densities, select
+from sparsekern.methods.blocks import from_matrix, to_matrix
+from sparsekern.methods.config import ARGS_DOC, FREEZE, METHODS, MethodConfig
+from sparsekern.methods.planning import plan
+from sparsekern.methods.report import LayerReport, SparsifyReport, layer_report
 from sparsekern.methods.targets import (
-    Target,
     current_masks,
-    find_targets,
     replace_module,
     sparse_class,
     tie_reason,
     tied_parameters,
 )
 
-__all__ = ["METHODS", "FREEZE", "LayerReport", "SparsifyReport", "apply_masks", "masks", "reblock", "sparsify"]
+__all__ = [
+    "FREEZE",
+    "METHODS",
+    "LayerReport",
+    "MethodConfig",
+    "SparsifyReport",
+    "apply_masks",
+    "masks",
+    "reblock",
+    "sparsify",
+]
 
-METHODS = ("random", "magnitude", "snip", "grasp", "synflow", "force")
-DATA_METHODS = ("snip", "grasp", "force")
-ITERATIONS = {"synflow": 100, "force": 10}
-FREEZE = ("random", "freezenet")
-
-
-@dataclass
-class _Plan:
-    targets: list[Target]
-    masks: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    frozen_dense: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class _Spec:
-    """The options of :func:`masks` / :func:`sparsify` (same names, same defaults), validated by ``_plan``."""
-
-    method: str = "magnitude"
-    density: float = 0.1
-    trainable: float = 1.0
-    block_size: object = 32
-    distribution: str = "uniform"
-    granularity: str = "block"
-    data: object = None
-    loss_fn: object = None
-    exclude: object = ()
-    exclude_first: bool = False
-    exclude_last: bool = False
-    reduce: str = "l1"
-    layers: object = None
-    seed: int | None = None
-    freeze: str = "random"
-    freeze_layers: object = ()
-    iterations: int | None = None
-    example_input: object = None
-    temperature: float = 200.0
-    min_blocks: int = 4
-
-
-def _spec(args: dict) -> _Spec:
-    """A :class:`_Spec` from a public function's ``locals()`` (everything but ``model``)."""
-    return _Spec(**{k: v for k, v in args.items() if k != "model"})
-
-
-def _draw_seed(seed: int | None) -> int:
-    if seed is None:
-        return int(torch.randint(0, 2**62, ()))
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int or None, got {seed!r}")
-    return seed
-
-
-@contextlib.contextmanager
-def _rng(model: nn.Module, seed: int):
-    """Seed torch's RNG for the block (dropout during scoring) and restore the caller's RNG after."""
-    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
-def _batches(data, loss_fn, method: str):
-    if data is None:
-        raise ValueError(f"method {method!r} needs data: an iterable of (inputs, targets) batches")
-    batches = list(data)
-    if not batches:
-        raise ValueError(f"method {method!r} got an empty data iterable")
-    for b in batches:
-        if not (isinstance(b, (tuple, list)) and len(b) == 2):
-            raise ValueError(f"data must yield (inputs, targets) pairs, got {type(b).__name__}")
-    return batches, (F.cross_entropy if loss_fn is None else loss_fn)
-
-
-def _example_input(example_input, data):
-    if example_input is not None:
-        return example_input
-    if data is not None:
-        for inputs, _ in data:
-            if isinstance(inputs, torch.Tensor):
-                return inputs
-            break
-    raise ValueError("method 'synflow' needs example_input (a tensor of the input shape) or data to take it from")
-
-
-def _score_and_select(model, active, spec: _Spec, seed: int, opts: dict):
-    """Pruning masks of the ``active`` targets."""
-    method, density, granularity, block_size = spec.method, spec.density, spec.granularity, spec.block_size
-    distribution, reduce = spec.distribution, spec.reduce
-    shapes = {t.name: t.shape for t in active}
-    per_layer = layer_densities(shapes, density, distribution)
-    globally = per_layer is None
-    blocks = {t.name: t.block(block_size) for t in active}  # a Conv1D's (in, out) scores take (bk, bm)
-    kw = {"globally": globally, "granularity": granularity, "block_size": blocks, "reduce": reduce}
-    kw["prior"] = opts.get("prior")
-
-    def at(frac: float):
-        return density**frac if globally else {n: d**frac for n, d in per_layer.items()}
-
-    target = density if globally else per_layer
-    if method == "random":
-        return select(S.random_scores(active, seed), target, **kw)
-    if method == "magnitude":
-        return select(S.magnitude_scores(active), target, **kw)
-    if method == "snip":
-        opts["snip"] = S.snip_scores(model, active, *opts["batches"])  # FreezeNet reuses them
-        return select(opts["snip"], target, **kw)
-    if method == "grasp":
-        return select(S.grasp_scores(model, active, *opts["batches"], spec.temperature), target, signed=True, **kw)
-    n_iter = spec.iterations or ITERATIONS[method]
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
-        raise ValueError(f"iterations must be a positive int, got {n_iter!r}")
-    cur = {t.name: torch.ones(t.shape, dtype=torch.bool, device=t.module.weight.device) for t in active}
-    for it in range(1, n_iter + 1):
-        if method == "synflow":
-            sc = S.synflow_scores(model, active, cur, _example_input(spec.example_input, spec.data))
-            # float64 scores of deep nets can exceed float32: one common scale keeps every ranking.
-            top = max((float(s.max()) for s in sc.values()), default=0.0)
-            sc = {n: (s / top if top > 0 and math.isfinite(top) else s).float() for n, s in sc.items()}
-        else:
-            sc = S.force_scores(model, active, *opts["batches"], cur)
-        cur = select(sc, at(it / n_iter), **kw)
-    return cur
-
-
-def _choose_frozen(model, active, kept, spec: _Spec, seed: int, opts: dict):
-    """Frozen masks: among each layer's kept weights, all but a ``trainable`` share (by blocks for "block")."""
-    trainable, freeze, granularity, block_size = spec.trainable, spec.freeze, spec.granularity, spec.block_size
-    if trainable >= 1.0 or not active:
-        return {t.name: torch.zeros_like(kept[t.name]) for t in active}
-    if freeze == "freezenet":
-        saliency = opts["snip"] if "snip" in opts else S.snip_scores(model, active, *opts["batches"])
-    else:
-        saliency = S.random_scores(active, seed + 1)
-    blocks = {t.name: t.block(block_size) for t in active}
-
-    def size(n):
-        if granularity == "block":
-            return int((pool_blocks(kept[n].float(), blocks[n], "max") > 0).sum()), math.prod(
-                block_grid(kept[n].shape, blocks[n])
-            )
-        return int(kept[n].sum()), kept[n].numel()
-
-    sizes = {t.name: size(t.name) for t in active}
-    kw = {"granularity": granularity, "block_size": blocks, "reduce": spec.reduce, "prior": kept}
-    if spec.distribution == "global" and freeze == "freezenet":
-        total_kept, total = (sum(v) for v in zip(*sizes.values(), strict=True))
-        train = select(saliency, trainable * total_kept / max(1, total), globally=True, **kw)
-    else:
-        train = select(saliency, {n: trainable * k / max(1, tot) for n, (k, tot) in sizes.items()}, **kw)
-    return {n: kept[n] & ~train[n] for n in kept}
-
-
-def _plan(model: nn.Module, spec: _Spec, prior: dict[str, torch.Tensor] | None = None) -> _Plan:
-    """Validate ``spec``, pick the layers, compute their masks; ``model`` is left unchanged."""
-    if spec.method not in METHODS:
-        raise ValueError(f"unknown method {spec.method!r}; choose one of {METHODS}")
-    if spec.granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {spec.granularity!r}")
-    if spec.reduce not in REDUCTIONS:
-        raise ValueError(f"reduce must be one of {REDUCTIONS}, got {spec.reduce!r}")
-    if spec.freeze not in FREEZE:
-        raise ValueError(f"freeze must be one of {FREEZE}, got {spec.freeze!r}")
-    layer_densities({}, 0.0, spec.distribution)  # validates the name
-    spec = replace(
-        spec,
-        density=check_fraction(spec.density, "density"),
-        trainable=check_fraction(spec.trainable, "trainable"),
-        block_size=normalize_block_size(spec.block_size),
-    )
-    seed = _draw_seed(spec.seed)
-    targets = find_targets(
-        model, spec.block_size, spec.layers, spec.exclude, spec.exclude_first, spec.exclude_last, spec.min_blocks
-    )
-    names = {t.name for t in targets}
-    if isinstance(spec.freeze_layers, str):
-        raise TypeError(f"freeze_layers must be a list of layer names, got the string {spec.freeze_layers!r}")
-    unknown = [n for n in spec.freeze_layers if n not in names]
-    if unknown:
-        raise ValueError(f"freeze_layers names unknown layer(s) {unknown}; candidate layers are {sorted(names)}")
-    active = [t for t in targets if t.skip is None]
-    opts = {}
-    if prior is not None:
-        opts["prior"] = {t.name: prior[t.name] for t in active}
-    freezenet = spec.freeze == "freezenet" and spec.trainable < 1.0
-    if spec.method in DATA_METHODS or freezenet:
-        opts["batches"] = _batches(spec.data, spec.loss_fn, spec.method if spec.method in DATA_METHODS else "freezenet")
-    if spec.method == "synflow":
-        _example_input(spec.example_input, spec.data)  # fail before any scoring
-    with _rng(model, seed):
-        kept = _score_and_select(model, active, spec, seed, opts)
-        frozen = _choose_frozen(model, active, kept, spec, seed, opts)
-    for n in spec.freeze_layers:
-        if n in kept:
-            frozen[n] = kept[n].clone()
-    frozen_dense = [t.name for t in targets if t.skip is not None and t.name in spec.freeze_layers]
-    return _Plan(targets, {t.name: (kept[t.name], frozen[t.name]) for t in active}, frozen_dense)
-
-
-_DOC_ARGS = """
+_DOC_ARGS = (
+    """
         model: the model; its ``nn.Linear``, ``nn.Conv2d`` and ``transformers``
-            ``Conv1D`` layers (and sparse ones) are candidates.
-        method: one of ``METHODS``: ``"random"``, ``"magnitude"``, ``"snip"``,
-            ``"grasp"``, ``"synflow"``, ``"force"``.
-        density: fraction of weights kept over the sparsified layers.
-        trainable: fraction of the kept weights that stay trainable; the rest
-            are frozen at their current values.
-        block_size: int or ``(bm, bk)``, each in {16, 32, 64, 128}; ``bm`` runs
-            over output features (a ``Conv1D``'s masks are ``(in, out)``, like its
-            weight, so its blocks are ``(bk, bm)`` there).
-        distribution: ``"uniform"`` (every layer at ``density``), ``"erk"``
-            (Erdős–Rényi-kernel) or ``"global"`` (one ranking over all layers).
-        granularity: ``"block"`` (pooled scores, whole blocks: the kernels skip
-            them) or ``"element"`` (the published behaviour, exact counts).
-        data: iterable of ``(inputs, targets)`` batches for ``snip``, ``grasp``,
-            ``force`` and ``freeze="freezenet"`` (``synflow`` takes its shape).
-        loss_fn: ``loss_fn(outputs, targets)``; default ``F.cross_entropy``.
-        exclude: layer names to leave dense.
-        exclude_first, exclude_last: leave the first / last candidate layer dense.
-        reduce: block pooling, ``"l1"``, ``"l2"`` or ``"max"`` (GraSP's signed
-            scores are always summed).
-        layers: names of the layers to consider (default: all candidates).
-        seed: makes ``random`` scores, random freezing and dropout during scoring
-            reproducible; ``None`` draws one from torch's global RNG.
-        freeze: how the trainable share is chosen: ``"random"`` or
-            ``"freezenet"`` (the highest SNIP saliency ``|g * w|`` stays trainable).
-        freeze_layers: names of layers frozen entirely.
-        iterations: rounds of ``synflow`` (default 100) and ``force`` (default 10).
-        example_input: a tensor of the model's input shape for ``synflow``.
-        temperature: GraSP's logit temperature (200 as published).
-        min_blocks: layers with fewer blocks stay dense."""
+            ``Conv1D`` layers (and sparse ones) are candidates."""
+    + ARGS_DOC
+)
 
 
 def masks(
@@ -322,7 +96,29 @@ def masks(
         >>> float(mask.float().mean())
         0.25
     """
-    return _plan(model, _spec(locals())).masks
+    config = MethodConfig(
+        method=method,
+        density=density,
+        trainable=trainable,
+        block_size=block_size,
+        distribution=distribution,
+        granularity=granularity,
+        data=data,
+        loss_fn=loss_fn,
+        exclude=exclude,
+        exclude_first=exclude_first,
+        exclude_last=exclude_last,
+        reduce=reduce,
+        layers=layers,
+        seed=seed,
+        freeze=freeze,
+        freeze_layers=freeze_layers,
+        iterations=iterations,
+        example_input=example_input,
+        temperature=temperature,
+        min_blocks=min_blocks,
+    )
+    return plan(model, config).masks
 
 
 if masks.__doc__:  # None under python -OO
@@ -482,151 +278,6 @@ def _matrix(m: torch.Tensor, block_size) -> torch.Tensor:
     return to_matrix(m.bool(), normalize_block_size(block_size)[1], False)
 
 
-# ------------------------------------------------------------------ reports
-PASSES = ("forward", "input_grad", "weight_grad")
-
-
-@dataclass
-class LayerReport:
-    """What :func:`sparsify` did to one layer.
-
-    Attributes:
-        name, kind, shape: the layer's name, ``"linear"``, ``"conv1d"`` (``transformers``' ``Conv1D``,
-            converted to a ``SparseLinear``; ``shape`` is its weight's ``(in, out)``) or ``"conv2d"``,
-            and the weight shape it had.
-        sparse: True when it was converted; else ``reason`` says why not.
-        element_density: kept weights over all weights.
-        trainable_fraction: trainable weights over kept weights.
-        block_fraction: computed blocks over all blocks (1 for dense layers).
-        trainable_block_fraction: blocks that get a weight gradient over all blocks.
-        flops_per_token: ``{pass: {"dense", "element", "block"}}`` per input row
-            (per output position for convolutions), from ``layout.flops(1)``.
-        flops_saved: ``{pass: fraction}`` of the dense FLOPs the kernels skip.
-        note: what else happened to a converted layer (a ``Conv1D`` converted, a
-            sparse layer re-blocked to a new block size), or ``None``.
-    """
-
-    name: str
-    kind: str
-    shape: tuple[int, ...]
-    sparse: bool
-    reason: str | None
-    element_density: float
-    trainable_fraction: float
-    block_fraction: float
-    trainable_block_fraction: float
-    flops_per_token: dict[str, dict[str, int]]
-    flops_saved: dict[str, float]
-    note: str | None = None
-
-
-@dataclass
-class SparsifyReport:
-    """Per-layer :class:`LayerReport` s, indexable by layer name; ``table()`` prints them."""
-
-    layers: dict[str, LayerReport]
-
-    def __getitem__(self, name: str) -> LayerReport:
-        return self.layers[name]
-
-    def __iter__(self):
-        return iter(self.layers.values())
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    def __contains__(self, name) -> bool:
-        return name in self.layers
-
-    @property
-    def sparse_layers(self) -> list[str]:
-        return [n for n, r in self.layers.items() if r.sparse]
-
-    def total(self) -> dict[str, float]:
-        """Element density, trainable fraction and per-pass FLOPs saved over all reported layers.
-
-        Every layer in the report counts, weighted by its weight's size: the
-        converted ones at their densities and those left dense (too small,
-        excluded, tied) at density 1, so the figures describe the candidate
-        layers of the whole model, not one of them.
-        """
-        numel = {n: math.prod(r.shape) for n, r in self.layers.items()}
-        kept = sum(r.element_density * numel[n] for n, r in self.layers.items())
-        train = sum(r.element_density * r.trainable_fraction * numel[n] for n, r in self.layers.items())
-        out = {"element_density": kept / max(1, sum(numel.values())), "trainable_fraction": train / max(1e-12, kept)}
-        for p in PASSES:
-            dense = sum(r.flops_per_token[p]["dense"] for r in self)
-            block = sum(r.flops_per_token[p]["block"] for r in self)
-            out[f"{p}_flops_saved"] = 1 - block / dense if dense else 0.0
-        return out
-
-    def table(self) -> str:
-        """A markdown table, one row per layer and a total row."""
-        lines = [
-            "| layer | shape | sparse | density | trainable | blocks | fwd saved | dX saved | dW saved | note |",
-            "|" + "---|" * 10,
-        ]
-        for r in self:
-            s = r.flops_saved
-            lines.append(
-                f"| {r.name} | {'x'.join(map(str, r.shape))} | {'yes' if r.sparse else 'no'} "
-                f"| {r.element_density:.3f} | {r.trainable_fraction:.3f} | {r.block_fraction:.3f} "
-                f"| {s['forward']:.3f} | {s['input_grad']:.3f} | {s['weight_grad']:.3f} | {r.reason or r.note or ''} |"
-            )
-        t = self.total()
-        lines.append(
-            f"| total | | | {t['element_density']:.3f} | {t['trainable_fraction']:.3f} | "
-            f"| {t['forward_flops_saved']:.3f} | {t['input_grad_flops_saved']:.3f} "
-            f"| {t['weight_grad_flops_saved']:.3f} | |"
-        )
-        return "\n".join(lines)
-
-
-def _layer_report(t: Target, mod: nn.Module, reason: str | None, note: str | None = None) -> LayerReport:
-    kind = "conv2d" if len(t.shape) == 4 else "conv1d" if t.transposed else "linear"
-    if reason is None and t.transposed:
-        conv1d = f"transformers Conv1D, now a SparseLinear {t.shape[1]}x{t.shape[0]} (out x in)"
-        note = conv1d if note is None else f"{conv1d}; {note}"
-    if reason is None:
-        lay = mod.layout
-        counts = lay.element_counts()
-        f = lay.flops(1)
-        # A conv matrix view pads input channels up to the block: dense counts real weights only.
-        for p in PASSES:
-            f[p]["dense"] = 2 * math.prod(t.shape)
-        return LayerReport(
-            name=t.name,
-            kind=kind,
-            shape=t.shape,
-            sparse=True,
-            reason=None,
-            element_density=counts["kept"] / max(1, math.prod(t.shape)),
-            trainable_fraction=counts["trainable"] / max(1, counts["kept"]),
-            block_fraction=lay.block_density,
-            trainable_block_fraction=lay.trainable_block_fraction,
-            flops_per_token=f,
-            flops_saved={p: 1 - f[p]["block"] / f[p]["dense"] if f[p]["dense"] else 0.0 for p in PASSES},
-            note=note,
-        )
-    per_row = 2 * math.prod(t.shape)
-    wgrad = per_row if mod.weight.requires_grad else 0
-    f = {p: dict.fromkeys(("dense", "element", "block"), per_row) for p in ("forward", "input_grad")}
-    f["weight_grad"] = {"dense": per_row, "element": wgrad, "block": wgrad}
-    return LayerReport(
-        name=t.name,
-        kind=kind,
-        shape=t.shape,
-        sparse=False,
-        reason=reason,
-        element_density=1.0,
-        trainable_fraction=float(wgrad > 0),
-        block_fraction=1.0,
-        trainable_block_fraction=float(wgrad > 0),
-        flops_per_token=f,
-        flops_saved={p: 1 - f[p]["block"] / f[p]["dense"] for p in PASSES},
-    )
-
-
 def sparsify(
     model: nn.Module,
     method: str = "magnitude",
@@ -683,18 +334,40 @@ def sparsify(
         >>> rep = sparsekern.sparsify(model, "snip", density=0.2, block_size=32, data=[(x, y)], exclude_last=True)
         >>> print(rep.table())
     """
-    plan = _plan(model, _spec(locals()))
+    config = MethodConfig(
+        method=method,
+        density=density,
+        trainable=trainable,
+        block_size=block_size,
+        distribution=distribution,
+        granularity=granularity,
+        data=data,
+        loss_fn=loss_fn,
+        exclude=exclude,
+        exclude_first=exclude_first,
+        exclude_last=exclude_last,
+        reduce=reduce,
+        layers=layers,
+        seed=seed,
+        freeze=freeze,
+        freeze_layers=freeze_layers,
+        iterations=iterations,
+        example_input=example_input,
+        temperature=temperature,
+        min_blocks=min_blocks,
+    )
+    chosen = plan(model, config)
     new_size = normalize_block_size(block_size)
     notes = {
         t.name: f"re-blocked from {t.module.block_size[0]}x{t.module.block_size[1]} to {new_size[0]}x{new_size[1]}"
-        for t in plan.targets
-        if t.name in plan.masks and current_masks(t.module) is not None and tuple(t.module.block_size) != new_size
+        for t in chosen.targets
+        if t.name in chosen.masks and current_masks(t.module) is not None and tuple(t.module.block_size) != new_size
     }
-    apply_masks(model, plan.masks, new_size)
-    for name in plan.frozen_dense:
+    apply_masks(model, chosen.masks, new_size)
+    for name in chosen.frozen_dense:
         model.get_submodule(name).weight.requires_grad_(False)
     modules = dict(model.named_modules())
-    return SparsifyReport({t.name: _layer_report(t, modules[t.name], t.skip, notes.get(t.name)) for t in plan.targets})
+    return SparsifyReport({t.name: layer_report(t, modules[t.name], t.skip, notes.get(t.name)) for t in chosen.targets})
 
 
 if sparsify.__doc__:

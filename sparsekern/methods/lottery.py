@@ -28,7 +28,10 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from sparsekern.methods.api import SparsifyReport, _layer_report, _plan, _Spec, apply_masks
+from sparsekern.methods.api import apply_masks
+from sparsekern.methods.config import MethodConfig
+from sparsekern.methods.planning import plan
+from sparsekern.methods.report import SparsifyReport, layer_report
 from sparsekern.methods.select import check_fraction
 from sparsekern.methods.targets import current_masks
 from sparsekern.nn.hf import is_conv1d
@@ -176,7 +179,7 @@ def imp(
     if distribution not in ("uniform", "global"):
         raise ValueError(f"imp supports distribution 'uniform' or 'global', got {distribution!r}")
 
-    spec = _Spec(
+    config = MethodConfig(
         method="magnitude",
         block_size=block_size,
         distribution=distribution,
@@ -189,7 +192,7 @@ def imp(
         seed=0,
         min_blocks=min_blocks,
     )
-    _plan(model, replace(spec, density=1.0))  # fail on bad options before any training
+    plan(model, replace(config, density=1.0))  # fail on bad options before any training
     saved: dict[str, dict] = {}
 
     def save():
@@ -206,14 +209,14 @@ def imp(
     kept: dict[str, torch.Tensor] | None = None
     for r in range(1, rounds + 1):
         density = (1.0 - prune_fraction) ** r
-        plan = _plan(model, replace(spec, density=density), prior=kept)
-        new = {n: (m & kept[n] if kept is not None else m) for n, (m, _) in plan.masks.items()}
+        chosen = plan(model, replace(config, density=density), prior=kept)
+        new = {n: (m & kept[n] if kept is not None else m) for n, (m, _) in chosen.masks.items()}
         apply_masks(model, {n: (m, None) for n, m in new.items()}, block_size)
         if rewind == "weights":
             model.load_state_dict(_in_current_orientation(saved["state"], saved["conv1d"], model))
         # The layers' own masks: a Conv1D's plan mask is (in, out), the SparseLinear it became is (out, in).
         kept = {n: model.get_submodule(n).mask for n in new}
         modules = dict(model.named_modules())
-        history.append(SparsifyReport({t.name: _layer_report(t, modules[t.name], t.skip) for t in plan.targets}))
+        history.append(SparsifyReport({t.name: layer_report(t, modules[t.name], t.skip) for t in chosen.targets}))
         train_fn(model, ImpRound(r, rounds, density, rewind, rewind_step, rewind_step))
     return ImpResult(model, kept or {}, history, saved.get("state"))

@@ -44,8 +44,8 @@ from torch import nn
 from sparsekern import nn as sknn
 from sparsekern.layout import normalize_block_size
 from sparsekern.methods.blocks import block_grid
-from sparsekern.nn._base import BlockSparseWeight
 from sparsekern.nn.hf import is_conv1d
+from sparsekern.nn.sparse_weight import BlockSparseWeight
 
 __all__ = [
     "Target",

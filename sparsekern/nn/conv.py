@@ -4,7 +4,7 @@ The weight keeps ``nn.Conv2d``'s orientation ``(Cout, Cin, kh, kw)`` for every
 user-facing tensor (``weight``, ``mask``, ``frozen_mask``, dense checkpoints);
 internally the layout is built on its matrix view (``sparsekern/convview.py``):
 a block is ``bm`` output channels by ``bk`` input channels at one filter tap.
-Storage is as for every sparse layer (``_base.py``): only trainable blocks
+Storage is as for every sparse layer (``sparse_weight.py``): only trainable blocks
 are a Parameter.
 
 Supported: stride, padding (ints, pairs, ``'same'``, ``'valid'``), dilation,
@@ -24,7 +24,7 @@ from torch import nn
 from sparsekern import convview
 from sparsekern.functional import sparse_conv2d
 from sparsekern.layout import normalize_block_size
-from sparsekern.nn._base import BlockSparseWeight
+from sparsekern.nn.sparse_weight import BlockSparseWeight
 
 __all__ = ["SparseConv2d"]
 

@@ -3,7 +3,7 @@
 Storage (same weight orientation as ``nn.Linear``, ``(out_features, in_features)``):
 
 ``weight_train`` (the trainable blocks), ``weight_frozen``, ``block_code``
-and ``element_state``, as for every sparse layer (see ``_base.py``); the
+and ``element_state``, as for every sparse layer (see ``sparse_weight.py``); the
 layout is built on the weight itself.
 
 ``weight`` is a read-only dense view of the effective weight ``W * mask`` for
@@ -33,8 +33,8 @@ from torch import nn
 
 from sparsekern.functional import sparse_linear
 from sparsekern.layout import normalize_block_size
-from sparsekern.nn._base import BlockSparseWeight
 from sparsekern.nn.hf import conv1d_features, is_conv1d
+from sparsekern.nn.sparse_weight import BlockSparseWeight
 
 __all__ = ["SparseLinear"]
 

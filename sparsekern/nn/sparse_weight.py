@@ -1,5 +1,10 @@
 """What every block-sparse layer shares: the two value stores, the layout, mask updates and checkpoints.
 
+Why one file of this size: every path that replaces the stores (construction, ``set_masks``,
+loading, ``.to()``, deepcopy, unpickling) must keep ``weight_train`` and ``weight_frozen`` views of
+one buffer, so they stay beside each other; the read-only weight is in ``readonly.py`` and the
+foreign-mask reader in ``foreign_masks.py``.
+
 A layer's weight has a user-facing shape (``(out, in)`` for linear,
 ``(Cout, Cin, kh, kw)`` for conv) and a *matrix view* on which the
 :class:`~sparsekern.layout.BlockLayout` is built. Subclasses say how to go
@@ -31,7 +36,7 @@ comes first.
 
 ``weight`` is computed from the stores on each access: differentiable, so
 penalties on it train the stored blocks, and read-only (``ReadOnlyWeight``):
-writes raise instead of vanishing. ``copy_dense_`` and ``reset_parameters``
+writes raise instead of vanishing (``readonly.py``). ``copy_dense_`` and ``reset_parameters``
 set values.
 
 Known limits: on the meta device the layout is built on the CPU (masks need
@@ -49,7 +54,8 @@ from torch import nn
 from sparsekern.functional import with_dense_grad
 from sparsekern.kernels.store import adjacent, join_stores
 from sparsekern.layout import BlockLayout, as_bool_mask
-from sparsekern.nn._ingest import dense_weight_and_mask
+from sparsekern.nn.foreign_masks import dense_weight_and_mask
+from sparsekern.nn.readonly import ReadOnlyWeight
 
 
 def _bool_mask(mask: torch.Tensor, name: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -108,86 +114,6 @@ def _warn_if_nothing_skipped(layout: BlockLayout, what: str) -> None:
         "sparsekern.sparsify(..., granularity='block')) to gain speed. (Said once per process.)",
         stacklevel=4,
     )
-
-
-_WRITE_DUNDERS = {
-    "__setitem__",
-    "__iadd__",
-    "__isub__",
-    "__imul__",
-    "__itruediv__",
-    "__ifloordiv__",
-    "__imod__",
-    "__ipow__",
-    "__iand__",
-    "__ior__",
-    "__ixor__",
-    "__ilshift__",
-    "__irshift__",
-    "__imatmul__",
-}
-_NOT_WRITES = {"requires_grad_", "retain_grad", "share_memory_"}
-
-
-def _written(func, name: str, args, kwargs):
-    """The tensor ``func`` would write into, or ``None`` for a pure read."""
-    out = kwargs.get("out")
-    if out is not None:
-        return out
-    if args and (
-        (name.endswith("_") and not name.startswith("__") and name not in _NOT_WRITES)
-        or name in _WRITE_DUNDERS
-        or kwargs.get("inplace") is True  # F.relu(w, inplace=True) arrives as relu
-    ):
-        return args[0]
-    return None
-
-
-def _views_of(result, sources) -> bool:
-    """Whether ``result`` shares memory with one of ``sources`` (a view: ``w[0]``, ``w.T``, ``w.view(-1)``)."""
-    if not isinstance(result, torch.Tensor) or isinstance(result, ReadOnlyWeight) or result.numel() == 0:
-        return False
-    ptr = result.untyped_storage().data_ptr()
-    return any(src.untyped_storage().data_ptr() == ptr for src in sources)
-
-
-class ReadOnlyWeight(torch.Tensor):
-    """What a sparse layer's ``weight`` returns: a computed tensor that raises on any write.
-
-    Reads work and return plain tensors (autograd included). Writes raise
-    ``RuntimeError``, because a write into a computed tensor would silently be
-    lost: in-place ops and ``out=`` into it or into any view of it (views and
-    ``.data`` stay read-only), and ``inplace=True``. ``detach()`` and copies
-    (``clone``, ``deepcopy``, ``torch.save``) give plain tensors.
-    """
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        target = _written(func, name, args, kwargs)
-        if isinstance(target, ReadOnlyWeight) or (
-            isinstance(target, (tuple, list)) and any(isinstance(t, ReadOnlyWeight) for t in target)
-        ):
-            raise RuntimeError(
-                f"{name or func}: a sparse layer's .weight is computed from its stored blocks (W * mask) on each "
-                "access, so writes to it would be lost. Use layer.copy_dense_(w) to set values, "
-                "layer.reset_parameters() to initialise, or write weight_train (the trainable blocks) directly; "
-                "penalties can use .weight as it is (it is differentiable)."
-            )
-        with torch._C.DisableTorchFunctionSubclass():
-            result = func(*args, **kwargs)
-        if name in ("detach", "clone", "__deepcopy__", "__reduce_ex__"):
-            return result
-        sources = [a for a in args if isinstance(a, ReadOnlyWeight)]
-        # A view (or .data) of a read-only tensor is read-only too: writing into it would be lost as well.
-        return result.as_subclass(ReadOnlyWeight) if _views_of(result, sources) else result
-
-    def __deepcopy__(self, memo):
-        return self.as_subclass(torch.Tensor).detach().clone()
-
-    def __reduce_ex__(self, protocol):
-        return self.as_subclass(torch.Tensor).detach().clone().__reduce_ex__(protocol)
 
 
 class BlockSparseWeight(nn.Module):
@@ -295,7 +221,7 @@ class BlockSparseWeight(nn.Module):
         """``(weight, mask, bias)`` of a dense module for ``from_dense``.
 
         The module's own torch prune / torch.ao mask wins over ``weight != 0``
-        when no ``mask`` is given (``nn/_ingest.py``); values come back detached.
+        when no ``mask`` is given (``nn/foreign_masks.py``); values come back detached.
         """
         w, foreign = dense_weight_and_mask(module)
         if mask is None:
