@@ -59,6 +59,11 @@ def test_recall_is_one_for_identical_queries_and_codes(ex):
 
 @pytest.mark.parametrize("method", ["snip", "rigl"])
 def test_tiny_run_trains_sparse_layers(ex, method, monkeypatch):
+    # The example runs as a user runs it, on the CPU engine; conftest's Triton interpreter would take minutes.
+    import sparsekern.kernels as sk
+
+    monkeypatch.setattr(sk, "INTERPRET", False)
+    assert not sk.use_triton(torch.device("cpu"))
     made = []
     real = ex.Retriever.__init__
 
