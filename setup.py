@@ -18,7 +18,7 @@ setup(
     # The Triton kernels live in top-level kernels/ but install only as
     # sparsekern.kernels: a bare "kernels" package already exists on PyPI.
     package_dir={"sparsekern.kernels": "kernels"},
-    package_data={"sparsekern.kernels": ["tuned/*.json", "native/*.cpp"]},
+    package_data={"sparsekern.kernels": ["tuned/*.json", "native/*.cpp", "native/*.h"]},
     # The benchmark installs as sparsekern.bench (results stay in the repo's bench/results/, which is
     # data): a bare top-level "bench" would clash with other projects' on sys.path and PyPI.
     entry_points={"console_scripts": ["sparsekern-bench = sparsekern.bench.cli:main"]},

@@ -1,4 +1,4 @@
-"""Builds and loads the native CPU kernels (``native/bsmm.cpp``) and wraps them for torch tensors.
+"""Builds and loads the native CPU kernels (``native/*.cpp``, one library) and wraps them for torch tensors.
 
 Import path: ``sparsekern.kernels.native`` (this folder, ``kernels/``, installs as ``sparsekern.kernels``).
 
@@ -39,7 +39,11 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("native") / "bsmm.cpp"
+SOURCE_DIR = Path(__file__).with_name("native")
+# Every source file in the folder goes into the one library (a kernel family per .cpp, shared code in
+# the headers); the cache key covers them all.
+SOURCES = sorted(SOURCE_DIR.glob("*.cpp"))
+HEADERS = sorted(SOURCE_DIR.glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 _P, _I, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -86,7 +90,8 @@ def _build(_retry: bool = True) -> ctypes.CDLL:
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_id()]).encode()).hexdigest()
+    texts = [f.name + "\0" + f.read_text() for f in (*SOURCES, *HEADERS)]
+    key = hashlib.sha256("\0".join([*texts, " ".join(FLAGS), version, _cpu_id()]).encode()).hexdigest()
     cache = Path(os.environ.get("SPARSEKERN_CACHE_DIR", Path.home() / ".cache" / "sparsekern"))
     target = cache / f"bsmm-{key[:16]}.so"
     if not target.exists():
@@ -96,9 +101,10 @@ def _build(_retry: bool = True) -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
         os.close(fd)
         try:
-            proc = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+            cmd = [cxx, *FLAGS, *map(str, SOURCES), "-o", tmp]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
-                raise RuntimeError(f"{cxx} failed to build {SOURCE.name}:\n{proc.stderr.strip()[-2000:]}")
+                raise RuntimeError(f"{cxx} failed to build {SOURCE_DIR.name}/*.cpp:\n{proc.stderr.strip()[-2000:]}")
             # mkstemp made the file private (0600) and the linker keeps that, adding only execute
             # bits; other users of a shared cache directory could then not load it.
             os.chmod(tmp, 0o755)

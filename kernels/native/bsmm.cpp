@@ -15,103 +15,10 @@
 //
 // Vectors are GCC vector extensions (16 floats), so the same source builds for AVX-512, AVX2 or NEON
 // with -march=native. No source here depends on torch: it builds in about a second.
-#include <algorithm>
-#include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <type_traits>
-#include <sys/mman.h>
-
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));  // unaligned loads and stores
-
-static inline v16 ld(const float* p) { return *(const v16u*)p; }
-static inline void st(float* p, v16 v) { *(v16u*)p = v; }
-// A compound literal (not `(v16){} + x`, which keeps an add for -0.0) lowers to one vbroadcastss.
-static inline v16 bc(float x) { return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+#include "common.h"
 
 namespace {
-
-struct Workspace {
-    float* p = nullptr;
-    size_t n = 0;
-    ~Workspace() { std::free(p); }
-    float* get(size_t want) {
-        // Never answer nullptr for an empty request (M == 0): callers read nullptr as out of memory.
-        if (want == 0) want = 1;
-        if (want <= n) return p;
-        std::free(p);
-        const size_t huge = size_t(1) << 21;
-        size_t bytes = (want * sizeof(float) + huge - 1) / huge * huge;
-        p = (float*)std::aligned_alloc(huge, bytes);
-        if (p) madvise(p, bytes, MADV_HUGEPAGE);  // advice only: fewer TLB misses where THP is on
-        n = p ? bytes / sizeof(float) : 0;
-        return p;
-    }
-    void release() {
-        std::free(p);
-        p = nullptr;
-        n = 0;
-    }
-};
-thread_local Workspace ws_a, ws_b;
-
-// bf16 is the top half of an fp32: widening is a shift; narrowing rounds to nearest even, and keeps
-// NaN a (quiet) NaN instead of letting the rounding carry run into the exponent.
-typedef uint16_t bf16;
-inline float widen(float x) { return x; }
-inline float widen(bf16 h) {
-    const uint32_t u = uint32_t(h) << 16;
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
-}
-inline void narrow(float x, float* out) { *out = x; }
-inline void narrow(float x, bf16* out) {
-    uint32_t u;
-    std::memcpy(&u, &x, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u)
-        *out = bf16((u >> 16) | 0x40u);
-    else
-        *out = bf16((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-// dst[c][t][0:L] = src[t, c*L + 0:L] for the column blocks c with used[c]; zero past `cols`.
-template <typename T>
-void pack(const T* src, int64_t ld, int64_t M, int64_t cols, int64_t L, const uint8_t* used, float* dst,
-          int nthreads) {
-    const int64_t cb = (cols + L - 1) / L;
-    const int64_t TC = 256;  // tokens per work item: enough work to amortise scheduling
-    const int64_t chunks = (M + TC - 1) / TC;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t it = 0; it < cb * chunks; ++it) {
-        const int64_t c = it / chunks, t0 = (it % chunks) * TC, t1 = std::min(M, t0 + TC);
-        if (!used[c]) continue;
-        const int64_t w = std::min(L, cols - c * L);
-        float* d = dst + (c * M + t0) * L;
-        const T* s = src + t0 * ld + c * L;
-        for (int64_t t = t0; t < t1; ++t, d += L, s += ld) {
-            if constexpr (std::is_same_v<T, float>)
-                std::memcpy(d, s, sizeof(float) * w);
-            else
-                for (int64_t q = 0; q < w; ++q) d[q] = widen(s[q]);
-            if (w < L) std::memset(d + w, 0, sizeof(float) * (L - w));
-        }
-    }
-}
-
-// Calls f(std::integral_constant<int, r>) for a runtime r in [1, R]: a tile's remainder rows then run
-// as one register tile of exactly r rows, not r one-row passes (which are load-bound: for 32x32 blocks
-// the weight gradient's 8 leftover rows of each block cost a third of its main tiles' time that way).
-template <int R, typename F>
-inline void with_rows(int64_t r, F&& f) {
-    if constexpr (R > 0) {
-        if (r == R)
-            f(std::integral_constant<int, R>{});
-        else
-            with_rows<R - 1>(r, f);
-    }
-}
+using namespace sk;
 
 // One MR-token by 16*NV-column output tile of a group (a block row in the forward pass, a block
 // column in the input gradient), accumulated in registers over all of the group's blocks:
@@ -229,12 +136,6 @@ void sampled_mm(const float* Dp, const float* Xp, int64_t M, const int32_t* brow
     }
 }
 
-uint8_t* mark_used(int64_t n, const int32_t* idx, int64_t count) {
-    uint8_t* used = (uint8_t*)std::calloc(n > 0 ? n : 1, 1);
-    if (used)
-        for (int64_t p = 0; p < count; ++p) used[idx[p]] = 1;
-    return used;
-}
 
 }  // namespace
 
@@ -319,6 +220,7 @@ int sk_sampled_mm(const void* DY, int64_t lddy, int64_t N, const void* X, int64_
 void sk_release() {
     ws_a.release();
     ws_b.release();
+    ws_c.release();
 }
 
 }  // extern "C"
