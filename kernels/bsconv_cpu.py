@@ -47,7 +47,7 @@ import bisect
 import torch
 import torch.nn.functional as F
 
-from . import bsmm_cpu
+from . import bsmm_cpu, native
 from .bsmm_cpu import workspace
 from .meta import ConvGeom
 
@@ -160,8 +160,11 @@ def _dense_pad_input(x, g: ConvGeom):
 # with 64x64 blocks it still wins at 0.5 on 3x3 256->256 (132 vs 166 ms). 16 and 128 are not measured.
 DENSE_CROSSOVER = {16: 0.15, 32: 0.3, 64: 0.6, 128: 0.6}
 
+# The same for the native kernels (fp32 and bf16; block sides multiples of 16).
+NATIVE_CROSSOVER = {16: 0.15, 32: 0.3, 64: 0.6, 128: 0.6}
 
-def gathered(meta, g: ConvGeom) -> bool:
+
+def gathered(meta, g: ConvGeom, crossover: dict | None = None) -> bool:
     """Whether the block path runs (else the dense fallback).
 
     Decided on the computed blocks' share of the dense conv's FLOPs, padding
@@ -170,7 +173,8 @@ def gathered(meta, g: ConvGeom) -> bool:
     """
     bm, bk = meta.element_state.shape[1:]  # (n_mixed, bm, bk) even when n_mixed == 0
     work = meta.col_indices.numel() * bm * bk
-    return work <= DENSE_CROSSOVER.get(min(bm, bk), 0.3) * g.c_out * g.c_in * g.kh * g.kw
+    crossover = DENSE_CROSSOVER if crossover is None else crossover
+    return work <= crossover.get(min(bm, bk), 0.3) * g.c_out * g.c_in * g.kh * g.kw
 
 
 # The plane path computes Hp*Wp positions per image for Ho*Wo outputs; beyond this ratio the gathered
@@ -190,19 +194,36 @@ def _plane(g: ConvGeom):
     return hp, wp, (g.kh - 1) * g.dil_h * wp + (g.kw - 1) * g.dil_w
 
 
-def path(meta, g: ConvGeom) -> str:
-    """``"dense"``, ``"plane"`` or ``"gather"``: how this layout and geometry run (module docstring)."""
-    if g.n * g.h_out * g.w_out == 0 or not gathered(meta, g):
+def native_strides(meta, dtype: torch.dtype) -> bool:
+    """Whether the block path of this layout and dtype returns channels_last results (the native
+    kernels' layout): fp32 or bf16 with block sides that are multiples of 16.
+
+    A function of the layout and dtype only, never of whether the native kernels were built in this
+    process: compiled graphs bake these strides in (see ``bsmm_cpu.transposed_output``). Without the
+    native build, the torch-level paths copy their results into the same strides.
+    """
+    bm, bk = meta.element_state.shape[1:]  # (n_mixed, bm, bk) even when n_mixed == 0
+    return dtype in native.DTYPES and bm % 16 == 0 and bk % 16 == 0
+
+
+def path(meta, g: ConvGeom, dtype: torch.dtype = torch.float32) -> str:
+    """``"dense"``, ``"native"``, ``"plane"`` or ``"gather"``: how this layout, geometry and dtype run
+    (module docstring)."""
+    nat = native_strides(meta, dtype)
+    if g.n * g.h_out * g.w_out == 0 or not gathered(meta, g, NATIVE_CROSSOVER if nat else DENSE_CROSSOVER):
         return "dense"
+    if nat and native.available():
+        return "native"
     return "plane" if _plane(g) is not None else "gather"
 
 
-def _output(like: torch.Tensor, g: ConvGeom, meta, pass_: str):
-    """``(buffer, view)``: where a pass writes, and the ``(N, C, H, W)`` view it returns."""
-    route = path(meta, g)
+def _torch_output(like: torch.Tensor, g: ConvGeom, meta, pass_: str, route: str):
+    """``(buffer, view)``: where a torch-level pass (``route``: dense, plane, gather) writes, and the
+    ``(N, C, H, W)`` view of it that pass produces."""
     c = g.c_out if pass_ == "forward" else g.c_in
+    shape = (g.n, c, *((g.h_out, g.w_out) if pass_ == "forward" else (g.h, g.w)))
     if route == "dense":
-        view = like.new_empty(g.n, c, *((g.h_out, g.w_out) if pass_ == "forward" else (g.h, g.w)))
+        view = like.new_empty(shape)
         return view, view
     bm, bk = meta.element_state.shape[1:]
     rows = (meta.row_offsets.numel() - 1) * bm if pass_ == "forward" else g.c_pad
@@ -223,7 +244,22 @@ def _output(like: torch.Tensor, g: ConvGeom, meta, pass_: str):
 
 def output_view(like: torch.Tensor, g: ConvGeom, meta, pass_: str) -> torch.Tensor:
     """An empty ``forward`` or ``input_grad`` result with the strides this path returns (for fake tensors)."""
-    return _output(like, g, meta, pass_)[1]
+    if path(meta, g, like.dtype) != "dense" and native_strides(meta, like.dtype):
+        shape = (g.n, g.c_out, g.h_out, g.w_out) if pass_ == "forward" else (g.n, g.c_in, g.h, g.w)
+        return _channels_last(like, shape)
+    route = path(meta, g, like.dtype)
+    if route == "native":  # not reached (native strides above); for a reader: the torch routes' views
+        route = "plane" if _plane(g) is not None else "gather"
+    return _torch_output(like, g, meta, pass_, route)[1]
+
+
+def _channels_last(like: torch.Tensor, shape, dtype=None) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=torch.channels_last)
+
+
+def _promised(t: torch.Tensor, meta) -> torch.Tensor:
+    """A torch-level block result in the strides :func:`output_view` promises (a copy without the native build)."""
+    return t.contiguous(memory_format=torch.channels_last) if native_strides(meta, t.dtype) else t
 
 
 def _tap_offset(g: ConvGeom, t: int, wp: int) -> int:
@@ -289,14 +325,24 @@ def _plane_forward(x, vals, bias, meta, g: ConvGeom, buf: torch.Tensor) -> None:
 
 def forward(x, w_train, w_frozen, bias, meta, g: ConvGeom, n_frozen) -> torch.Tensor:
     bm, bk = w_train.shape[1:]
-    route = path(meta, g)
+    route = path(meta, g, x.dtype)
     if route == "dense":
         xin, padding = _dense_pad_input(x, g)
         w4 = _dense_weight4d(w_train, w_frozen, meta, n_frozen, g)
         y = F.conv2d(xin, w4, bias, (g.stride_h, g.stride_w), padding, (g.dil_h, g.dil_w))
         return y.contiguous()
-    buf, y = _output(x, g, meta, "forward")
     vals = bsmm_cpu.effective_blocks(w_train, w_frozen, meta.storage, meta.aux, meta.element_state, n_frozen)
+    if route == "native":
+        y = _channels_last(x, (g.n, g.c_out, g.h_out, g.w_out))
+        wt = vals.new_empty(vals.shape[0], bk, bm, dtype=torch.float32).copy_(vals.transpose(1, 2))  # one pass
+        b = None if bias is None else bias.float().contiguous()
+        return native.conv_forward(x, list(g), wt, meta.row_offsets, meta.col_indices, b, y)
+    return _promised(_torch_forward(x, vals, bias, meta, g, route), meta)
+
+
+def _torch_forward(x, vals, bias, meta, g: ConvGeom, route: str) -> torch.Tensor:
+    bm, bk = vals.shape[1:]
+    buf, y = _torch_output(x, g, meta, "forward", route)
     if route == "plane":
         _plane_forward(x, vals, bias, meta, g, buf)
         return y
@@ -335,9 +381,36 @@ def backward(dy, x, w_train, w_frozen, meta, g: ConvGeom, n_frozen, input_grad: 
     trainable elements.
     """
     bm, bk = w_train.shape[1:]
-    route = path(meta, g)
+    route = path(meta, g, dy.dtype)
     if route == "dense":
         return _dense_backward(dy, x, w_train, w_frozen, meta, g, n_frozen, input_grad, weight_grad)
+    if route == "native":
+        dx, dw = _native_backward(dy, x, w_train, w_frozen, meta, g, n_frozen, input_grad, weight_grad)
+    else:
+        dx, dw = _torch_backward(dy, x, w_train, w_frozen, meta, g, n_frozen, input_grad, weight_grad, route)
+        dx = None if dx is None else _promised(dx, meta)
+    return dx, None if dw is None else bsmm_cpu.mask_mixed_grad_(dw, meta)
+
+
+def _native_backward(dy, x, w_train, w_frozen, meta, g: ConvGeom, n_frozen, input_grad: bool, weight_grad: bool):
+    bm, bk = w_train.shape[1:]
+    tidx = meta.train_index.long()
+    dx = _channels_last(x, (g.n, g.c_in, g.h, g.w)) if input_grad else None
+    dw = x.new_empty(tidx.numel(), bm, bk, dtype=torch.float32) if weight_grad else None
+    if dx is None and dw is None:
+        return None, None
+    vals = bsmm_cpu.effective_blocks(w_train, w_frozen, meta.storage, meta.aux, meta.element_state, n_frozen)
+    t_rows = meta.row_indices[tidx].contiguous() if weight_grad else None
+    t_cols = meta.col_indices[tidx].contiguous() if weight_grad else None
+    native.conv_backward(
+        dy, x, list(g), vals.float().contiguous(), meta.col_offsets, meta.row_indices_t, meta.block_index_t,
+        dx, t_rows, t_cols, dw,
+    )  # fmt: skip
+    return dx, None if dw is None else dw.to(x.dtype)
+
+
+def _torch_backward(dy, x, w_train, w_frozen, meta, g, n_frozen, input_grad: bool, weight_grad: bool, route: str):
+    bm, bk = w_train.shape[1:]
     rb = meta.row_offsets.numel() - 1
     n_train = meta.train_index.numel()
     dx = dw = None
@@ -353,7 +426,7 @@ def backward(dy, x, w_train, w_frozen, meta, g: ConvGeom, n_frozen, input_grad: 
             dx = _gather_input_grad(dyt, w_train, w_frozen, meta, g, n_frozen)
         if weight_grad:
             dw = _gather_weight_grad(dyt, x, meta, g, bm, bk) if n_train else x.new_zeros(0, bm, bk)
-    return dx, None if dw is None else bsmm_cpu.mask_mixed_grad_(dw, meta)
+    return dx, dw
 
 
 def _dense_backward(dy, x, w_train, w_frozen, meta, g: ConvGeom, n_frozen, input_grad: bool, weight_grad: bool):
@@ -387,7 +460,7 @@ def _dense_backward(dy, x, w_train, w_frozen, meta, g: ConvGeom, n_frozen, input
 def _plane_input_grad(dys, w_train, w_frozen, meta, g: ConvGeom, n_frozen) -> torch.Tensor:
     """``dx`` on planes: each block adds ``W_b^T @ dy_row`` into the window its tap read."""
     bm, bk = w_train.shape[1:]
-    buf, dx = _output(w_train, g, meta, "input_grad")
+    buf, dx = _torch_output(w_train, g, meta, "input_grad", "plane")
     buf.zero_()
     if meta.col_indices.numel() == 0:
         return dx
@@ -449,7 +522,7 @@ def _gather_input_grad(dyt, w_train, w_frozen, meta, g: ConvGeom, n_frozen) -> t
             r, s = divmod(taps[u0], g.kw)
             c0 = first[u0]
             _tap_view(dxp, g, bk, r, s)[c0 : c0 + u1 - u0].add_(dcols[u0:u1])
-    buf, dx = _output(w_train, g, meta, "input_grad")
+    buf, dx = _torch_output(w_train, g, meta, "input_grad", "gather")
     buf.copy_(dxp[: g.c_in, :, g.pad_h : g.pad_h + g.h, g.pad_w : g.pad_w + g.w])
     return dx
 

@@ -50,6 +50,8 @@ _P, _I, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
     "sk_group_mm": [_P, _I, _I, _I, _P, _P, _I, _P, _P, _I, _I, _P, _P, _I, _I, _INT, _INT],
     "sk_sampled_mm": [_P, _I, _I, _P, _I, _I, _I, _P, _P, _I, _I, _I, _P, _INT, _INT],
+    "sk_conv_fwd": [_P, _P, _P, _P, _P, _I, _P, _I, _I, _P, _P, _I, _INT, _INT],
+    "sk_conv_bwd": [_P, _P, _P, _P, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _P, _I, _P, _INT, _INT],
     "sk_release": [],
 }
 
@@ -261,6 +263,98 @@ def sampled_mm(dy, x, rows, cols, bm: int, bk: int, out=None) -> torch.Tensor:
     )  # fmt: skip
     _check(rc, "sampled_mm")
     return dw
+
+
+def _int64s(values) -> torch.Tensor:
+    """A contiguous int64 CPU tensor of ``values``: how strides and geometry cross into the kernels."""
+    return torch.tensor(list(values), dtype=torch.int64)
+
+
+def _strides4(t: torch.Tensor, name: str) -> torch.Tensor:
+    _require(t.dim() == 4, f"{name} must be 4-D (N, C, H, W), got shape {tuple(t.shape)}")
+    return _int64s(t.stride())
+
+
+def _conv_geom(geom, bm: int, bk: int) -> torch.Tensor:
+    _require(len(geom) == 16, "geom must be a ConvGeom (16 ints)")
+    _require(bm % 16 == 0 and bk % 16 == 0, f"block {bm}x{bk}: each side must be a multiple of 16")
+    _require(geom[15] % bk == 0, f"c_pad {geom[15]} is not a multiple of bk {bk}")
+    return _int64s(geom)
+
+
+def conv_forward(x, geom, blocks_t, offsets, cols, bias, out) -> torch.Tensor:
+    """The block-sparse conv forward into ``out`` ``(N, Cout, Ho, Wo)`` (unit channel stride), from ``x``.
+
+    ``geom`` is the :class:`~sparsekern.kernels.meta.ConvGeom`; ``blocks_t`` the CSR-ordered blocks
+    transposed, a contiguous fp32 ``(nnzb, bk, bm)``; ``offsets``/``cols`` the layout's
+    ``row_offsets``/``col_indices``. ``x`` and ``out`` are fp32 or bf16 (both the same), any strides
+    for ``x``; fp32 sums, rounded once.
+    """
+    n, bk, bm = blocks_t.shape
+    g = _conv_geom(geom, bm, bk)
+    _require(x.dtype in DTYPES and x.device.type == "cpu", "x must be a float32 or bfloat16 CPU tensor")
+    _operands({}, {"blocks_t": blocks_t, "bias": bias}, {"offsets": offsets, "cols": cols})
+    _require(blocks_t.is_contiguous(), "blocks_t must be contiguous")
+    _require(tuple(x.shape) == tuple(geom[:4]), f"x has shape {tuple(x.shape)}, the geometry says {tuple(geom[:4])}")
+    out_shape = (geom[0], geom[4], geom[5], geom[6])
+    _require(
+        tuple(out.shape) == out_shape and out.dtype == x.dtype and out.is_contiguous(memory_format=torch.channels_last),
+        f"out must be a channels_last {x.dtype} tensor of shape {out_shape}",
+    )
+    _in_range(cols, geom[7] * geom[8] * geom[15] // bk, "cols", "block columns of the weight")
+    _require(
+        offsets.numel() == -(-geom[4] // bm) + 1 and int(offsets[-1]) == cols.numel() == n,
+        "offsets must have one entry per block row plus one, ending at len(cols) == len(blocks_t)",
+    )
+    _require(bias is None or bias.numel() >= geom[4], "bias must have Cout entries")
+    xs = _strides4(x, "x")
+    rc = _loaded().sk_conv_fwd(
+        _ptr(x), _ptr(xs), _ptr(g), _ptr(blocks_t), _ptr(offsets), offsets.numel() - 1, _ptr(cols), bm, bk,
+        _ptr(bias), _ptr(out), geom[4], x.dtype == torch.bfloat16, torch.get_num_threads(),
+    )  # fmt: skip
+    _check(rc, "conv_forward")
+    return out
+
+
+def conv_backward(dy, x, geom, vals, col_offsets, rows_t, sel_t, dx, t_rows, t_cols, dw) -> None:
+    """Both conv gradients from one packing of ``dy``: ``dx`` (when given, any strides) and ``dw``
+    (when given: fp32 ``(len(t_rows), bm, bk)`` for the trainable blocks at block rows ``t_rows`` and
+    matrix columns ``t_cols``), written in place.
+
+    ``vals`` are the CSR-ordered blocks as stored, a contiguous fp32 ``(nnzb, bm, bk)``;
+    ``col_offsets``/``rows_t``/``sel_t`` the layout's transposed walk.
+    """
+    _, bm, bk = vals.shape
+    g = _conv_geom(geom, bm, bk)
+    _require(dy.dtype in DTYPES and dy.device.type == "cpu", "dy must be a float32 or bfloat16 CPU tensor")
+    _require(x.dtype == dy.dtype and (dx is None or dx.dtype == dy.dtype), "dy, x and dx must share one dtype")
+    _operands({}, {"vals": vals, "dw": dw}, {"col_offsets": col_offsets, "rows_t": rows_t, "sel_t": sel_t,
+                                            "t_rows": t_rows, "t_cols": t_cols})  # fmt: skip
+    _require(vals.is_contiguous() and (dw is None or dw.is_contiguous()), "vals and dw must be contiguous")
+    _require(tuple(dy.shape) == (geom[0], geom[4], geom[5], geom[6]), f"dy has shape {tuple(dy.shape)}")
+    _require(tuple(x.shape) == tuple(geom[:4]), f"x has shape {tuple(x.shape)}")
+    _require(dx is None or tuple(dx.shape) == tuple(geom[:4]), "dx must have x's shape")
+    ncols = geom[7] * geom[8] * geom[15] // bk
+    _require(
+        col_offsets.numel() == ncols + 1 and int(col_offsets[-1]) == rows_t.numel() == sel_t.numel(),
+        "col_offsets must have one entry per block column plus one, ending at len(rows_t) == len(sel_t)",
+    )
+    _in_range(rows_t, -(-geom[4] // bm), "rows_t", "block rows")
+    _in_range(sel_t, vals.shape[0], "sel_t", "blocks")
+    nt = 0 if t_rows is None else t_rows.numel()
+    _require(
+        dw is None or (t_cols.numel() == nt and tuple(dw.shape) == (nt, bm, bk)), "dw must be (len(t_rows), bm, bk)"
+    )
+    _in_range(t_rows, -(-geom[4] // bm), "t_rows", "block rows")
+    _in_range(t_cols, ncols, "t_cols", "block columns")
+    keep = [_strides4(dy, "dy"), _strides4(x, "x"), None if dx is None else _strides4(dx, "dx")]
+    rc = _loaded().sk_conv_bwd(
+        _ptr(dy), _ptr(keep[0]), _ptr(x), _ptr(keep[1]), _ptr(g), _ptr(vals), bm, bk, _ptr(col_offsets),
+        _ptr(rows_t), _ptr(sel_t), _ptr(dx), _ptr(keep[2]), _ptr(t_rows if dw is not None else None),
+        _ptr(t_cols if dw is not None else None), nt if dw is not None else 0, _ptr(dw),
+        dy.dtype == torch.bfloat16, torch.get_num_threads(),
+    )  # fmt: skip
+    _check(rc, "conv_backward")
 
 
 def release_workspace() -> None:

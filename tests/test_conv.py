@@ -1,11 +1,14 @@
 """``sparse_conv2d`` and ``SparseConv2d`` vs float64 ``F.conv2d`` references, on both CPU backends.
 
 The ``backend`` fixture (conftest.py) runs each test on the Triton kernels under the
-interpreter and on the CPU path (``kernels/bsconv_cpu.py``). The CPU path picks its
-dense fallback from the blocks' share of the dense conv's work, padding channels and
-rows included, which is large for these small odd shapes; this module pins the
-crossover at 1.3 so that the cases run all three CPU paths (dense, plane, gather;
-``test_cases_cover_every_cpu_path_and_every_block_code`` guards that).
+interpreter and on the CPU path (``kernels/bsconv_cpu.py``); on the CPU, ``conv_impl``
+runs it once on the native kernels (fp32 and bf16) and once with them turned off
+(``SPARSEKERN_NATIVE=0``: the torch-level plane and gather paths, what a machine without
+a C++ compiler runs, and fp16 always). The CPU path picks its dense fallback from the
+blocks' share of the dense conv's work, padding channels and rows included, which is
+large for these small odd shapes; this module pins the crossovers at 1.3 so that the
+cases run every CPU path (``test_cases_cover_every_cpu_path_and_every_block_code``
+guards that).
 Tolerances come from the reduction length of each pass: forward ``Cin*kh*kw``,
 input gradient ``Cout*kh*kw``, weight and bias gradients ``N*Ho*Wo``.
 """
@@ -16,7 +19,7 @@ from torch import nn
 
 from sparsekern import convview
 from sparsekern.functional import sparse_conv2d
-from sparsekern.kernels import bsconv_cpu
+from sparsekern.kernels import bsconv_cpu, native
 from sparsekern.kernels.meta import Meta
 from sparsekern.layout import BlockLayout
 from sparsekern.nn import SparseConv2d
@@ -27,9 +30,19 @@ F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 DT_NAME = {F32: "fp32", F16: "fp16", BF16: "bf16"}
 
 
-@pytest.fixture(autouse=True)
-def _conv_crossover(monkeypatch):
-    monkeypatch.setattr(bsconv_cpu, "DENSE_CROSSOVER", dict.fromkeys((16, 32, 64, 128), 1.3))
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def conv_impl(request, monkeypatch):
+    """``native`` or ``torch``: which CPU implementation fp32/bf16 blocks run (module docstring)."""
+    for name in ("DENSE_CROSSOVER", "NATIVE_CROSSOVER"):
+        monkeypatch.setattr(bsconv_cpu, name, dict.fromkeys((16, 32, 64, 128), 1.3))
+    if "backend" in request.fixturenames and request.getfixturevalue("backend") == "triton":
+        if request.param == "torch":
+            pytest.skip("the Triton backend runs no CPU implementation: once is enough")
+    elif request.param == "torch":
+        monkeypatch.setenv("SPARSEKERN_NATIVE", "0")
+    elif not native.available():
+        pytest.skip(f"native kernels unavailable here: {native._error}")
+    return request.param
 
 
 def conv_masks(shape, bs, density, kind):
@@ -71,10 +84,10 @@ class ConvProblem:
         self.conv = {"stride": stride, "padding": padding, "dilation": dilation}
 
     def cpu_path(self, x=None):
-        """Which way ``bsconv_cpu`` runs this problem: ``dense``, ``plane`` or ``gather``."""
+        """Which way ``bsconv_cpu`` runs this problem: ``dense``, ``native``, ``plane`` or ``gather``."""
         x = self.x if x is None else x
         g = convview.conv_geometry(x.shape, self.shape, bk=self.lay.block_size[1], **self.conv)
-        return bsconv_cpu.path(Meta(*self.lay.meta()), g)
+        return bsconv_cpu.path(Meta(*self.lay.meta()), g, self.dtype)
 
     def run(self, x=None, dy=None, bias=True):
         x = (self.x if x is None else x).clone().requires_grad_()
@@ -125,14 +138,14 @@ def _problem(case, dtype=F32):
     return ConvProblem(n, cin, cout, hw, k, bs, d, kind, dtype, stride, padding, dilation)
 
 
-def test_cases_cover_every_cpu_path_and_every_block_code():
+def test_cases_cover_every_cpu_path_and_every_block_code(conv_impl):
     paths, codes = set(), set()
     for param in CASES:
         p = _problem(param.values[0])
         codes |= set(p.lay.block_code.unique().tolist())
         if p.lay.nnz_blocks:
             paths.add(p.cpu_path())
-    assert paths == {"dense", "plane", "gather"}
+    assert paths == ({"dense", "native"} if conv_impl == "native" else {"dense", "plane", "gather"})
     assert codes == {0, 1, 2, 3}
 
 
@@ -178,7 +191,7 @@ SKIP_GEOMETRIES = [pytest.param((12, 1, "plane"), id="plane"), pytest.param((9, 
 
 
 @pytest.mark.parametrize("geometry", SKIP_GEOMETRIES)
-def test_nan_in_input_channels_of_pruned_block_columns_never_reaches_y(xfail_cpu_dense_nan, backend, geometry):
+def test_nan_in_input_channels_of_pruned_block_columns_never_reaches_y(xfail_cpu_dense_nan, backend, geometry, conv_impl):
     """Input channels whose block column is empty at every tap carry NaN; y and w_train.grad stay exact."""
     size, stride, route = geometry
     p = ConvProblem(2, 48, 32, size, 3, 16, 0.0, "block", F32, stride, 1, 1)
@@ -187,7 +200,7 @@ def test_nan_in_input_channels_of_pruned_block_columns_never_reaches_y(xfail_cpu
     p.mask = mask
     p.lay = BlockLayout.from_masks(convview.to_matrix(mask, 16, False), None, 16)
     p.wt, p.wf = p.lay.split_values(convview.to_matrix(p.w, 16))
-    assert p.cpu_path() == route
+    assert p.cpu_path() == ("native" if conv_impl == "native" else route)
     x = p.x.clone()
     x[:, :16] = NAN
     x[:, 32:] = NAN
@@ -201,7 +214,7 @@ def test_nan_in_input_channels_of_pruned_block_columns_never_reaches_y(xfail_cpu
 
 
 @pytest.mark.parametrize("geometry", SKIP_GEOMETRIES)
-def test_nan_in_dy_of_empty_block_rows_never_reaches_x_grad(backend, geometry):
+def test_nan_in_dy_of_empty_block_rows_never_reaches_x_grad(backend, geometry, conv_impl):
     size, stride, route = geometry
     p = ConvProblem(2, 20, 48, size, 3, 16, 0.0, "block", F32, stride, 1, 1)
     mask = torch.zeros(p.shape, dtype=torch.bool)
@@ -209,7 +222,7 @@ def test_nan_in_dy_of_empty_block_rows_never_reaches_x_grad(backend, geometry):
     p.mask = mask
     p.lay = BlockLayout.from_masks(convview.to_matrix(mask, 16, False), None, 16)
     p.wt, p.wf = p.lay.split_values(convview.to_matrix(p.w, 16))
-    assert p.cpu_path() == route
+    assert p.cpu_path() == ("native" if conv_impl == "native" else route)
     out = (size + 2 - 3) // stride + 1
     dy = torch.randn(2, 48, out, out)
     dy[:, :16] = NAN

@@ -27,11 +27,11 @@ template <int NV, int MR, typename OT>
 inline void group_tile(const float* P, int64_t M, int64_t L, const float* B, int64_t W, int64_t woff,
                        const int32_t* idx, const int32_t* sel, int32_t s, int32_t e, const float* bias, OT* out,
                        int64_t ldo, int64_t col0, int64_t out_cols) {
-    v16 acc[MR][NV];
+    vf acc[MR][NV];
     for (int v = 0; v < NV; ++v) {
-        float b0[16];
-        for (int q = 0; q < 16; ++q) {
-            const int64_t c = col0 + 16 * v + q;
+        float b0[VL];
+        for (int q = 0; q < VL; ++q) {
+            const int64_t c = col0 + VL * v + q;
             b0[q] = bias && c < out_cols ? bias[c] : 0.f;
         }
         for (int i = 0; i < MR; ++i) acc[i][v] = ld(b0);
@@ -40,22 +40,22 @@ inline void group_tile(const float* P, int64_t M, int64_t L, const float* B, int
         const float* a = P + (int64_t)idx[p] * M * L;
         const float* b = B + (int64_t)(sel ? sel[p] : p) * L * W + woff;
         for (int64_t l = 0; l < L; ++l) {
-            v16 bv[NV];
-            for (int v = 0; v < NV; ++v) bv[v] = ld(b + l * W + 16 * v);
+            vf bv[NV];
+            for (int v = 0; v < NV; ++v) bv[v] = ld(b + l * W + VL * v);
             for (int i = 0; i < MR; ++i) {
-                const v16 av = bc(a[i * L + l]);
+                const vf av = bc(a[i * L + l]);
                 for (int v = 0; v < NV; ++v) acc[i][v] += av * bv[v];
             }
         }
     }
-    const int64_t valid = std::min<int64_t>(out_cols - col0, NV * 16);  // the last block may be partial
+    const int64_t valid = std::min<int64_t>(out_cols - col0, NV * VL);  // the last block may be partial
     for (int i = 0; i < MR; ++i) {
         OT* o = out + i * ldo + col0;
-        if (std::is_same_v<OT, float> && valid == NV * 16) {
-            for (int v = 0; v < NV; ++v) st(reinterpret_cast<float*>(o) + 16 * v, acc[i][v]);
+        if (std::is_same_v<OT, float> && valid == NV * VL) {
+            for (int v = 0; v < NV; ++v) st(reinterpret_cast<float*>(o) + VL * v, acc[i][v]);
         } else {
-            float tmp[NV * 16];
-            for (int v = 0; v < NV; ++v) st(tmp + 16 * v, acc[i][v]);
+            float tmp[NV * VL];
+            for (int v = 0; v < NV; ++v) st(tmp + VL * v, acc[i][v]);
             for (int64_t q = 0; q < valid; ++q) narrow(tmp[q], o + q);
         }
     }
@@ -70,14 +70,14 @@ void group_mm(const float* P, int64_t M, const float* B, const int32_t* offsets,
               const int32_t* sel, int64_t L, int64_t W, const float* bias, OT* out, int64_t ldo,
               int64_t out_cols, int nthreads) {
     const int64_t tiles = (M + TM - 1) / TM;
-    const int64_t slabs = W / (16 * NV);
+    const int64_t slabs = W / (VL * NV);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t it = 0; it < tiles * G; ++it) {
         const int64_t t0 = (it / G) * TM, t1 = std::min(M, t0 + TM), g = it % G;
         for (int64_t slab = 0; slab < slabs; ++slab) {
-            const int64_t col0 = g * W + slab * NV * 16;
+            const int64_t col0 = g * W + slab * NV * VL;
             if (col0 >= out_cols) break;
-            const int64_t woff = slab * NV * 16;
+            const int64_t woff = slab * NV * VL;
             int64_t t = t0;
             for (; t + MR <= t1; t += MR)
                 group_tile<NV, MR, OT>(P + t * L, M, L, B, W, woff, idx, sel, offsets[g], offsets[g + 1], bias,
@@ -94,19 +94,19 @@ void group_mm(const float* P, int64_t M, const float* B, const int32_t* offsets,
 template <int NV, int MR>
 inline void sampled_tile(const float* D, int64_t bm, const float* X, int64_t bk, int64_t t0, int64_t t1, float* dw,
                          bool first) {
-    v16 acc[MR][NV];
+    vf acc[MR][NV];
     for (int i = 0; i < MR; ++i)
-        for (int v = 0; v < NV; ++v) acc[i][v] = first ? bc(0.f) : ld(dw + i * bk + 16 * v);
+        for (int v = 0; v < NV; ++v) acc[i][v] = first ? bc(0.f) : ld(dw + i * bk + VL * v);
     for (int64_t t = t0; t < t1; ++t) {
-        v16 xv[NV];
-        for (int v = 0; v < NV; ++v) xv[v] = ld(X + t * bk + 16 * v);
+        vf xv[NV];
+        for (int v = 0; v < NV; ++v) xv[v] = ld(X + t * bk + VL * v);
         for (int i = 0; i < MR; ++i) {
-            const v16 dv = bc(D[t * bm + i]);
+            const vf dv = bc(D[t * bm + i]);
             for (int v = 0; v < NV; ++v) acc[i][v] += dv * xv[v];
         }
     }
     for (int i = 0; i < MR; ++i)
-        for (int v = 0; v < NV; ++v) st(dw + i * bk + 16 * v, acc[i][v]);
+        for (int v = 0; v < NV; ++v) st(dw + i * bk + VL * v, acc[i][v]);
 }
 
 // One work item per (trainable block, column slab). Tokens run in chunks of TC so that a chunk of
@@ -114,15 +114,15 @@ inline void sampled_tile(const float* D, int64_t bm, const float* X, int64_t bk,
 template <int NV, int MR, int TC>
 void sampled_mm(const float* Dp, const float* Xp, int64_t M, const int32_t* brow, const int32_t* bcol, int64_t nb,
                 int64_t bm, int64_t bk, float* dw, int nthreads) {
-    const int64_t slabs = bk / (16 * NV);
+    const int64_t slabs = bk / (VL * NV);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t it = 0; it < nb * slabs; ++it) {
-        const int64_t b = it / slabs, woff = (it % slabs) * NV * 16;
+        const int64_t b = it / slabs, woff = (it % slabs) * NV * VL;
         const float* D = Dp + (int64_t)brow[b] * M * bm;
         const float* X = Xp + (int64_t)bcol[b] * M * bk + woff;
         float* out = dw + b * bm * bk + woff;
         if (M == 0) {
-            for (int64_t j = 0; j < bm; ++j) std::memset(out + j * bk, 0, sizeof(float) * NV * 16);
+            for (int64_t j = 0; j < bm; ++j) std::memset(out + j * bk, 0, sizeof(float) * NV * VL);
             continue;
         }
         for (int64_t t0 = 0; t0 < M; t0 += TC) {
@@ -165,19 +165,12 @@ int sk_group_mm(const void* A, int64_t lda, int64_t M, int64_t a_cols, const flo
         pack(static_cast<const float*>(A), lda, M, a_cols, L, used, P, nthreads);
     std::free(used);
     auto run = [&](auto* o) {
-        // Register tiles: MR tokens by NV vectors of 16 columns (24 accumulators of 32 zmm registers).
-        if (W % 64 == 0)
-            group_mm<4, 6, 96>(P, M, B, offsets, G, idx, sel, L, W, bias, o, ldo, out_cols, nthreads);
-        else if (W % 32 == 0)
-            group_mm<2, 12, 96>(P, M, B, offsets, G, idx, sel, L, W, bias, o, ldo, out_cols, nthreads);
-        else
-            group_mm<1, 12, 96>(P, M, B, offsets, G, idx, sel, L, W, bias, o, ldo, out_cols, nthreads);
+        return by_width(W, [&](auto nv, auto mr) {
+            group_mm<decltype(nv)::value, decltype(mr)::value, 96>(P, M, B, offsets, G, idx, sel, L, W, bias, o, ldo,
+                                                                   out_cols, nthreads);
+        });
     };
-    if (is_bf16)
-        run(static_cast<bf16*>(out));
-    else
-        run(static_cast<float*>(out));
-    return 0;
+    return is_bf16 ? run(static_cast<bf16*>(out)) : run(static_cast<float*>(out));
 }
 
 // Weight gradient of the trainable blocks b (block row brow[b], column bcol[b]):
@@ -207,13 +200,9 @@ int sk_sampled_mm(const void* DY, int64_t lddy, int64_t N, const void* X, int64_
     }
     std::free(urow);
     std::free(ucol);
-    if (bk % 64 == 0)
-        sampled_mm<4, 6, 256>(Dp, Xp, M, brow, bcol, nb, bm, bk, dw, nthreads);
-    else if (bk % 32 == 0)
-        sampled_mm<2, 12, 256>(Dp, Xp, M, brow, bcol, nb, bm, bk, dw, nthreads);
-    else
-        sampled_mm<1, 12, 256>(Dp, Xp, M, brow, bcol, nb, bm, bk, dw, nthreads);
-    return 0;
+    return by_width(bk, [&](auto nv, auto mr) {
+        sampled_mm<decltype(nv)::value, decltype(mr)::value, 256>(Dp, Xp, M, brow, bcol, nb, bm, bk, dw, nthreads);
+    });
 }
 
 // Frees the calling thread's packing workspace (it otherwise lives until the thread exits).

@@ -1,0 +1,401 @@
+// Native CPU kernels for the block-sparse 2-D convolution (fp32 sums; fp32 or bf16 activations), loaded
+// by kernels/native.py through ctypes. Same machinery as bsmm.cpp (packed operands, register tiles that
+// sum a whole block row, OpenMP), with the implicit im2col folded into the packing:
+//
+// * x is packed once per call, channel-block-major and zero-padded: Xp[cb][n][hh][ww][0:bk], with
+//   (hh, ww) over the padded plane (Hp, Wp). Output position t = (n, ho, wo) then reads tap (r, s) of
+//   channel block cb at row  base(t) + off(r, s)  of panel cb, where
+//       base(t) = (n*Hp + ho*sh)*Wp + wo*sw,   off(r, s) = r*dh*Wp + s*dw,
+//   so every stride, padding and dilation is one row index per token plus one offset per block: no
+//   gathered slabs, no padded-plane waste, and a block's operand rows stay 4*bk contiguous bytes.
+// * dy is packed block-major over output positions: Dp[g][t][0:bm] (as bsmm.cpp packs activations).
+//
+// A block of the weight's matrix view (sparsekern/convview.py) is bm output channels by bk input
+// channels at one tap; the matrix column is tap*per_tap + cb. The three passes:
+//   forward      y[t, g*bm + j]      = bias + sum_{b in row g} sum_k Xp[cb_b][base(t)+off_b][k] W_b[j][k]
+//   input grad   dxp[cb][base(t)+off][k] += sum_{b in column (tap, cb)} sum_j Dp[g_b][t][j] W_b[j][k]
+//   weight grad  dW_b[j][k]          = sum_t Dp[g_b][t][j] Xp[cb_b][base(t)+off_b][k]
+// The input gradient is a scatter (a token's sums land on the input rows its taps read). Work items are
+// (channel block, image) pairs: distinct items never write the same row of dxp, so no atomics, and an
+// item's rows of dxp (Hp*Wp*bk floats, 25 KiB at 14x14x32) stay in L1/L2 while its taps add into them.
+// dx is then unpacked from dxp in one pass into the caller's strides (the padding ring is dropped).
+//
+// Activations arrive as 4-D (N, C, H, W) with any element strides; the packing reads unit-stride
+// channels (channels_last) with memcpy and other layouts element by element.
+#include "common.h"
+
+namespace {
+using namespace sk;
+
+// The geometry, in sparsekern.kernels.meta.ConvGeom's field order.
+struct Geom {
+    int64_t n, c_in, h, w, c_out, h_out, w_out, kh, kw, sh, sw, ph, pw, dh, dw, c_pad;
+    explicit Geom(const int64_t* g)
+        : n(g[0]), c_in(g[1]), h(g[2]), w(g[3]), c_out(g[4]), h_out(g[5]), w_out(g[6]), kh(g[7]), kw(g[8]),
+          sh(g[9]), sw(g[10]), ph(g[11]), pw(g[12]), dh(g[13]), dw(g[14]), c_pad(g[15]) {}
+    int64_t tokens() const { return n * h_out * w_out; }
+    // The padded plane: every row and column a tap reads, and every input position (for dx).
+    int64_t hp() const { return std::max((h_out - 1) * sh + dh * (kh - 1) + 1, ph + h); }
+    int64_t wp() const { return std::max((w_out - 1) * sw + dw * (kw - 1) + 1, pw + w); }
+};
+
+// dst[c][n][hh][ww][0:L] = src[n, c*L + q, hh - top, ww - left] (zero outside the source or past C) for
+// the channel blocks c with used[c]. src has element strides s[0..3] over (N, C, H, W).
+template <typename T>
+void pack_planes(const T* src, const int64_t* s, int64_t N, int64_t C, int64_t H, int64_t W, int64_t Hp,
+                 int64_t Wp, int64_t top, int64_t left, int64_t L, const uint8_t* used, float* dst, int nthreads) {
+    const int64_t cb = (C + L - 1) / L;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t it = 0; it < cb * N * Hp; ++it) {
+        const int64_t c = it / (N * Hp), n = (it / Hp) % N, hh = it % Hp;
+        if (!used[c]) continue;
+        float* d = dst + ((c * N + n) * Hp + hh) * Wp * L;
+        const int64_t h = hh - top, width = std::min(L, C - c * L);
+        if (h < 0 || h >= H) {
+            std::memset(d, 0, sizeof(float) * Wp * L);
+            continue;
+        }
+        const T* row = src + n * s[0] + c * L * s[1] + h * s[2];
+        for (int64_t ww = 0; ww < Wp; ++ww, d += L) {
+            const int64_t w = ww - left;
+            if (w < 0 || w >= W) {
+                std::memset(d, 0, sizeof(float) * L);
+                continue;
+            }
+            const T* p = row + w * s[3];
+            if (std::is_same_v<T, float> && s[1] == 1)
+                std::memcpy(d, p, sizeof(float) * width);
+            else
+                for (int64_t q = 0; q < width; ++q) d[q] = widen(p[q * s[1]]);
+            if (width < L) std::memset(d + width, 0, sizeof(float) * (L - width));
+        }
+    }
+}
+
+template <typename... A>
+void pack_any(bool is_bf16, const void* src, A... args) {
+    if (is_bf16)
+        pack_planes(static_cast<const bf16*>(src), args...);
+    else
+        pack_planes(static_cast<const float*>(src), args...);
+}
+
+// base(t) for every output position, in rows of a panel (see the top of the file).
+int64_t* token_rows(const Geom& g, int64_t Hp, int64_t Wp) {
+    const int64_t M = g.tokens();
+    int64_t* r = (int64_t*)std::malloc(sizeof(int64_t) * (M > 0 ? M : 1));
+    if (r)
+        for (int64_t t = 0; t < M; ++t) {
+            const int64_t wo = t % g.w_out, ho = (t / g.w_out) % g.h_out, n = t / (g.w_out * g.h_out);
+            r[t] = (n * Hp + ho * g.sh) * Wp + wo * g.sw;
+        }
+    return r;
+}
+
+// Per block: where its operand rows start, in floats from the packed buffer's start (panel + tap shift).
+int64_t* block_offsets(const Geom& g, const int32_t* cols, int64_t nb, int64_t L, int64_t Hp, int64_t Wp) {
+    const int64_t per_tap = g.c_pad / L, panel = g.n * Hp * Wp * L;
+    int64_t* o = (int64_t*)std::malloc(sizeof(int64_t) * (nb > 0 ? nb : 1));
+    if (o)
+        for (int64_t p = 0; p < nb; ++p) {
+            const int64_t tap = cols[p] / per_tap, cb = cols[p] % per_tap;
+            o[p] = cb * panel + ((tap / g.kw) * g.dh * Wp + (tap % g.kw) * g.dw) * L;
+        }
+    return o;
+}
+
+// One MR-token by 16*NV-channel forward tile, summed in registers over the block row's blocks [s, e).
+// rows[i] = base(t + i) * L: token i's row in every panel.
+template <int NV, int MR, typename OT>
+inline void fwd_tile(const float* Xp, const int64_t* rows, int64_t L, const float* B, int64_t W, int64_t woff,
+                     const int64_t* boff, int32_t s, int32_t e, const float* bias, OT* out, int64_t ldo,
+                     int64_t col0, int64_t out_cols) {
+    int64_t r[MR];
+    for (int i = 0; i < MR; ++i) r[i] = rows[i];
+    vf acc[MR][NV];
+    for (int v = 0; v < NV; ++v) {
+        float b0[VL];
+        for (int q = 0; q < VL; ++q) {
+            const int64_t c = col0 + VL * v + q;
+            b0[q] = bias && c < out_cols ? bias[c] : 0.f;
+        }
+        for (int i = 0; i < MR; ++i) acc[i][v] = ld(b0);
+    }
+    for (int32_t p = s; p < e; ++p) {
+        const float* a = Xp + boff[p];
+        const float* b = B + (int64_t)p * L * W + woff;
+        for (int64_t l = 0; l < L; ++l) {
+            vf bv[NV];
+            for (int v = 0; v < NV; ++v) bv[v] = ld(b + l * W + VL * v);
+            for (int i = 0; i < MR; ++i) {
+                const vf av = bc(a[r[i] + l]);
+                for (int v = 0; v < NV; ++v) acc[i][v] += av * bv[v];
+            }
+        }
+    }
+    const int64_t valid = std::min<int64_t>(out_cols - col0, NV * VL);  // the last block may be partial
+    for (int i = 0; i < MR; ++i) {
+        OT* o = out + i * ldo + col0;
+        if (std::is_same_v<OT, float> && valid == NV * VL) {
+            for (int v = 0; v < NV; ++v) st(reinterpret_cast<float*>(o) + VL * v, acc[i][v]);
+        } else {
+            float tmp[NV * VL];
+            for (int v = 0; v < NV; ++v) st(tmp + VL * v, acc[i][v]);
+            for (int64_t q = 0; q < valid; ++q) narrow(tmp[q], o + q);
+        }
+    }
+}
+
+// Work items are (token tile, block row) pairs, token-tile major, as in bsmm.cpp's group_mm: a tile's
+// packed rows stay in L2 while the block rows' weights stream past.
+template <int NV, int MR, int TM, typename OT>
+void conv_fwd(const float* Xp, const int64_t* trow, int64_t M, int64_t L, const float* B, int64_t W,
+              const int32_t* offsets, int64_t G, const int64_t* boff, const float* bias, OT* out, int64_t ldo,
+              int64_t out_cols, int nthreads) {
+    const int64_t tiles = (M + TM - 1) / TM, slabs = W / (VL * NV);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t it = 0; it < tiles * G; ++it) {
+        const int64_t t0 = (it / G) * TM, t1 = std::min(M, t0 + TM), g = it % G;
+        int64_t rows[TM];
+        for (int64_t t = t0; t < t1; ++t) rows[t - t0] = trow[t] * L;
+        for (int64_t slab = 0; slab < slabs; ++slab) {
+            const int64_t col0 = g * W + slab * NV * VL;
+            if (col0 >= out_cols) break;
+            const int64_t woff = slab * NV * VL;
+            int64_t t = t0;
+            for (; t + MR <= t1; t += MR)
+                fwd_tile<NV, MR, OT>(Xp, rows + (t - t0), L, B, W, woff, boff, offsets[g], offsets[g + 1], bias,
+                                     out + t * ldo, ldo, col0, out_cols);
+            with_rows<MR - 1>(t1 - t, [&](auto n) {
+                fwd_tile<NV, decltype(n)::value, OT>(Xp, rows + (t - t0), L, B, W, woff, boff, offsets[g],
+                                                     offsets[g + 1], bias, out + t * ldo, ldo, col0, out_cols);
+            });
+        }
+    }
+}
+
+// One MR-token by 16*NV-channel input-gradient tile of one matrix column (one tap of one channel block),
+// summed in registers over the column's blocks, then added into the rows of dxp the tap read.
+template <int NV, int MR>
+inline void dgrad_tile(const float* Dp, int64_t M, int64_t L, const float* B, int64_t W, int64_t woff,
+                       const int32_t* grow, const int32_t* sel, int32_t s, int32_t e, int64_t t, const int64_t* trow,
+                       float* dst) {
+    vf acc[MR][NV];
+    for (int i = 0; i < MR; ++i)
+        for (int v = 0; v < NV; ++v) acc[i][v] = bc(0.f);
+    for (int32_t p = s; p < e; ++p) {
+        const float* a = Dp + ((int64_t)grow[p] * M + t) * L;
+        const float* b = B + (int64_t)sel[p] * L * W + woff;
+        for (int64_t l = 0; l < L; ++l) {
+            vf bv[NV];
+            for (int v = 0; v < NV; ++v) bv[v] = ld(b + l * W + VL * v);
+            for (int i = 0; i < MR; ++i) {
+                const vf av = bc(a[i * L + l]);
+                for (int v = 0; v < NV; ++v) acc[i][v] += av * bv[v];
+            }
+        }
+    }
+    for (int i = 0; i < MR; ++i) {
+        float* d = dst + trow[t + i] * W + woff;
+        for (int v = 0; v < NV; ++v) st(d + VL * v, ld(d + VL * v) + acc[i][v]);
+    }
+}
+
+template <int NV, int MR>
+void conv_dgrad(const Geom& g, const float* Dp, const int64_t* trow, int64_t L, const float* B, int64_t W,
+                const int32_t* col_offsets, const int32_t* grow, const int32_t* sel, float* dxp, int64_t Hp,
+                int64_t Wp, int nthreads) {
+    const int64_t M = g.tokens(), per_tap = g.c_pad / W, taps = g.kh * g.kw, hw = g.h_out * g.w_out;
+    const int64_t plane = Hp * Wp * W, slabs = W / (VL * NV);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t it = 0; it < per_tap * g.n; ++it) {
+        const int64_t cb = it / g.n, n = it % g.n;
+        // dst + trow[t]*W is token t's row of this channel block's panel (image n's rows lie in this item).
+        float* dst = dxp + cb * g.n * plane;
+        std::memset(dst + n * plane, 0, sizeof(float) * plane);
+        for (int64_t tap = 0; tap < taps; ++tap) {
+            const int64_t col = tap * per_tap + cb;
+            const int32_t s = col_offsets[col], e = col_offsets[col + 1];
+            if (s == e) continue;
+            float* shifted = dst + ((tap / g.kw) * g.dh * Wp + (tap % g.kw) * g.dw) * W;
+            const int64_t t0 = n * hw, t1 = t0 + hw;
+            for (int64_t slab = 0; slab < slabs; ++slab) {
+                const int64_t woff = slab * NV * VL;
+                int64_t t = t0;
+                for (; t + MR <= t1; t += MR)
+                    dgrad_tile<NV, MR>(Dp, M, L, B, W, woff, grow, sel, s, e, t, trow, shifted);
+                with_rows<MR - 1>(t1 - t, [&](auto r) {
+                    dgrad_tile<NV, decltype(r)::value>(Dp, M, L, B, W, woff, grow, sel, s, e, t, trow, shifted);
+                });
+            }
+        }
+    }
+}
+
+// dx[n, c, h, w] = dxp[c / L][n][h + ph][w + pw][c % L], into dx's element strides s (rounded once).
+template <typename T>
+void unpack_dx(const Geom& g, const float* dxp, int64_t Hp, int64_t Wp, int64_t L, T* dx, const int64_t* s,
+               int nthreads) {
+    const int64_t cb = (g.c_in + L - 1) / L;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t it = 0; it < g.n * g.h; ++it) {
+        const int64_t n = it / g.h, h = it % g.h;
+        for (int64_t w = 0; w < g.w; ++w) {
+            T* o = dx + n * s[0] + h * s[2] + w * s[3];
+            for (int64_t c = 0; c < cb; ++c) {
+                const float* p = dxp + (((c * g.n + n) * Hp + h + g.ph) * Wp + w + g.pw) * L;
+                const int64_t width = std::min(L, g.c_in - c * L);
+                if (std::is_same_v<T, float> && s[1] == 1)
+                    std::memcpy(o + c * L, p, sizeof(float) * width);
+                else
+                    for (int64_t q = 0; q < width; ++q) narrow(p[q], o + (c * L + q) * s[1]);
+            }
+        }
+    }
+}
+
+// dw[b][j0 + i][woff + 16v + w] over tokens [t0, t1), added to what the previous chunk stored.
+template <int NV, int MR>
+inline void wgrad_tile(const float* D, int64_t bm, const float* X, const int64_t* rows, int64_t t0, int64_t t1,
+                       float* dw, int64_t bk, bool first) {
+    vf acc[MR][NV];
+    for (int i = 0; i < MR; ++i)
+        for (int v = 0; v < NV; ++v) acc[i][v] = first ? bc(0.f) : ld(dw + i * bk + VL * v);
+    for (int64_t t = t0; t < t1; ++t) {
+        const float* x = X + rows[t];
+        vf xv[NV];
+        for (int v = 0; v < NV; ++v) xv[v] = ld(x + VL * v);
+        for (int i = 0; i < MR; ++i) {
+            const vf dv = bc(D[t * bm + i]);
+            for (int v = 0; v < NV; ++v) acc[i][v] += dv * xv[v];
+        }
+    }
+    for (int i = 0; i < MR; ++i)
+        for (int v = 0; v < NV; ++v) st(dw + i * bk + VL * v, acc[i][v]);
+}
+
+// One work item per (trainable block, channel slab); tokens in chunks of TC so both operands' chunks stay
+// in L1/L2 while every row tile of the block passes over them. rows[t] = base(t) * bk.
+template <int NV, int MR, int TC>
+void conv_wgrad(const float* Dp, const float* Xp, int64_t M, const int64_t* rows, const int32_t* brow,
+                const int64_t* boff, int64_t nb, int64_t bm, int64_t bk, float* dw, int nthreads) {
+    const int64_t slabs = bk / (VL * NV);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t it = 0; it < nb * slabs; ++it) {
+        const int64_t b = it / slabs, woff = (it % slabs) * NV * VL;
+        const float* D = Dp + (int64_t)brow[b] * M * bm;
+        const float* X = Xp + boff[b] + woff;
+        float* out = dw + b * bm * bk + woff;
+        for (int64_t t0 = 0; t0 < M; t0 += TC) {
+            const int64_t t1 = std::min(M, t0 + TC);
+            int64_t j = 0;
+            for (; j + MR <= bm; j += MR) wgrad_tile<NV, MR>(D + j, bm, X, rows, t0, t1, out + j * bk, bk, t0 == 0);
+            with_rows<MR - 1>(bm - j, [&](auto r) {
+                wgrad_tile<NV, decltype(r)::value>(D + j, bm, X, rows, t0, t1, out + j * bk, bk, t0 == 0);
+            });
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Forward: y (N*Ho*Wo, Cout) with row stride ldy (channels_last y is ldy = Cout), from x with element
+// strides xs over (N, C, H, W). B holds the CSR-ordered blocks transposed, (nnzb, bk, bm) fp32; offsets
+// (rb + 1) and cols (nnzb) are the layout's row_offsets and col_indices. Returns 0; 1 for a block side
+// that is not a multiple of 16; 2 when memory ran out (nothing written).
+int sk_conv_fwd(const void* x, const int64_t* xs, const int64_t* geom, const float* B, const int32_t* offsets,
+                int64_t rb, const int32_t* cols, int64_t bm, int64_t bk, const float* bias, void* y, int64_t ldy,
+                int is_bf16, int nthreads) {
+    const Geom g(geom);
+    if (bm % 16 != 0 || bk % 16 != 0 || g.c_pad % bk != 0) return 1;
+    const int64_t Hp = g.hp(), Wp = g.wp(), M = g.tokens(), nnzb = offsets[rb], per_tap = g.c_pad / bk;
+    uint8_t* used = (uint8_t*)std::calloc(per_tap, 1);
+    if (used)
+        for (int64_t p = 0; p < nnzb; ++p) used[cols[p] % per_tap] = 1;
+    int64_t* trow = used ? token_rows(g, Hp, Wp) : nullptr;
+    int64_t* boff = trow ? block_offsets(g, cols, nnzb, bk, Hp, Wp) : nullptr;
+    float* Xp = boff ? ws_a.get((size_t)per_tap * g.n * Hp * Wp * bk) : nullptr;
+    if (Xp) pack_any(is_bf16, x, xs, g.n, g.c_in, g.h, g.w, Hp, Wp, g.ph, g.pw, bk, used, Xp, nthreads);
+    const int rc = !Xp ? 2 : by_width(bm, [&](auto nv, auto mr) {
+        constexpr int NV = decltype(nv)::value, MR = decltype(mr)::value;
+        if (is_bf16)
+            conv_fwd<NV, MR, 96>(Xp, trow, M, bk, B, bm, offsets, rb, boff, bias, static_cast<bf16*>(y), ldy,
+                                 g.c_out, nthreads);
+        else
+            conv_fwd<NV, MR, 96>(Xp, trow, M, bk, B, bm, offsets, rb, boff, bias, static_cast<float*>(y), ldy,
+                                 g.c_out, nthreads);
+    });
+    std::free(used);
+    std::free(trow);
+    std::free(boff);
+    return rc;
+}
+
+// Both gradients from one packing of dy (element strides dys over (N, Cout, Ho, Wo)):
+// * dx (when not null, element strides dxs over (N, Cin, H, W)): vals are the CSR-ordered blocks as
+//   stored, (nnzb, bm, bk) fp32; col_offsets (kh*kw*c_pad/bk + 1), rows_t and sel_t are the layout's
+//   col_offsets, row_indices_t and block_index_t (the transposed walk).
+// * dw (when not null): (nt, bm, bk) fp32 for the trainable blocks at block rows trow_b and matrix
+//   columns tcol_b; x has element strides xs.
+// Returns as sk_conv_fwd does.
+int sk_conv_bwd(const void* dy, const int64_t* dys, const void* x, const int64_t* xs, const int64_t* geom,
+                const float* vals, int64_t bm, int64_t bk, const int32_t* col_offsets, const int32_t* rows_t,
+                const int32_t* sel_t, void* dx, const int64_t* dxs, const int32_t* trow_b, const int32_t* tcol_b,
+                int64_t nt, float* dw, int is_bf16, int nthreads) {
+    const Geom g(geom);
+    if (bm % 16 != 0 || bk % 16 != 0 || g.c_pad % bk != 0) return 1;
+    const int64_t Hp = g.hp(), Wp = g.wp(), M = g.tokens(), rb = (g.c_out + bm - 1) / bm, per_tap = g.c_pad / bk;
+    const int64_t ncols = g.kh * g.kw * per_tap;
+    uint8_t* urow = (uint8_t*)std::calloc(rb, 1);
+    uint8_t* ucb = (uint8_t*)std::calloc(per_tap, 1);
+    int rc = urow && ucb ? 0 : 2;
+    if (!rc) {
+        if (dx)
+            for (int64_t p = 0; p < col_offsets[ncols]; ++p) urow[rows_t[p]] = 1;
+        if (dw)
+            for (int64_t b = 0; b < nt; ++b) urow[trow_b[b]] = 1, ucb[tcol_b[b] % per_tap] = 1;
+    }
+    // Dp: dy over output positions (no padding), block-major; rows of the output plane are tokens.
+    float* Dp = rc ? nullptr : ws_a.get((size_t)rb * M * bm);
+    int64_t* trow = Dp ? token_rows(g, Hp, Wp) : nullptr;
+    if (!trow) rc = 2;
+    if (!rc) pack_any(is_bf16, dy, dys, g.n, g.c_out, g.h_out, g.w_out, g.h_out, g.w_out, 0, 0, bm, urow, Dp, nthreads);
+    if (!rc && dx) {
+        float* dxp = ws_c.get((size_t)per_tap * g.n * Hp * Wp * bk);
+        if (!dxp) rc = 2;
+        if (!rc)
+            rc = by_width(bk, [&](auto nv, auto mr) {
+                conv_dgrad<decltype(nv)::value, decltype(mr)::value>(g, Dp, trow, bm, vals, bk, col_offsets,
+                                                                     rows_t, sel_t, dxp, Hp, Wp, nthreads);
+            });
+        if (!rc) {
+            if (is_bf16)
+                unpack_dx(g, dxp, Hp, Wp, bk, static_cast<bf16*>(dx), dxs, nthreads);
+            else
+                unpack_dx(g, dxp, Hp, Wp, bk, static_cast<float*>(dx), dxs, nthreads);
+        }
+    }
+    if (!rc && dw && M == 0) std::memset(dw, 0, sizeof(float) * nt * bm * bk);
+    if (!rc && dw && nt > 0 && M > 0) {
+        int64_t* boff = block_offsets(g, tcol_b, nt, bk, Hp, Wp);
+        float* Xp = boff ? ws_b.get((size_t)per_tap * g.n * Hp * Wp * bk) : nullptr;
+        if (!Xp) rc = 2;
+        if (!rc) {
+            pack_any(is_bf16, x, xs, g.n, g.c_in, g.h, g.w, Hp, Wp, g.ph, g.pw, bk, ucb, Xp, nthreads);
+            for (int64_t t = 0; t < M; ++t) trow[t] *= bk;
+            rc = by_width(bk, [&](auto nv, auto mr) {
+                conv_wgrad<decltype(nv)::value, decltype(mr)::value, 256>(Dp, Xp, M, trow, trow_b, boff, nt, bm,
+                                                                          bk, dw, nthreads);
+            });
+        }
+        std::free(boff);
+    }
+    std::free(urow);
+    std::free(ucb);
+    std::free(trow);
+    return rc;
+}
+
+}  // extern "C"
