@@ -191,7 +191,9 @@ SKIP_GEOMETRIES = [pytest.param((12, 1, "plane"), id="plane"), pytest.param((9, 
 
 
 @pytest.mark.parametrize("geometry", SKIP_GEOMETRIES)
-def test_nan_in_input_channels_of_pruned_block_columns_never_reaches_y(xfail_cpu_dense_nan, backend, geometry, conv_impl):
+def test_nan_in_input_channels_of_pruned_block_columns_never_reaches_y(
+    xfail_cpu_dense_nan, backend, geometry, conv_impl
+):
     """Input channels whose block column is empty at every tap carry NaN; y and w_train.grad stay exact."""
     size, stride, route = geometry
     p = ConvProblem(2, 48, 32, size, 3, 16, 0.0, "block", F32, stride, 1, 1)
