@@ -386,7 +386,7 @@ int sk_conv_bwd(const void* dy, const int64_t* dys, const void* x, const int64_t
             pack_any(is_bf16, x, xs, g.n, g.c_in, g.h, g.w, Hp, Wp, g.ph, g.pw, bk, ucb, Xp, nthreads);
             for (int64_t t = 0; t < M; ++t) trow[t] *= bk;
             rc = by_width(bk, [&](auto nv, auto mr) {
-                conv_wgrad<decltype(nv)::value, decltype(mr)::value, 256>(Dp, Xp, M, trow, trow_b, boff, nt, bm,
+                conv_wgrad<decltype(nv)::value, decltype(mr)::value, 64>(Dp, Xp, M, trow, trow_b, boff, nt, bm,
                                                                           bk, dw, nthreads);
             });
         }

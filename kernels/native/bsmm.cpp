@@ -20,21 +20,28 @@
 namespace {
 using namespace sk;
 
-// One MR-token by 16*NV-column output tile of a group (a block row in the forward pass, a block
-// column in the input gradient), accumulated in registers over all of the group's blocks:
-//   out[t, col0 + w] = bias + sum_{p in [s, e)} sum_l P[idx[p]][t][l] * B[sel[p]][l][slab*16NV + w]
+// One MR-token by VL*NV-column output tile of a group (a block row in the forward pass, a block
+// column in the input gradient), accumulated in registers over the group's blocks [s, e):
+//   out[t, col0 + w] = start + sum_{p in [s, e)} sum_l P[idx[p]][t][l] * B[sel[p]][l][woff + w]
+// start is the bias, or (acc_in) the previous chunk's fp32 partial sums; the sums go to out, or
+// (acc_out) back to fp32 partial sums. acc_in/acc_out rows are W floats apart, at column woff.
 template <int NV, int MR, typename OT>
 inline void group_tile(const float* P, int64_t M, int64_t L, const float* B, int64_t W, int64_t woff,
-                       const int32_t* idx, const int32_t* sel, int32_t s, int32_t e, const float* bias, OT* out,
-                       int64_t ldo, int64_t col0, int64_t out_cols) {
+                       const int32_t* idx, const int32_t* sel, int32_t s, int32_t e, const float* bias,
+                       const float* acc_in, float* acc_out, OT* out, int64_t ldo, int64_t col0, int64_t out_cols) {
     vf acc[MR][NV];
-    for (int v = 0; v < NV; ++v) {
-        float b0[VL];
-        for (int q = 0; q < VL; ++q) {
-            const int64_t c = col0 + VL * v + q;
-            b0[q] = bias && c < out_cols ? bias[c] : 0.f;
+    if (acc_in) {
+        for (int i = 0; i < MR; ++i)
+            for (int v = 0; v < NV; ++v) acc[i][v] = ld(acc_in + i * W + woff + VL * v);
+    } else {
+        for (int v = 0; v < NV; ++v) {
+            float b0[VL];
+            for (int q = 0; q < VL; ++q) {
+                const int64_t c = col0 + VL * v + q;
+                b0[q] = bias && c < out_cols ? bias[c] : 0.f;
+            }
+            for (int i = 0; i < MR; ++i) acc[i][v] = ld(b0);
         }
-        for (int i = 0; i < MR; ++i) acc[i][v] = ld(b0);
     }
     for (int32_t p = s; p < e; ++p) {
         const float* a = P + (int64_t)idx[p] * M * L;
@@ -47,6 +54,11 @@ inline void group_tile(const float* P, int64_t M, int64_t L, const float* B, int
                 for (int v = 0; v < NV; ++v) acc[i][v] += av * bv[v];
             }
         }
+    }
+    if (acc_out) {
+        for (int i = 0; i < MR; ++i)
+            for (int v = 0; v < NV; ++v) st(acc_out + i * W + woff + VL * v, acc[i][v]);
+        return;
     }
     const int64_t valid = std::min<int64_t>(out_cols - col0, NV * VL);  // the last block may be partial
     for (int i = 0; i < MR; ++i) {
@@ -61,6 +73,17 @@ inline void group_tile(const float* P, int64_t M, int64_t L, const float* B, int
     }
 }
 
+// Blocks per chunk of a group: a token tile's packed rows for the chunk (TM*KC*L floats) and the
+// chunk's weights (KC*L*W) should stay near the core while every column slab and row tile passes over
+// them. Unchunked, a 64x64 block row at density 0.5 (32 blocks: 768 KiB of rows for 96 tokens, 512
+// KiB of weights, L2 is 512 KiB a core) streamed from L3 once per slab: 51 GFLOP/s on one core of a
+// 2-core AVX2 EPYC against MKL's 87. Budgets of 64, 96, 160 and 384 KiB (1, 2, 4 and 10 blocks)
+// measured 67, 68, 63 and 64. A chunk costs one fp32 round trip of the tile's partial sums.
+inline int64_t chunk_blocks(int64_t TM, int64_t L, int64_t W) {
+    const int64_t budget = 24 * 1024;  // floats: 96 KiB
+    return std::max<int64_t>(1, budget / (TM * L + L * W));
+}
+
 // Work items are (token tile, group) pairs, token-tile major: a tile's packed activations stay in L2
 // while the groups' weights stream through it. TM balances that reuse against the weights' traffic:
 // for 64-wide groups (4096x4096 fp32, 2048 tokens, density 0.1 and 0.5) TM = 96 measured 7-13%
@@ -70,22 +93,32 @@ void group_mm(const float* P, int64_t M, const float* B, const int32_t* offsets,
               const int32_t* sel, int64_t L, int64_t W, const float* bias, OT* out, int64_t ldo,
               int64_t out_cols, int nthreads) {
     const int64_t tiles = (M + TM - 1) / TM;
-    const int64_t slabs = W / (VL * NV);
+    const int64_t slabs = W / (VL * NV), kc = chunk_blocks(TM, L, W);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t it = 0; it < tiles * G; ++it) {
         const int64_t t0 = (it / G) * TM, t1 = std::min(M, t0 + TM), g = it % G;
-        for (int64_t slab = 0; slab < slabs; ++slab) {
-            const int64_t col0 = g * W + slab * NV * VL;
-            if (col0 >= out_cols) break;
-            const int64_t woff = slab * NV * VL;
-            int64_t t = t0;
-            for (; t + MR <= t1; t += MR)
-                group_tile<NV, MR, OT>(P + t * L, M, L, B, W, woff, idx, sel, offsets[g], offsets[g + 1], bias,
-                                   out + t * ldo, ldo, col0, out_cols);
-            with_rows<MR - 1>(t1 - t, [&](auto rows) {
-                group_tile<NV, decltype(rows)::value, OT>(P + t * L, M, L, B, W, woff, idx, sel, offsets[g],
-                                                      offsets[g + 1], bias, out + t * ldo, ldo, col0, out_cols);
-            });
+        const int32_t s = offsets[g], e = offsets[g + 1];
+        float* part = e - s > kc ? ws_tile.get((size_t)TM * W) : nullptr;  // partial sums across chunks
+        for (int32_t c0 = s; c0 < e || c0 == s; c0 += kc) {
+            const int32_t c1 = std::min<int32_t>(e, c0 + kc);
+            const float* in = c0 > s ? part : nullptr;
+            float* keep = c1 < e ? part : nullptr;
+            for (int64_t slab = 0; slab < slabs; ++slab) {
+                const int64_t col0 = g * W + slab * NV * VL;
+                if (col0 >= out_cols) break;
+                const int64_t woff = slab * NV * VL;
+                int64_t t = t0;
+                for (; t + MR <= t1; t += MR)
+                    group_tile<NV, MR, OT>(P + t * L, M, L, B, W, woff, idx, sel, c0, c1, bias,
+                                           in ? in + (t - t0) * W : nullptr, keep ? keep + (t - t0) * W : nullptr,
+                                           out + t * ldo, ldo, col0, out_cols);
+                with_rows<MR - 1>(t1 - t, [&](auto rows) {
+                    group_tile<NV, decltype(rows)::value, OT>(
+                        P + t * L, M, L, B, W, woff, idx, sel, c0, c1, bias, in ? in + (t - t0) * W : nullptr,
+                        keep ? keep + (t - t0) * W : nullptr, out + t * ldo, ldo, col0, out_cols);
+                });
+            }
+            if (c1 >= e) break;
         }
     }
 }
@@ -110,7 +143,9 @@ inline void sampled_tile(const float* D, int64_t bm, const float* X, int64_t bk,
 }
 
 // One work item per (trainable block, column slab). Tokens run in chunks of TC so that a chunk of
-// both packed panels stays in L1 while every row tile of the block passes over it.
+// both packed panels stays in L1 while every row tile of the block passes over it: with 64x64 blocks
+// a token's rows are 4 cache lines, and TC = 256 (128 KiB of both) streamed them from L2 at 41
+// GFLOP/s (one core, density 0.1); TC = 64 and 32 ran at 49 and 48 with a 4x2 tile, 63 with 6x2.
 template <int NV, int MR, int TC>
 void sampled_mm(const float* Dp, const float* Xp, int64_t M, const int32_t* brow, const int32_t* bcol, int64_t nb,
                 int64_t bm, int64_t bk, float* dw, int nthreads) {
@@ -201,7 +236,7 @@ int sk_sampled_mm(const void* DY, int64_t lddy, int64_t N, const void* X, int64_
     std::free(urow);
     std::free(ucol);
     return by_width(bk, [&](auto nv, auto mr) {
-        sampled_mm<decltype(nv)::value, decltype(mr)::value, 256>(Dp, Xp, M, brow, bcol, nb, bm, bk, dw, nthreads);
+        sampled_mm<decltype(nv)::value, decltype(mr)::value, 64>(Dp, Xp, M, brow, bcol, nb, bm, bk, dw, nthreads);
     });
 }
 

@@ -3,12 +3,6 @@
 // compiled into one library (kernels/native.py), so the workspaces are shared across files (inline
 // thread_local: one instance per thread for the whole library).
 #pragma once
-#ifndef SK_NV
-#define SK_NV 2
-#endif
-#ifndef SK_MR
-#define SK_MR 6
-#endif
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -61,6 +55,8 @@ struct Workspace {
     }
 };
 inline thread_local Workspace ws_a, ws_b, ws_c;
+// Per-thread scratch inside a parallel region (a work item's partial sums); kept for the thread's life.
+inline thread_local Workspace ws_tile;
 
 // bf16 is the top half of an fp32: widening is a shift; narrowing rounds to nearest even, and keeps
 // NaN a (quiet) NaN instead of letting the rounding carry run into the exponent.
@@ -127,12 +123,17 @@ inline uint8_t* mark_used(int64_t n, const int32_t* idx, int64_t count) {
     return used;
 }
 
-// The register tile of every kernel: f(NV, MR) for MR rows by NV vectors of 16 floats, chosen for a
-// width W (a multiple of 16) and for the vector registers the target has. Accumulators must stay in
-// registers: with AVX-512 (32 zmm, one per vector) 24 accumulators fit; with AVX2 or NEON a vector of
-// 16 floats takes 2 ymm / 4 q registers of 16, so 6x1 vectors (12 ymm, plus 2 for the weight row and
-// 1 broadcast) is the largest tile that does. On a 2-core AVX2 EPYC, the AVX-512 tiles (spilled to
-// the stack) ran the 4096x4096 forward at density 0.1 at 6 GFLOP/s; the 6x1 tile at SK_AVX2_RATE.
+// The register tile of every kernel: f(NV, MR) for MR rows by NV vectors of VL floats, for a width
+// W (a multiple of 16). Accumulators must stay in registers: AVX-512 has 32 zmm, so 24 accumulators
+// fit; AVX2 has 16 ymm, so 12 (plus the weight row's NV and one broadcast). Measured on a 2-core
+// AVX2 EPYC, one thread, GFLOP/s (oneDNN's conv 77-85, MKL's GEMM 87-90):
+//   3x3 256->256 conv at 14x14, batch 32, 32x32 blocks, density 0.1:
+//     tile (MR x NV)   forward  input grad  weight grad
+//     6 x 2            53       57          46
+//     3 x 4            54       49          30
+//     4 x 2            45       44          47
+//   4096x4096 linear, 2048 tokens, 64x64 blocks, density 0.1, weight gradient: 6 x 2 63, 3 x 4 56,
+//   8 x 1 45; 32x32 blocks: 6 x 2 52, 4 x 2 43.
 template <typename F>
 inline int by_width(int64_t W, F&& f) {
     if (W % 16 != 0) return 1;
@@ -144,7 +145,7 @@ inline int by_width(int64_t W, F&& f) {
     else
         f(std::integral_constant<int, 1>{}, std::integral_constant<int, 12>{});
 #else
-    f(std::integral_constant<int, SK_NV>{}, std::integral_constant<int, SK_MR>{});
+    f(std::integral_constant<int, 2>{}, std::integral_constant<int, 6>{});
 #endif
     return 0;
 }
