@@ -24,13 +24,16 @@ from torch.nn.utils import skip_init
 from torch.nn.utils.parametrize import type_before_parametrizations
 
 import sparsekern.nn as sknn
+from sparsekern.flops import PASSES
 from sparsekern.layout import BlockLayout, normalize_block_size
 from sparsekern.methods.blocks import REDUCTIONS, block_grid, expand_blocks, keep_top_blocks, pool_blocks, to_matrix
+from sparsekern.methods.targets import replace_module
 
 __all__ = ["ConversionReport", "GRANULARITIES", "Target", "convert_targets", "sparse_class"]
 
+# Not methods.select.GRANULARITIES ("block", "element"): an adapter's masks are given, so its choice is
+# between keeping them exactly and re-scoring them into whole blocks.
 GRANULARITIES = ("exact", "block")
-PASSES = ("forward", "input_grad", "weight_grad")
 
 
 @dataclass
@@ -153,14 +156,6 @@ def _plain_copy(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | No
     return out
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    if not name:
-        return new
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, new)
-    return model
-
-
 def convert_targets(
     model: nn.Module, targets: list[Target], granularity: str, block_size, reduce: str
 ) -> tuple[nn.Module, ConversionReport]:
@@ -199,7 +194,12 @@ def convert_targets(
                 "block": _summary(blocky, block_size),
             }
         )
-    # Nothing below can fail: the model changes only once every layer was built.
+    # Nothing below can fail: the model changes only once every layer was built. The swap is the methods'
+    # (targets.replace_module: a module registered under several names is replaced at all of them); only
+    # a target that is the model itself has no parent to swap it in.
     for name, new in built:
-        model = _replace(model, name, new)
+        if name:
+            replace_module(model, name, new)
+        else:
+            model = new
     return model, report
