@@ -10,8 +10,15 @@ and an element mask) and hands them to :func:`convert_targets`, which
    layer keeps its element density and the kernels skip the other blocks;
 2. builds every sparse layer (``SparseLinear.from_dense``, or the conv layer's)
    from a plain copy of the dense layer, before touching the model;
-3. swaps them in only when all were built (nothing changes on failure);
-4. reports, per layer, the FLOP fractions both choices would compute.
+3. swaps them in only when all were built (nothing changes on failure), through the methods'
+   ``targets.replace_module``, so a module registered under several names stays one module;
+4. reports, per layer, the FLOP fractions both choices would compute (``layout.flops``, the
+   passes of ``sparsekern.flops.PASSES``).
+
+What stays the adapters' own, and why: the targets carry the source's weight, mask and bias (a
+method's targets carry only a shape and a skip reason, since it makes its masks itself), the
+supported-layer rule looks through torch.ao parametrizations (``type_before_parametrizations``),
+and the report compares both granularities for masks that were given.
 """
 
 from __future__ import annotations
