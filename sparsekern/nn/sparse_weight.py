@@ -2,8 +2,10 @@
 
 Why one file of this size: every path that replaces the stores (construction, ``set_masks``,
 loading, ``.to()``, deepcopy, unpickling) must keep ``weight_train`` and ``weight_frozen`` views of
-one buffer, so they stay beside each other; the read-only weight is in ``readonly.py`` and the
-foreign-mask reader in ``foreign_masks.py``.
+one buffer, so they stay beside each other; so do the ~70 lines that ``SparseLinear`` and
+``SparseConv2d`` share with their torch twins (initialisation, ``from_dense``, ``to_dense``), which
+fill the stores through the same ``_copy_dense_``. The read-only weight is in ``readonly.py`` and
+the foreign-mask reader in ``foreign_masks.py``.
 
 A layer's weight has a user-facing shape (``(out, in)`` for linear,
 ``(Cout, Cin, kh, kw)`` for conv) and a *matrix view* on which the
