@@ -2,9 +2,10 @@
 
 Why one file of this size: it is one operation family (STYLE.md 2), the three implicit-GEMM
 kernels (forward, input gradient, weight gradient) and their launchers, which must agree on the
-same tap tables, channel order and store layout; about 380 lines are the kernels and 100 this
-docstring. Shared tile code is in ``tiles.py``, operand checks in ``launch.py``, configs in
-``configs.py``. A split would put the kernels apart from the host tables they index.
+same channel order and store layout; about 370 lines are the kernels and 100 this docstring.
+The host-side tables the kernels index are in ``bsconv_tables.py`` (re-exported here), shared
+tile code in ``tiles.py``, operand checks in ``launch.py``, token splits in ``splits.py``,
+configs in ``configs.py``.
 
 Import path: ``sparsekern.kernels.bsconv`` (this folder, ``kernels/``, installs as ``sparsekern.kernels``).
 
@@ -81,7 +82,7 @@ Load balance: forward programs visit block rows longest first
 (``row_order``), input-gradient programs lines longest first (per launch);
 lines no tap reaches still run (empty) and write zeros. The weight gradient
 splits the token reduction when there are too few trainable blocks to fill
-the GPU (``bsmm.wgrad_splits``) and skips frozen blocks (one program per
+the GPU (``splits.wgrad_splits``) and skips frozen blocks (one program per
 trainable block); its token loop has no index load at all.
 
 Precision, configs (``configs.pick_config`` with kinds ``conv_fwd``/``conv_dx``/
@@ -116,11 +117,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import bsmm
 from . import configs as cfgs
-from .launch import SUPPORTED_DTYPES, check, check_values, descriptor, dot_precision, launch_kw, upcast, use_tma
+from .bsconv_tables import channel_order, forward_taps, input_grad_lines
+from .launch import check, check_dtype, check_values, kernel_constexprs, use_tma, weight_operand
 from .meta import ConvGeom, Meta
-from .store import value_store
+from .splits import split_output, split_plan, sum_splits
+from .store import store_matrix, value_store
 from .tiles import (
     _add_bias,
     _line_program,
@@ -569,95 +571,6 @@ def _check_grid(programs: int, what: str) -> None:
         raise ValueError(f"{what} needs {programs} programs, over the grid limit of {INT32_MAX}")
 
 
-def _store_view(store: torch.Tensor) -> torch.Tensor:
-    """The joined store as the ``(n_slots * bm, bk)`` matrix its descriptor covers (one zero block if empty)."""
-    if store.shape[0] == 0:
-        return store.new_zeros(store.shape[1], store.shape[2])
-    return store.view(-1, store.shape[2])
-
-
-def _weight_operand(store: torch.Tensor, tma: bool, block_n: int, block_k: int):
-    """What a kernel's ``w_ptr`` gets: a ``[block_n, block_k]`` descriptor over the store, or the store."""
-    return descriptor(_store_view(store), [block_n, block_k]) if tma else store
-
-
-def _pack_pairs(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    """``(low, high)`` int32 pairs as one int64 per entry (low word first), as ``tiles._unpack`` reads them."""
-    return torch.stack([low, high], -1).to(torch.int32).contiguous().view(torch.int64).squeeze(-1)
-
-
-def forward_taps(meta: Meta, geom: ConvGeom, bk: int) -> torch.Tensor:
-    """Per CSR position ``p``: ``[(c % CPB, slot), (r*dil_h, s*dil_w)]`` of its block, a ``(2, nnzb)`` int64 tensor.
-
-    Each entry packs two int32 (low word first, ``tiles._unpack``). ``c % CPB``
-    is the block's channel block within its tap ``t = c // CPB = r*kw + s``;
-    the forward kernel prefetches both pairs with the block's aux, so its loop
-    divides by nothing and loads two words. Example: ``kw = 2``, ``CPB = 2``,
-    dilation 1, ``col_indices [0, 3, 2]`` (taps 0, 1, 1), ``storage [0, 2,
-    1]``: pairs ``[(0, 0), (1, 2), (0, 1)]`` and ``[(0, 0), (0, 1), (0, 1)]``.
-    """
-    cpb = geom.c_pad // bk
-    c = meta.col_indices
-    tap = torch.div(c, cpb, rounding_mode="floor")
-    kr = torch.div(tap, geom.kw, rounding_mode="floor")
-    low = torch.stack([c - tap * cpb, kr * geom.dil_h])
-    high = torch.stack([meta.storage, (tap - kr * geom.kw) * geom.dil_w])
-    return _pack_pairs(low, high)
-
-
-def _tap_phases(geom: ConvGeom, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(tap_h, tap_w, phase)`` of taps ``0..kh*kw-1`` (int64): the stride phase each tap hits."""
-    t = torch.arange(geom.kh * geom.kw, device=device)
-    tap_h = torch.div(t, geom.kw, rounding_mode="floor") * geom.dil_h
-    tap_w = (t % geom.kw) * geom.dil_w
-    return tap_h, tap_w, (tap_h % geom.stride_h) * geom.stride_w + tap_w % geom.stride_w
-
-
-def input_grad_lines(meta: Meta, geom: ConvGeom, bk: int) -> tuple[torch.Tensor, ...]:
-    """The input gradient's lines: ``(offsets, pairs, aux, order)``.
-
-    Line ``L = phase*CPB + cb`` (``phase = ph*stride_w + pw``) lists, in the
-    transposed traversal's order, the blocks of every column ``t*CPB + cb``
-    whose tap ``t = (r, s)`` hits stride phase ``(ph, pw) = (r*dil_h %
-    stride_h, s*dil_w % stride_w)``. Per entry, ``pairs`` (``(2, nnzb)``
-    int64, each two int32 as in :func:`forward_taps`) holds ``(block row,
-    slot)`` and the output-pixel offsets ``(oh, ow)``, ``oh = (h_first + pad_h
-    - r*dil_h) / stride_h`` (``h_first = (ph - pad_h) mod stride_h``, the
-    phase's first input row; exact since ``r*dil_h = ph`` mod ``stride_h``),
-    and ``aux`` (int32) the mixed index; ``offsets`` (int32, ``(n_lines +
-    1,)``) points into them and ``order`` (int32) lists the lines longest
-    first. All of it vectorised, with no host sync.
-
-    Example: a 1x2 kernel (taps ``s = 0, 1``), stride 2, no padding, ``CPB =
-    1``: tap 0 hits phase 0 with ``ow = 0``, tap 1 phase 1 with ``ow = (1 - 1)
-    / 2 = 0``; columns 0 and 1 become lines 0 and 1.
-    """
-    cpb = geom.c_pad // bk
-    sh, sw = geom.stride_h, geom.stride_w
-    dev = meta.col_offsets.device
-    tap_h, tap_w, tap_phase = _tap_phases(geom, dev)
-    h_first = (tap_h % sh - geom.pad_h) % sh  # torch's % is a floor remainder: non-negative here
-    w_first = (tap_w % sw - geom.pad_w) % sw
-    oh_tap = torch.div(h_first + geom.pad_h - tap_h, sh, rounding_mode="floor")
-    ow_tap = torch.div(w_first + geom.pad_w - tap_w, sw, rounding_mode="floor")
-    # Per transposed position: its column, tap and line.
-    c = meta.col_indices[meta.block_index_t.long()].long()
-    tap = torch.div(c, cpb, rounding_mode="floor")
-    line = tap_phase[tap] * cpb + (c - tap * cpb)
-    perm = torch.sort(line, stable=True).indices
-    low = torch.stack([meta.row_indices_t.long(), oh_tap[tap]])[:, perm]
-    high = torch.stack([meta.storage_t.long(), ow_tap[tap]])[:, perm]
-    aux = meta.aux_t[perm].contiguous()
-    # Per line counts from the column counts (index_add_, not bincount: no sync on CUDA).
-    n_lines = sh * sw * cpb
-    col_counts = meta.col_offsets.diff().view(-1, cpb).long()
-    counts = torch.zeros(sh * sw, cpb, dtype=torch.long, device=dev).index_add_(0, tap_phase, col_counts).view(-1)
-    offsets = torch.zeros(n_lines + 1, dtype=torch.int32, device=dev)
-    offsets[1:] = torch.cumsum(counts, 0)
-    order = torch.argsort(counts, descending=True, stable=True).to(torch.int32)
-    return offsets, _pack_pairs(low, high), aux, order
-
-
 def bsconv_forward(
     x: torch.Tensor,
     w_train: torch.Tensor,
@@ -700,9 +613,8 @@ def bsconv_forward(
     rb = meta.row_offsets.numel() - 1
     if not (m and rb):
         return y
-    has_mixed = meta.element_state.shape[0] > 0
     store = value_store(w_train, w_frozen)
-    tma = use_tma(x.device, _store_view(store))
+    tma = use_tma(x.device, store_matrix(store))
     taps = forward_taps(meta, geom, bk)
 
     def run(cfg):
@@ -710,33 +622,17 @@ def bsconv_forward(
         programs = triton.cdiv(m, kw["BLOCK_M"]) * rb * (bm // kw["BLOCK_N"])
         _check_grid(programs, "the conv forward")
         return _bsconv_fwd_kernel[(programs,)](
-            x, _weight_operand(store, tma, kw["BLOCK_N"], kw["BLOCK_K"]), meta.element_state,
+            x, weight_operand(store, tma, kw["BLOCK_N"], kw["BLOCK_K"]), meta.element_state,
             bias if bias is not None else x, y,
             meta.row_offsets, taps[0], meta.aux, taps[1], meta.row_order,
             m, geom.c_in, geom.h, geom.w, geom.c_out, geom.h_out, geom.w_out, w_train.shape[0] + n_frozen,
             geom.stride_h, geom.stride_w, geom.pad_h, geom.pad_w,
             *x.stride(), *y.stride(),
-            BM=bm, BK=bk, HAS_BIAS=bias is not None, HAS_MIXED=has_mixed,
-            DOT_PRECISION=dot_precision(x.dtype, x.device), UPCAST=upcast(x.dtype), USE_TMA=tma,
-            **launch_kw(cfg),
+            HAS_BIAS=bias is not None, USE_TMA=tma, **kernel_constexprs(bm, bk, meta, x.dtype, x.device, cfg),
         )  # fmt: skip
 
     run(cfgs.pick_config("conv_fwd", x.dtype, x.device, bm, bk, m, run, config))
     return y
-
-
-def channel_order(meta: Meta, geom: ConvGeom, bk: int) -> torch.Tensor:
-    """Input-channel blocks by their computed-block count over all taps, longest first (int32).
-
-    (The input gradient orders its (phase, channel block) lines itself, see
-    :func:`input_grad_lines`; this is the stride-1 special case, one phase.)
-
-    Example: ``kh*kw = 2`` taps, ``CPB = 2`` channel blocks, ``col_offsets
-    [0, 1, 4, 4, 5]`` (columns ``(tap 0, cb 0), (0, 1), (1, 0), (1, 1)`` hold
-    1, 3, 0, 1 blocks): counts per channel block ``[1, 4]``, order ``[1, 0]``.
-    """
-    counts = meta.col_offsets.diff().view(geom.kh * geom.kw, geom.c_pad // bk).sum(0)
-    return torch.argsort(counts, descending=True, stable=True).to(torch.int32)
 
 
 def bsconv_input_grad(
@@ -767,9 +663,8 @@ def bsconv_input_grad(
     if not (m and cpb):
         return dx
     n_lines = geom.stride_h * geom.stride_w * cpb
-    has_mixed = meta.element_state.shape[0] > 0
     store = value_store(w_train, w_frozen)
-    tma = use_tma(dy.device, _store_view(store))
+    tma = use_tma(dy.device, store_matrix(store))
     offsets, pairs, aux, order = input_grad_lines(meta, geom, bk)
 
     def run(cfg):
@@ -777,15 +672,13 @@ def bsconv_input_grad(
         programs = triton.cdiv(m, kw["BLOCK_M"]) * n_lines * (bk // kw["BLOCK_K"])
         _check_grid(programs, "the conv input gradient")
         return _bsconv_dx_kernel[(programs,)](
-            dy, _weight_operand(store, tma, kw["BLOCK_N"], kw["BLOCK_K"]), meta.element_state, dx,
+            dy, weight_operand(store, tma, kw["BLOCK_N"], kw["BLOCK_K"]), meta.element_state, dx,
             offsets, pairs[0], aux, pairs[1], order,
             m, hq, wq, geom.c_in, geom.h, geom.w, geom.c_out, geom.h_out, geom.w_out, cpb,
             w_train.shape[0] + n_frozen,
             geom.stride_h, geom.stride_w, geom.pad_h, geom.pad_w,
             *dy.stride(), *dx.stride(),
-            BM=bm, BK=bk, HAS_MIXED=has_mixed,
-            DOT_PRECISION=dot_precision(dy.dtype, dy.device), UPCAST=upcast(dy.dtype), USE_TMA=tma,
-            **launch_kw(cfg),
+            USE_TMA=tma, **kernel_constexprs(bm, bk, meta, dy.dtype, dy.device, cfg),
         )  # fmt: skip
 
     run(cfgs.pick_config("conv_dx", dy.dtype, dy.device, bm, bk, m, run, config))
@@ -809,11 +702,10 @@ def bsconv_weight_grad(
         meta, geom: as for :func:`bsconv_forward`.
         block_size: ``(bm, bk)`` of the layout.
         config: explicit kernel config; splits: token splits (default from
-            ``bsmm.wgrad_splits``); out: optional ``(n_train, bm, bk)`` output.
+            ``splits.wgrad_splits``); out: optional ``(n_train, bm, bk)`` output.
     """
     bm, bk = block_size
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"unsupported dtype {x.dtype}; supported: {SUPPORTED_DTYPES}")
+    check_dtype(x.dtype)
     cpb = _check_geom(geom, meta, bm, bk, x.device)
     _check_act("x", x, (geom.n, geom.c_in, geom.h, geom.w), x.dtype, x.device)
     _check_act("dy", dy, (geom.n, geom.c_out, geom.h_out, geom.w_out), x.dtype, x.device)
@@ -828,27 +720,23 @@ def bsconv_weight_grad(
         return dw
     if m == 0:
         return dw.zero_()
-    has_mixed = meta.element_state.shape[0] > 0
 
     def run(cfg):
         kw = cfg.kwargs
         sub = (bm // kw["BLOCK_N"]) * (bk // kw["BLOCK_K"])
         _check_grid(n_train * sub, "the conv weight gradient")
-        nsplit = splits or bsmm.wgrad_splits(m, triton.cdiv(n_train, kw.get("GROUP", 1)) * sub, x.device)
-        rows_per_split, nsplit = bsmm.split_rows(m, nsplit, kw["BLOCK_M"])
-        target = dw if nsplit == 1 else torch.empty(nsplit, n_train, bm, bk, device=x.device, dtype=torch.float32)
+        runs = triton.cdiv(n_train, kw.get("GROUP", 1)) * sub
+        rows_per_split, nsplit = split_plan(m, runs, kw["BLOCK_M"], splits, x.device)
+        target = split_output(dw, nsplit, (n_train, bm, bk), x.device)
         kernel = _bsconv_dw_kernel[(n_train * sub, nsplit)](
             dy, x, meta.element_state, target,
             meta.train_index, meta.train_rank, meta.train_left, meta.row_indices, meta.col_indices, meta.aux,
             m, geom.c_in, geom.h, geom.w, geom.c_out, geom.h_out, geom.w_out, geom.kw, cpb, rows_per_split,
             geom.stride_h, geom.stride_w, geom.pad_h, geom.pad_w, geom.dil_h, geom.dil_w,
             *dy.stride(), *x.stride(), target.stride(0) if nsplit > 1 else 0,
-            BM=bm, BK=bk, HAS_MIXED=has_mixed,
-            DOT_PRECISION=dot_precision(x.dtype, x.device), UPCAST=upcast(x.dtype),
-            **launch_kw(cfg),
+            **kernel_constexprs(bm, bk, meta, x.dtype, x.device, cfg),
         )  # fmt: skip
-        if nsplit > 1:
-            torch.sum(target, dim=0, out=dw) if dw.dtype == torch.float32 else dw.copy_(target.sum(0))
+        sum_splits(dw, target, nsplit)
         return kernel
 
     run(cfgs.pick_config("conv_wgrad", x.dtype, x.device, bm, bk, m, run, config, blocks=n_train))

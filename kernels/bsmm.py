@@ -60,8 +60,6 @@ indices are int32 (at most 2**31 blocks).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -69,17 +67,17 @@ import triton.language as tl
 from . import configs as cfgs
 from .launch import (
     INTERPRET,
-    SUPPORTED_DTYPES,
     check,
+    check_dtype,
     check_values,
     descriptor,
-    dot_precision,
-    launch_kw,
-    upcast,
+    kernel_constexprs,
     use_tma,
+    weight_operand,
 )
 from .meta import Meta
-from .store import value_store
+from .splits import split_output, split_plan, split_rows, sum_splits, wgrad_splits
+from .store import store_matrix, value_store
 from .tiles import (
     _add_bias,
     _line_program,
@@ -92,7 +90,17 @@ from .tiles import (
     _wgrad_store,
 )
 
-__all__ = ["INTERPRET", "Meta", "bsmm_forward", "bsmm_input_grad", "bsmm_weight_grad", "tuned_records", "wgrad_splits"]
+# split_rows and wgrad_splits stay importable from here (splits.py holds them since issue 13).
+__all__ = [
+    "INTERPRET",
+    "Meta",
+    "bsmm_forward",
+    "bsmm_input_grad",
+    "bsmm_weight_grad",
+    "split_rows",
+    "tuned_records",
+    "wgrad_splits",
+]
 tuned_records = cfgs.tuned_records
 
 
@@ -383,22 +391,6 @@ def _bsmm_dw_kernel(
 
 
 # ------------------------------------------------------------------ launchers
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _store_view(store: torch.Tensor) -> torch.Tensor:
-    """The joined store as the ``(n_slots * bm, bk)`` matrix its descriptor covers.
-
-    A layout with no computed block never reads it, but a descriptor needs a
-    non-empty tensor: one zero block stands in.
-    """
-    if store.shape[0] == 0:
-        return store.new_zeros(store.shape[1], store.shape[2])
-    return store.view(-1, store.shape[2])
-
-
 def bsmm_forward(
     x: torch.Tensor,
     w_train: torch.Tensor,
@@ -423,26 +415,20 @@ def bsmm_forward(
     rb = meta.row_offsets.numel() - 1
     if not (m and rb):
         return y
-    has_mixed = meta.element_state.shape[0] > 0
     store = value_store(w_train, w_frozen)
-    tma = use_tma(x.device, x, y, _store_view(store))
+    tma = use_tma(x.device, x, y, store_matrix(store))
 
     def run(cfg):
         kw = cfg.kwargs
         tm, tn, tk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
-        if tma:
-            xa, wa, ya = descriptor(x, [tm, tk]), descriptor(_store_view(store), [tn, tk]), descriptor(y, [tm, tn])
-        else:
-            xa, wa, ya = x, store, y
+        xa, ya = (descriptor(x, [tm, tk]), descriptor(y, [tm, tn])) if tma else (x, y)
         grid = (triton.cdiv(m, tm) * rb * (bm // tn),)
         return _bsmm_fwd_kernel[grid](
-            xa, wa, meta.element_state, bias if bias is not None else x, ya,
+            xa, weight_operand(store, tma, tn, tk), meta.element_state, bias if bias is not None else x, ya,
             meta.row_offsets, meta.col_slot.view(torch.int64), meta.aux, meta.row_order,
             m, n_out, k, w_train.shape[0] + n_frozen,
             x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-            BM=bm, BK=bk, HAS_BIAS=bias is not None, HAS_MIXED=has_mixed,
-            DOT_PRECISION=dot_precision(x.dtype, x.device), UPCAST=upcast(x.dtype), USE_TMA=tma,
-            **launch_kw(cfg),
+            HAS_BIAS=bias is not None, USE_TMA=tma, **kernel_constexprs(bm, bk, meta, x.dtype, x.device, cfg),
         )  # fmt: skip
 
     run(cfgs.pick_config("fwd", x.dtype, x.device, bm, bk, m, run, config))
@@ -468,50 +454,24 @@ def bsmm_input_grad(
     cb = meta.col_offsets.numel() - 1
     if not (m and cb):
         return dx
-    has_mixed = meta.element_state.shape[0] > 0
     store = value_store(w_train, w_frozen)
-    tma = use_tma(dy.device, dy, dx, _store_view(store))
+    tma = use_tma(dy.device, dy, dx, store_matrix(store))
 
     def run(cfg):
         kw = cfg.kwargs
         tm, tn, tk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
-        if tma:
-            da, wa, xa = descriptor(dy, [tm, tn]), descriptor(_store_view(store), [tn, tk]), descriptor(dx, [tm, tk])
-        else:
-            da, wa, xa = dy, store, dx
+        da, xa = (descriptor(dy, [tm, tn]), descriptor(dx, [tm, tk])) if tma else (dy, dx)
         grid = (triton.cdiv(m, tm) * cb * (bk // tk),)
         return _bsmm_dx_kernel[grid](
-            da, wa, meta.element_state, xa,
+            da, weight_operand(store, tma, tn, tk), meta.element_state, xa,
             meta.col_offsets, meta.row_slot_t.view(torch.int64), meta.aux_t, meta.col_order,
             m, n, n_in, w_train.shape[0] + n_frozen,
             dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1),
-            BM=bm, BK=bk, HAS_MIXED=has_mixed,
-            DOT_PRECISION=dot_precision(dy.dtype, dy.device), UPCAST=upcast(dy.dtype), USE_TMA=tma,
-            **launch_kw(cfg),
+            USE_TMA=tma, **kernel_constexprs(bm, bk, meta, dy.dtype, dy.device, cfg),
         )  # fmt: skip
 
     run(cfgs.pick_config("dx", dy.dtype, dy.device, bm, bk, m, run, config))
     return dx
-
-
-def wgrad_splits(m: int, programs: int, device: torch.device) -> int:
-    """How many token splits the weight gradient uses for ``programs`` programs per split.
-
-    Few trainable blocks cannot fill the GPU with one program each, so the
-    token reduction is split until there are about four programs per SM, but
-    never into chunks of fewer than 512 tokens (below that the fp32 partial
-    sums cost more than they save).
-    """
-    if device.type != "cuda" or programs == 0:
-        return 1
-    return max(1, min(triton.cdiv(4 * _sm_count(device), programs), m // 512))
-
-
-def split_rows(m: int, nsplit: int, block_m: int) -> tuple[int, int]:
-    """``(rows_per_split, splits)``: splits of whole 128-token (and ``block_m``) steps covering ``m`` tokens."""
-    step = max(128, block_m)
-    rows = triton.cdiv(triton.cdiv(m, nsplit), step) * step
-    return rows, triton.cdiv(m, rows)
 
 
 def bsmm_weight_grad(
@@ -526,8 +486,7 @@ def bsmm_weight_grad(
 ) -> torch.Tensor:
     """Gradient of the trainable blocks, ``(n_train, bm, bk)`` in ``w_train`` order."""
     bm, bk = block_size
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"unsupported dtype {x.dtype}; supported: {SUPPORTED_DTYPES}")
+    check_dtype(x.dtype)
     check("dy", dy, 2, x.dtype, x.device)
     check("x", x, 2, x.dtype, x.device)
     if dy.shape[0] != x.shape[0]:
@@ -540,16 +499,14 @@ def bsmm_weight_grad(
         return dw
     if m == 0:
         return dw.zero_()
-    has_mixed = meta.element_state.shape[0] > 0
     tma = use_tma(x.device, dy, x)
 
     def run(cfg):
         kw = cfg.kwargs
         tm, group = kw["BLOCK_M"], kw.get("GROUP", 1)
         sub = (bm // kw["BLOCK_N"]) * (bk // kw["BLOCK_K"])
-        nsplit = splits or wgrad_splits(m, triton.cdiv(n_train, group) * sub, x.device)
-        rows_per_split, nsplit = split_rows(m, nsplit, tm)
-        target = dw if nsplit == 1 else torch.empty(nsplit, n_train, bm, bk, device=x.device, dtype=torch.float32)
+        rows_per_split, nsplit = split_plan(m, triton.cdiv(n_train, group) * sub, tm, splits, x.device)
+        target = split_output(dw, nsplit, (n_train, bm, bk), x.device)
         da = descriptor(dy, [tm, kw["BLOCK_N"]]) if tma else dy
         xa = descriptor(x, [tm, kw["BLOCK_K"]]) if tma and group == 1 else x
         kernel = _bsmm_dw_kernel[(n_train * sub, nsplit)](
@@ -557,12 +514,9 @@ def bsmm_weight_grad(
             meta.train_index, meta.train_rank, meta.train_left, meta.row_indices, meta.col_indices, meta.aux,
             m, n, k, rows_per_split,
             dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), target.stride(0) if nsplit > 1 else 0,
-            BM=bm, BK=bk, HAS_MIXED=has_mixed,
-            DOT_PRECISION=dot_precision(x.dtype, x.device), UPCAST=upcast(x.dtype), USE_TMA=tma,
-            **launch_kw(cfg),
+            USE_TMA=tma, **kernel_constexprs(bm, bk, meta, x.dtype, x.device, cfg),
         )  # fmt: skip
-        if nsplit > 1:
-            torch.sum(target, dim=0, out=dw) if dw.dtype == torch.float32 else dw.copy_(target.sum(0))
+        sum_splits(dw, target, nsplit)
         return kernel
 
     # The best grouping and split depend on how many blocks there are, so the key carries that too.

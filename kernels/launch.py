@@ -22,6 +22,8 @@ import os
 
 import torch
 
+from .store import store_matrix
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -34,14 +36,17 @@ __all__ = [
     "INTERPRET",
     "SUPPORTED_DTYPES",
     "check",
+    "check_dtype",
     "check_values",
     "descriptor",
     "device_capability",
     "dot_precision",
+    "kernel_constexprs",
     "launch_kw",
     "tma_ok",
     "upcast",
     "use_tma",
+    "weight_operand",
 ]
 
 
@@ -57,10 +62,15 @@ def check(name: str, t: torch.Tensor, ndim: int, dtype: torch.dtype, device: tor
         raise ValueError(f"{name} is on {t.device}, expected {device}")
 
 
-def check_values(w_train: torch.Tensor, w_frozen: torch.Tensor, dtype, device) -> tuple[int, int]:
-    """Check the two value stores; return the block size ``(bm, bk)``."""
+def check_dtype(dtype: torch.dtype) -> None:
+    """A TypeError unless the kernels support ``dtype`` (``SUPPORTED_DTYPES``)."""
     if dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"unsupported dtype {dtype}; supported: {SUPPORTED_DTYPES}")
+
+
+def check_values(w_train: torch.Tensor, w_frozen: torch.Tensor, dtype, device) -> tuple[int, int]:
+    """Check the two value stores; return the block size ``(bm, bk)``."""
+    check_dtype(dtype)
     check("w_train", w_train, 3, dtype, device)
     check("w_frozen", w_frozen, 3, dtype, device)
     bm, bk = w_train.shape[1:]
@@ -85,6 +95,28 @@ def upcast(dtype: torch.dtype) -> bool:
 
 def launch_kw(cfg) -> dict:
     return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def kernel_constexprs(bm: int, bk: int, meta, dtype: torch.dtype, device: torch.device, cfg) -> dict:
+    """The meta-parameters every block-sparse kernel takes, decided one way for all six of them.
+
+    ``BM``/``BK`` (the sparsity block), ``HAS_MIXED`` (the layout ``meta`` has mixed blocks, so
+    weight tiles merge with their fixed slot), ``DOT_PRECISION`` and ``UPCAST`` (from ``dtype`` on
+    ``device``: no silent TF32, the interpreter's bf16 fix), then the config's tiles, warps and stages
+    (:func:`launch_kw`). A launcher adds what only its kernel takes (``HAS_BIAS``, ``USE_TMA``).
+
+    Example:
+        >>> kernel_constexprs(32, 32, meta, torch.float16, torch.device("cuda"), cfg)["DOT_PRECISION"]
+        'ieee'
+    """
+    return dict(
+        BM=bm,
+        BK=bk,
+        HAS_MIXED=meta.element_state.shape[0] > 0,
+        DOT_PRECISION=dot_precision(dtype, device),
+        UPCAST=upcast(dtype),
+        **launch_kw(cfg),
+    )
 
 
 @functools.cache
@@ -122,3 +154,8 @@ def use_tma(device: torch.device, *operands: torch.Tensor) -> bool:
 def descriptor(t: torch.Tensor, block_shape: list[int]):
     """A host tensor descriptor over a 2-D operand, zero-filled out of bounds."""
     return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], block_shape)
+
+
+def weight_operand(store: torch.Tensor, tma: bool, block_n: int, block_k: int):
+    """What a kernel's ``w_ptr`` gets: a ``[block_n, block_k]`` descriptor over the store's matrix, or the store."""
+    return descriptor(store_matrix(store), [block_n, block_k]) if tma else store

@@ -29,7 +29,7 @@ import warnings
 
 import torch
 
-__all__ = ["adjacent", "effective_blocks", "join_stores", "value_store"]
+__all__ = ["adjacent", "effective_blocks", "join_stores", "store_matrix", "value_store"]
 
 _warned_copy = False
 
@@ -75,6 +75,21 @@ def value_store(w_train: torch.Tensor, w_frozen: torch.Tensor) -> torch.Tensor:
             stacklevel=3,
         )
     return torch.cat([w_train, w_frozen])
+
+
+def store_matrix(store: torch.Tensor) -> torch.Tensor:
+    """The joined store as the ``(n_slots * bm, bk)`` matrix a TMA descriptor covers.
+
+    A layout with no computed block never reads it, but a descriptor needs a
+    non-empty tensor: one zero block stands in.
+
+    Example:
+        >>> store_matrix(torch.zeros(3, 16, 32)).shape
+        torch.Size([48, 32])
+    """
+    if store.shape[0] == 0:
+        return store.new_zeros(store.shape[1], store.shape[2])
+    return store.view(-1, store.shape[2])
 
 
 def effective_blocks(w_train, w_frozen, storage, aux, element_state, n_frozen) -> torch.Tensor:

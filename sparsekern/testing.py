@@ -72,6 +72,14 @@ def _effective_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.to(torch.bool), _f64(weight), 0.0)
 
 
+def _trainable_only(dw: torch.Tensor, mask: torch.Tensor, frozen_mask: torch.Tensor | None) -> torch.Tensor:
+    """``dw`` where an element is trainable (``mask & ~frozen_mask``), 0 elsewhere."""
+    trainable = mask.to(torch.bool)
+    if frozen_mask is not None:
+        trainable = trainable & ~frozen_mask.to(torch.bool)
+    return torch.where(trainable, dw, 0.0)
+
+
 def reference_linear(
     x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -95,10 +103,7 @@ def reference_grads(
     """
     dy64 = _f64(dy)
     dx = dy64 @ _effective_weight(weight, mask)
-    trainable = mask.to(torch.bool)
-    if frozen_mask is not None:
-        trainable = trainable & ~frozen_mask.to(torch.bool)
-    dw = torch.where(trainable, dy64.T @ _f64(x), 0.0)
+    dw = _trainable_only(dy64.T @ _f64(x), mask, frozen_mask)
     return dx, dw, None if bias is None else dy64.sum(0)
 
 
@@ -138,10 +143,7 @@ def reference_conv_grads(
     with torch.enable_grad():
         y = torch.nn.functional.conv2d(x64, w64, b64, stride=stride, padding=padding, dilation=dilation)
         grads = torch.autograd.grad(y, [x64, w64] + ([] if b64 is None else [b64]), _f64(dy))
-    trainable = mask.to(torch.bool)
-    if frozen_mask is not None:
-        trainable = trainable & ~frozen_mask.to(torch.bool)
-    return grads[0], torch.where(trainable, grads[1], 0.0), None if b64 is None else grads[2]
+    return grads[0], _trainable_only(grads[1], mask, frozen_mask), None if b64 is None else grads[2]
 
 
 def random_block_mask(

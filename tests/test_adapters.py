@@ -387,3 +387,21 @@ def test_unsupported_modules_are_refused():
     with pytest.raises(TypeError, match="NonDynamicallyQuantizableLinear"):
         from_mask_dict(model, {"1.out_proj": {"weight": torch.ones(16, 16)}}, block_size=BS)
     assert isinstance(model[0], nn.Conv2d) and prune.is_pruned(model)
+
+
+def test_a_shared_module_is_replaced_at_every_name():
+    # The adapters swap layers in through the methods' spine (targets.replace_module): a module
+    # registered under two names stays one module, now sparse at both.
+    lin = nn.Linear(40, 48)
+    prune.l1_unstructured(lin, "weight", amount=0.7)
+    model = nn.ModuleDict({"a": lin, "b": lin})
+    model, rep = from_torch_prune(model, block_size=BS)
+    assert [row["name"] for row in rep.layers] == ["a"]
+    assert isinstance(model["a"], SparseLinear) and model["b"] is model["a"]
+
+
+def test_a_model_that_is_a_pruned_layer_is_returned_converted():
+    lin = nn.Linear(40, 48)
+    prune.l1_unstructured(lin, "weight", amount=0.7)
+    model, _ = from_torch_prune(lin, block_size=BS)
+    assert isinstance(model, SparseLinear)

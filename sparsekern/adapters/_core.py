@@ -1,7 +1,7 @@
 """Shared machinery of the adapters: choose the masks, build the sparse layers, swap them in, report.
 
-Every adapter finds *targets* (a dense layer, its effective weight and bias,
-and an element mask) and hands them to :func:`convert_targets`, which
+Every adapter finds its masked layers (:class:`MaskedLayer`: a dense layer, its effective weight
+and bias, and an element mask) and hands them to :func:`convert_targets`, which
 
 1. picks the mask to build: ``granularity="exact"`` keeps the element mask as
    it is (every block holding a kept element is computed, outputs and
@@ -10,8 +10,16 @@ and an element mask) and hands them to :func:`convert_targets`, which
    layer keeps its element density and the kernels skip the other blocks;
 2. builds every sparse layer (``SparseLinear.from_dense``, or the conv layer's)
    from a plain copy of the dense layer, before touching the model;
-3. swaps them in only when all were built (nothing changes on failure);
-4. reports, per layer, the FLOP fractions both choices would compute.
+3. swaps them in only when all were built (nothing changes on failure), through the methods'
+   ``targets.replace_module``, so a module registered under several names stays one module;
+4. reports, per layer, the FLOP fractions both choices would compute (``layout.flops``, the
+   passes of ``sparsekern.flops.PASSES``).
+
+What stays the adapters' own, and why: a :class:`MaskedLayer` carries the source's weight, mask and
+bias (a method's ``targets.Target`` carries only a shape and a skip reason, since the method makes
+its masks itself); :func:`replacement_class` looks through torch.ao parametrizations
+(``type_before_parametrizations``), where ``targets.sparse_class`` takes a parametrized layer for a
+subclass and leaves it dense; and the report compares both granularities for masks that were given.
 """
 
 from __future__ import annotations
@@ -24,17 +32,20 @@ from torch.nn.utils import skip_init
 from torch.nn.utils.parametrize import type_before_parametrizations
 
 import sparsekern.nn as sknn
+from sparsekern.flops import PASSES
 from sparsekern.layout import BlockLayout, normalize_block_size
 from sparsekern.methods.blocks import REDUCTIONS, block_grid, expand_blocks, keep_top_blocks, pool_blocks, to_matrix
+from sparsekern.methods.targets import replace_module
 
-__all__ = ["ConversionReport", "GRANULARITIES", "Target", "convert_targets", "sparse_class"]
+__all__ = ["ConversionReport", "GRANULARITIES", "MaskedLayer", "convert_targets", "replacement_class"]
 
+# Not methods.select.GRANULARITIES ("block", "element"): an adapter's masks are given, so its choice is
+# between keeping them exactly and re-scoring them into whole blocks.
 GRANULARITIES = ("exact", "block")
-PASSES = ("forward", "input_grad", "weight_grad")
 
 
 @dataclass
-class Target:
+class MaskedLayer:
     """One dense layer to convert: effective (masked) ``weight`` and ``bias``, and the bool element ``mask``."""
 
     name: str
@@ -88,14 +99,14 @@ def _unsupported_reason(module: nn.Module) -> str | None:
     return kind.__name__
 
 
-def sparse_class(module: nn.Module):
+def replacement_class(module: nn.Module):
     """The sparse layer class that replaces ``module`` (exactly an ``nn.Linear``/``nn.Conv2d``), or ``None``."""
     if _unsupported_reason(module) is not None:
         return None
     return sknn.SparseLinear if type_before_parametrizations(module) is nn.Linear else sknn.SparseConv2d
 
 
-def check_supported(targets: list[Target]) -> None:
+def check_supported(targets: list[MaskedLayer]) -> None:
     bad = [f"{t.name or '<model>'} ({_unsupported_reason(t.module)})" for t in targets if _unsupported_reason(t.module)]
     if bad:
         raise TypeError(f"no sparse layer replaces these masked modules: {', '.join(bad)}")
@@ -153,16 +164,8 @@ def _plain_copy(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | No
     return out
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    if not name:
-        return new
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, new)
-    return model
-
-
 def convert_targets(
-    model: nn.Module, targets: list[Target], granularity: str, block_size, reduce: str
+    model: nn.Module, targets: list[MaskedLayer], granularity: str, block_size, reduce: str
 ) -> tuple[nn.Module, ConversionReport]:
     """Build a sparse layer for every target, then swap them all into ``model``.
 
@@ -180,7 +183,7 @@ def convert_targets(
         exact = t.mask.to(device=t.weight.device, dtype=torch.bool)
         blocky = block_mask(t.weight, exact, block_size, reduce)
         chosen = exact if granularity == "exact" else blocky
-        new = sparse_class(t.module).from_dense(
+        new = replacement_class(t.module).from_dense(
             _plain_copy(t.module, t.weight, t.bias), mask=chosen, block_size=block_size
         )
         new.train(t.module.training)
@@ -199,7 +202,12 @@ def convert_targets(
                 "block": _summary(blocky, block_size),
             }
         )
-    # Nothing below can fail: the model changes only once every layer was built.
+    # Nothing below can fail: the model changes only once every layer was built. The swap is the methods'
+    # (targets.replace_module: a module registered under several names is replaced at all of them); only
+    # a target that is the model itself has no parent to swap it in.
     for name, new in built:
-        model = _replace(model, name, new)
+        if name:
+            replace_module(model, name, new)
+        else:
+            model = new
     return model, report

@@ -24,7 +24,7 @@ import os
 import torch
 from torch import nn
 
-from sparsekern.adapters._core import ConversionReport, Target, check_options, convert_targets, sparse_class
+from sparsekern.adapters._core import ConversionReport, MaskedLayer, check_options, convert_targets, replacement_class
 from sparsekern.methods.select import check_fraction
 from sparsekern.nn.foreign_masks import dense_weight_and_mask
 
@@ -113,7 +113,7 @@ def from_mask_dict(
             if "bias" in entry:
                 keep = _mask_tensor(entry["bias"], bias.shape, f"{name}.bias").to(bias.device)
                 bias = torch.where(keep, bias, 0)
-        targets.append(Target(name, mod, torch.where(mask, weight, 0), mask, bias))
+        targets.append(MaskedLayer(name, mod, torch.where(mask, weight, 0), mask, bias))
     return convert_targets(model, targets, granularity, block_size, reduce)
 
 
@@ -169,18 +169,18 @@ def from_checkpoint(
     named = dict(model.named_modules())
     if modules is not None:
         unknown = sorted(n for n in modules if n not in named)
-        unsupported = sorted(n for n in modules if n in named and sparse_class(named[n]) is None)
+        unsupported = sorted(n for n in modules if n in named and replacement_class(named[n]) is None)
         if unknown or unsupported:
             raise ValueError(f"modules: unknown {unknown}, not a supported layer type {unsupported}")
     model.load_state_dict(sd)
     targets = []
     for name, mod in named.items():
-        if sparse_class(mod) is None or (modules is not None and name not in modules):
+        if replacement_class(mod) is None or (modules is not None and name not in modules):
             continue
         weight = mod.weight.detach()
         mask = weight != 0
         if modules is None and (mask.all() or 1.0 - float(mask.float().mean()) < min_sparsity):
             continue
         bias = None if mod.bias is None else mod.bias.detach()
-        targets.append(Target(name, mod, weight, mask, bias, requires_grad=mod.weight.requires_grad))
+        targets.append(MaskedLayer(name, mod, weight, mask, bias, requires_grad=mod.weight.requires_grad))
     return convert_targets(model, targets, granularity, block_size, reduce)

@@ -18,13 +18,13 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.utils import parametrize
 
-from sparsekern.adapters._core import ConversionReport, Target, convert_targets
+from sparsekern.adapters._core import ConversionReport, MaskedLayer, convert_targets
 from sparsekern.nn.foreign_masks import dense_weight_and_mask
 
 __all__ = ["from_torch_prune", "from_torch_ao"]
 
 
-def _target(name: str, module: nn.Module) -> Target | None:
+def _target(name: str, module: nn.Module) -> MaskedLayer | None:
     weight, mask = dense_weight_and_mask(module, "weight")
     if mask is None:
         return None
@@ -34,7 +34,7 @@ def _target(name: str, module: nn.Module) -> Target | None:
     orig = getattr(module, "weight_orig", None)
     if orig is None and parametrize.is_parametrized(module, "weight"):
         orig = module.parametrizations.weight.original
-    return Target(name, module, weight, mask, bias, requires_grad=bool(getattr(orig, "requires_grad", True)))
+    return MaskedLayer(name, module, weight, mask, bias, requires_grad=bool(getattr(orig, "requires_grad", True)))
 
 
 def from_torch_prune(

@@ -84,12 +84,11 @@ from torch import nn
 
 from sparsekern import convview
 from sparsekern.methods.blocks import REDUCTIONS, expand_blocks, keep_top_blocks, pool_blocks
-from sparsekern.methods.select import check_fraction
+from sparsekern.methods.select import GRANULARITIES, check_fraction
 
 __all__ = ["DSTScheduler", "METHODS", "GRANULARITIES", "check_same_layouts", "layout_fingerprint"]
 
 METHODS = ("rigl", "set")
-GRANULARITIES = ("block", "element")
 DECAYS = ("cosine", "constant")
 
 

@@ -16,8 +16,6 @@ bias, any spatial size and channel count. Not supported (``NotImplementedError``
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -83,15 +81,7 @@ class SparseConv2d(BlockSparseWeight):
         self.groups, self.padding_mode = 1, "zeros"
         self.block_size = normalize_block_size(block_size)
         self.weight_shape = (out_channels, in_channels, *self.kernel_size)
-        factory = {"device": device, "dtype": dtype}
-        dense = torch.empty(self.weight_shape, **factory)
-        nn.init.kaiming_uniform_(dense, a=math.sqrt(5))  # nn.Conv2d's initialisation
-        if bias:
-            fan_in = in_channels * self.kernel_size[0] * self.kernel_size[1]
-            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
-            self.bias = nn.Parameter(torch.empty(out_channels, **factory).uniform_(-bound, bound))
-        else:
-            self.register_parameter("bias", None)
+        dense = self._init_dense(bias, device, dtype)  # nn.Conv2d's initialisation
         self._init_weight(dense, mask, frozen_mask)
 
     def _to_matrix(self, t: torch.Tensor, fill=0) -> torch.Tensor:
@@ -124,24 +114,11 @@ class SparseConv2d(BlockSparseWeight):
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"from_dense expects an nn.Conv2d, got {type(conv).__name__}")
         w, mask, bias = cls._dense_parts(conv, mask)
-        mod = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            conv.groups,
-            bias is not None,
-            conv.padding_mode,
-            block_size=block_size,
-            mask=mask,
-            frozen_mask=frozen_mask,
-            device=w.device,
-            dtype=w.dtype,
-        )
-        mod._copy_dense_(w, bias)
-        return mod
+        return cls._converted(
+            w, mask, frozen_mask, bias, block_size,
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.groups, padding_mode=conv.padding_mode,
+        )  # fmt: skip
 
     # ---------------------------------------------------------------- compute
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -161,18 +138,6 @@ class SparseConv2d(BlockSparseWeight):
         pads = convview.resolve_padding(self.padding, self.kernel_size, self.dilation, self.stride)
         return self._with_dense_grad(y, input, (self.stride, pads, self.dilation))
 
-    def reset_parameters(self) -> None:
-        """Initialise the stored blocks and the bias as ``nn.Conv2d`` does (after ``to_empty()``, say)."""
-        w = self.weight_train
-        dense = torch.empty(self.weight_shape, device=w.device, dtype=w.dtype)
-        nn.init.kaiming_uniform_(dense, a=math.sqrt(5))
-        bias = None
-        if self.bias is not None:
-            fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
-            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
-            bias = torch.empty_like(self.bias).uniform_(-bound, bound)
-        self._copy_dense_(dense, bias)
-
     # ------------------------------------------------------------- inspection
     def to_dense(self) -> nn.Conv2d:
         """An ``nn.Conv2d`` holding the effective weight and the bias."""
@@ -188,16 +153,10 @@ class SparseConv2d(BlockSparseWeight):
             device=w.device,
             dtype=w.dtype,
         )
-        with torch.no_grad():
-            conv.weight.copy_(w)
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
+        return self._filled(conv, w)
 
     def extra_repr(self) -> str:
-        lay = self._layout
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, "
-            f"block_size={self.block_size}, block_density={lay.block_density:.3f}, trainable_blocks={lay.n_train}"
+            f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, " + self._blocks_repr()
         )

@@ -26,8 +26,6 @@ orientation.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -69,18 +67,11 @@ class SparseLinear(BlockSparseWeight):
         dtype=None,
     ) -> None:
         super().__init__()
-        factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.out_features = out_features
         self.block_size = normalize_block_size(block_size)
-        dense = torch.empty(out_features, in_features, **factory)
-        nn.init.kaiming_uniform_(dense, a=math.sqrt(5))  # nn.Linear's initialisation
-        if bias:
-            bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
-            self.bias = nn.Parameter(torch.empty(out_features, **factory).uniform_(-bound, bound))
-        else:
-            self.register_parameter("bias", None)
         self.weight_shape = (out_features, in_features)
+        dense = self._init_dense(bias, device, dtype)  # nn.Linear's initialisation
         self._init_weight(dense, mask, frozen_mask)
 
     def _to_matrix(self, t: torch.Tensor, fill=0) -> torch.Tensor:
@@ -150,50 +141,22 @@ class SparseLinear(BlockSparseWeight):
             w, mask, bias = cls._dense_parts(linear, mask)
         else:
             raise TypeError(f"from_dense expects an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
-        mod = cls(
-            n_in,
-            n_out,
-            bias=bias is not None,
-            block_size=block_size,
-            mask=mask,
-            frozen_mask=frozen_mask,
-            device=w.device,
-            dtype=w.dtype,
-        )
-        mod._copy_dense_(w, bias)
-        return mod
+        return cls._converted(w, mask, frozen_mask, bias, block_size, n_in, n_out)
 
     # ---------------------------------------------------------------- compute
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         y = sparse_linear(input, self.weight_train, self.weight_frozen, self._current_layout(), self.bias)
         return self._with_dense_grad(y, input)
 
-    def reset_parameters(self) -> None:
-        """Initialise the stored blocks and the bias as ``nn.Linear`` does (after ``to_empty()``, say)."""
-        w = self.weight_train
-        dense = torch.empty(self.weight_shape, device=w.device, dtype=w.dtype)
-        nn.init.kaiming_uniform_(dense, a=math.sqrt(5))
-        bias = None
-        if self.bias is not None:
-            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
-            bias = torch.empty_like(self.bias).uniform_(-bound, bound)
-        self._copy_dense_(dense, bias)
-
     # ------------------------------------------------------------- inspection
     def to_dense(self) -> nn.Linear:
         """An ``nn.Linear`` holding the effective weight and the bias."""
         w = self.weight
         lin = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(w)
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
-        return lin
+        return self._filled(lin, w)
 
     def extra_repr(self) -> str:
-        lay = self._layout
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"block_size={self.block_size}, block_density={lay.block_density:.3f}, "
-            f"trainable_blocks={lay.n_train}"
+            + self._blocks_repr()
         )

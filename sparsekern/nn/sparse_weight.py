@@ -2,8 +2,10 @@
 
 Why one file of this size: every path that replaces the stores (construction, ``set_masks``,
 loading, ``.to()``, deepcopy, unpickling) must keep ``weight_train`` and ``weight_frozen`` views of
-one buffer, so they stay beside each other; the read-only weight is in ``readonly.py`` and the
-foreign-mask reader in ``foreign_masks.py``.
+one buffer, so they stay beside each other; so do the ~70 lines that ``SparseLinear`` and
+``SparseConv2d`` share with their torch twins (initialisation, ``from_dense``, ``to_dense``), which
+fill the stores through the same ``_copy_dense_``. The read-only weight is in ``readonly.py`` and
+the foreign-mask reader in ``foreign_masks.py``.
 
 A layer's weight has a user-facing shape (``(out, in)`` for linear,
 ``(Cout, Cin, kh, kw)`` for conv) and a *matrix view* on which the
@@ -46,6 +48,7 @@ values) and the stores stay meta until ``to_empty()``; a sharded (FSDP2)
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -215,6 +218,78 @@ class BlockSparseWeight(nn.Module):
                     )
                 self._install_layout(new)
         return self._layout
+
+    # ------------------------------------ what nn.Linear and nn.Conv2d share: init, conversion, export
+    def _torch_init_(self, dense: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Initialise a dense weight and bias in place as ``nn.Linear`` and ``nn.Conv2d`` do.
+
+        Kaiming-uniform weight (``a = sqrt(5)``), then the bias uniform in ``±1/sqrt(fan_in)`` with
+        ``fan_in = prod(weight_shape[1:])`` (``in_features``; ``Cin * kh * kw``): the same draws in the
+        same order as torch's ``reset_parameters``, so a seeded model starts where its dense twin would.
+        """
+        nn.init.kaiming_uniform_(dense, a=math.sqrt(5))
+        if bias is not None:
+            fan_in = math.prod(self.weight_shape[1:])
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            bias.uniform_(-bound, bound)
+
+    def _init_dense(self, bias: bool, device, dtype) -> torch.Tensor:
+        """A constructor's starting dense weight, and the ``bias`` Parameter (or ``None``), as torch's layer.
+
+        The bias is registered here, before :meth:`_init_weight` adds the stores, so ``state_dict()``
+        keeps its order (``bias``, ``weight_train``, ...).
+        """
+        factory = {"device": device, "dtype": dtype}
+        dense = torch.empty(self.weight_shape, **factory)
+        b = torch.empty(self.weight_shape[0], **factory) if bias else None
+        self._torch_init_(dense, b)
+        if b is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = nn.Parameter(b)
+        return dense
+
+    def reset_parameters(self) -> None:
+        """Initialise the stored blocks and the bias as ``nn.Linear``/``nn.Conv2d`` do (after ``to_empty()``, say)."""
+        w = self.weight_train
+        dense = torch.empty(self.weight_shape, device=w.device, dtype=w.dtype)
+        bias = None if self.bias is None else torch.empty_like(self.bias)
+        self._torch_init_(dense, bias)
+        self._copy_dense_(dense, bias)
+
+    @classmethod
+    def _converted(cls, weight, mask, frozen_mask, bias, block_size, *args, **kwargs):
+        """The end of every ``from_dense``: ``cls(*args, **kwargs)`` on ``weight``'s device and dtype with
+        these masks, holding ``weight`` (cut to the masks) and ``bias``."""
+        mod = cls(
+            *args,
+            bias=bias is not None,
+            block_size=block_size,
+            mask=mask,
+            frozen_mask=frozen_mask,
+            device=weight.device,
+            dtype=weight.dtype,
+            **kwargs,
+        )
+        mod._copy_dense_(weight, bias)
+        return mod
+
+    def _filled(self, dense_layer: nn.Module, weight: torch.Tensor) -> nn.Module:
+        """``dense_layer`` (a fresh ``nn.Linear``/``nn.Conv2d``) holding ``weight`` and this layer's bias.
+
+        ``weight`` is passed in, not read here: the caller already read it for the device and dtype, and
+        under FSDP2 each read of ``self.weight`` is a collective.
+        """
+        with torch.no_grad():
+            dense_layer.weight.copy_(weight)
+            if self.bias is not None:
+                dense_layer.bias.copy_(self.bias)
+        return dense_layer
+
+    def _blocks_repr(self) -> str:
+        """The end of ``extra_repr``: block size, block density, trainable blocks."""
+        lay = self._layout
+        return f"block_size={self.block_size}, block_density={lay.block_density:.3f}, trainable_blocks={lay.n_train}"
 
     @staticmethod
     def _dense_parts(module: nn.Module, mask: torch.Tensor | None):
