@@ -160,8 +160,12 @@ def _dense_pad_input(x, g: ConvGeom):
 # with 64x64 blocks it still wins at 0.5 on 3x3 256->256 (132 vs 166 ms). 16 and 128 are not measured.
 DENSE_CROSSOVER = {16: 0.15, 32: 0.3, 64: 0.6, 128: 0.6}
 
-# The same for the native kernels (fp32 and bf16; block sides multiples of 16).
-NATIVE_CROSSOVER = {16: 0.15, 32: 0.3, 64: 0.6, 128: 0.6}
+# The same for the native kernels (fp32 and bf16; block sides multiples of 16), from the full step's
+# CPU time on one thread (2-core AVX2 EPYC, 3x3 256->256 at 14x14, batch 32, against nn.Conv2d):
+# 32x32 blocks are 1.60x at density 0.5, 1.29x at 0.6, 1.21x at 0.7, 0.99x at 0.8; 64x64 1.41x at
+# 0.6, 1.15x at 0.7, 1.02x at 0.8, 0.84x at 0.9; 16x16 1.75x at 0.5, 1.31x at 0.7. 128 is not
+# measured and takes 32's value.
+NATIVE_CROSSOVER = {16: 0.8, 32: 0.75, 64: 0.75, 128: 0.75}
 
 
 def gathered(meta, g: ConvGeom, crossover: dict | None = None) -> bool:

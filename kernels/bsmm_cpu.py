@@ -42,12 +42,11 @@ from .store import effective_blocks
 # reuses 64's value.
 DENSE_CROSSOVER = {16: 0.05, 32: 0.15, 64: 0.3, 128: 0.3}
 
-# The same crossover for the native kernels (fp32, used for bf16 too), measured the same way: full
-# step, native against the dense fallback (reused buffers, 0.86-1.06x nn.Linear), interleaved.
-# 64x64 native is 1.30x nn.Linear at density 0.5, 1.15x at 0.6, 1.06x at 0.7; 32x32 is 1.12x at
-# 0.5, 0.96x at 0.6, 0.82x at 0.7; 128x128 is 1.15x at 0.5, 1.04x at 0.6, 0.70x at 0.7 (its two
-# 64-wide weight panels per block row stop fitting L2); 16x16 is 1.14x at 0.3 and 0.89x at 0.4.
-NATIVE_CROSSOVER = {16: 0.35, 32: 0.6, 64: 0.8, 128: 0.6}
+# The same crossover for the native kernels (fp32, used for bf16 too), from the full SparseLinear
+# step's CPU time on one thread against nn.Linear (2-core AVX2 EPYC, 4096x4096, 2048 tokens, the
+# AVX2-sized tiles): 64x64 blocks 5.14x at density 0.1, 1.19x at 0.5, 0.90x at 0.7; 32x32 1.47x at
+# 0.4, 1.31x at 0.5, 1.11x at 0.6; 128x128 1.48x at 0.5, 1.22x at 0.6; 16x16 1.30x at 0.5, 0.96x at 0.6.
+NATIVE_CROSSOVER = {16: 0.55, 32: 0.65, 64: 0.6, 128: 0.7}
 
 
 def native_applies(dtype: torch.dtype) -> bool:

@@ -53,7 +53,9 @@ _SIGNATURES = {
     "sk_conv_fwd": [_P, _P, _P, _P, _P, _I, _P, _I, _I, _P, _P, _I, _INT, _INT],
     "sk_conv_bwd": [_P, _P, _P, _P, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _P, _I, _P, _INT, _INT],
     "sk_release": [],
+    "sk_region": [ctypes.CFUNCTYPE(None)],  # an instruction-count region (sparsekern/bench/instructions.py)
 }
+_VOID = ("sk_release", "sk_region")
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -123,7 +125,7 @@ def _build(_retry: bool = True) -> ctypes.CDLL:
         raise
     for name, argtypes in _SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, (_INT if name != "sk_release" else None)
+        fn.argtypes, fn.restype = argtypes, (None if name in _VOID else _INT)
     return lib
 
 

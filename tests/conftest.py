@@ -78,6 +78,7 @@ def _pin_cpu_dense_crossover(monkeypatch):
     monkeypatch.setattr(bsmm_cpu, "DENSE_CROSSOVER", dict.fromkeys((16, 32, 64, 128), 0.8))
     monkeypatch.setattr(bsmm_cpu, "NATIVE_CROSSOVER", dict.fromkeys((16, 32, 64, 128), 0.8))
     monkeypatch.setattr(bsconv_cpu, "DENSE_CROSSOVER", dict.fromkeys((16, 32, 64, 128), 0.8))
+    monkeypatch.setattr(bsconv_cpu, "NATIVE_CROSSOVER", dict.fromkeys((16, 32, 64, 128), 0.8))
 
 
 # ------------------------------------------------ backend routing, launch counts
