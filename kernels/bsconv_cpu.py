@@ -7,7 +7,13 @@ Same operands and results as the Triton launchers in ``bsconv.py``: ``x``
 weight in the matrix view of ``sparsekern/convview.py`` (a block is ``bm``
 output channels by ``bk`` input channels at one filter tap). The input is
 first copied once, channel-major and zero-padded, to ``xp (c_pad, N, Hp, Wp)``.
-Three ways to run, chosen by :func:`path`:
+Four ways to run, chosen by :func:`path`:
+
+* ``native`` (fp32 and bf16, block sides multiples of 16, the native build
+  present): the kernels in ``native/bsconv.cpp`` run all three passes over
+  the computed blocks (see that file); results are channels_last. The routes
+  below are what fp16 and a machine without a C++ compiler run; for fp32 and
+  bf16 they copy their results to channels_last too (:func:`native_strides`).
 
 * ``plane`` (stride 1, padded planes at most ``PLANE_MAX_WASTE`` times the
   output): every position is computed in padded-plane coordinates

@@ -22,8 +22,9 @@ through its strides, with less coalesced loads). CPU tensors use
 
 Output memory formats, which the fake implementations report for
 ``torch.compile``: on CUDA, channels_last. On the CPU, what the CPU path
-returns (``bsconv_cpu.output_view``: views of channel-major buffers on its
-block paths, contiguous NCHW on its dense fallback); the interpreter writes
+returns (``bsconv_cpu.output_view``: channels_last on its block paths for fp32
+and bf16, views of channel-major buffers for fp16, contiguous NCHW on its dense
+fallback; a function of layout, geometry and dtype only); the interpreter writes
 into the same formats, so a graph compiled in one mode stays valid in the other.
 """
 
