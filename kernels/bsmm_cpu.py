@@ -29,7 +29,7 @@ import threading
 
 import torch
 
-from . import native
+from . import csr_cpu, native
 from .store import effective_blocks
 
 # Above this block density (keyed by the block's smaller side) the gathered
@@ -50,14 +50,23 @@ DENSE_CROSSOVER = {16: 0.05, 32: 0.15, 64: 0.3, 128: 0.3}
 NATIVE_CROSSOVER = {16: 0.35, 32: 0.6, 64: 0.8, 128: 0.6}
 
 
+# The element-sparse route (``csr_cpu``): a layout of mostly mixed blocks (an element mask) runs the
+# native CSR kernels when its kept elements are at most CSR_CROSSOVER of the weight and at most
+# CSR_FILL of its computed blocks' elements. MEASURED: see bench/unstructured_cpu.py.
+CSR_CROSSOVER = 0.3
+CSR_FILL = 0.4
+
+
 def native_applies(dtype: torch.dtype) -> bool:
     """Whether the native kernels run this dtype here (fp32 or bf16, built, not disabled)."""
     return dtype in native.DTYPES and native.available()
 
 
 def path(meta, dtype: torch.dtype = torch.float32) -> str:
-    """``"dense"``, ``"native"`` or ``"gathered"``: which implementation runs this layout and dtype."""
+    """``"dense"``, ``"csr"``, ``"native"`` or ``"gathered"``: which implementation runs this layout and dtype."""
     nat = native_applies(dtype)
+    if nat and csr_cpu.fill(meta) <= CSR_FILL and csr_cpu.element_density(meta) <= CSR_CROSSOVER:
+        return "csr"
     rb, cb = meta.row_offsets.numel() - 1, meta.col_offsets.numel() - 1
     side = min(meta.element_state.shape[1:])  # (n_mixed, bm, bk) even when n_mixed == 0
     crossover = (NATIVE_CROSSOVER if nat else DENSE_CROSSOVER).get(side, 0.3)
@@ -210,6 +219,8 @@ def forward(x, w_train, w_frozen, bias, meta, n_out, n_frozen) -> torch.Tensor:
     if how == "dense" or m == 0:
         w = dense_weight(w_train, w_frozen, meta, n_frozen, n_out, k, slot="dense_w")
         return torch.nn.functional.linear(x, w, bias)
+    if how == "csr":
+        return csr_cpu.forward(x, w_train, w_frozen, bias, meta, n_out)
     vals = effective_blocks(w_train, w_frozen, meta.storage, meta.aux, meta.element_state, n_frozen)
     if how == "native":  # blocks as (bk, bm): a row of the block is then one output vector
         b = None if bias is None else bias.float().contiguous()
@@ -236,6 +247,8 @@ def input_grad(dy, w_train, w_frozen, meta, n_in, n_frozen) -> torch.Tensor:
     how = path(meta, dy.dtype)
     if how == "dense" or m == 0:
         return dy @ dense_weight(w_train, w_frozen, meta, n_frozen, n, n_in, slot="dense_w")
+    if how == "csr":
+        return csr_cpu.input_grad(dy, w_train, w_frozen, meta, n_in)
     vals = effective_blocks(w_train, w_frozen, meta.storage, meta.aux, meta.element_state, n_frozen)
     if how == "native":  # the transposed walk reads the blocks in place, through block_index_t
         return native.group_mm(
@@ -270,6 +283,8 @@ def weight_grad(dy, x, meta, block_size) -> torch.Tensor:
         return x.new_zeros(0, bm, bk)
     rb, cb = meta.row_offsets.numel() - 1, meta.col_offsets.numel() - 1
     how = path(meta, x.dtype)
+    if how == "csr" and m > 0:
+        return csr_cpu.weight_grad(dy, x, meta, block_size)
     if how == "native" and m > 0:
         rows, cols = meta.row_indices[tidx].contiguous(), meta.col_indices[tidx].contiguous()
         dw = native.sampled_mm(_unit_cols(dy), _unit_cols(x), rows, cols, bm, bk)

@@ -50,6 +50,8 @@ _P, _I, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
     "sk_group_mm": [_P, _I, _I, _I, _P, _P, _I, _P, _P, _I, _I, _P, _P, _I, _I, _INT, _INT],
     "sk_sampled_mm": [_P, _I, _I, _P, _I, _I, _I, _P, _P, _I, _I, _I, _P, _INT, _INT],
+    "sk_csr_mm": [_P, _I, _I, _I, _P, _I, _P, _P, _P, _P, _I, _INT, _INT],
+    "sk_csr_sampled": [_P, _I, _I, _P, _I, _I, _I, _P, _P, _P, _P, _I, _INT, _INT],
     "sk_release": [],
 }
 
@@ -260,6 +262,64 @@ def sampled_mm(dy, x, rows, cols, bm: int, bk: int, out=None) -> torch.Tensor:
         _ptr(dw), x.dtype == torch.bfloat16, torch.get_num_threads(),
     )  # fmt: skip
     _check(rc, "sampled_mm")
+    return dw
+
+
+def _csr_arrays(ptr, idx, cols: int, what: str) -> None:
+    """A CSR the kernels can walk: ``ptr`` starts at 0, never decreases and ends at ``len(idx)``; every
+    ``idx`` in ``[0, cols)``."""
+    _operands({}, {}, {"ptr": ptr, "idx": idx})
+    _require(ptr.numel() >= 1 and int(ptr[0]) == 0 and int(ptr[-1]) == idx.numel(), "ptr must run from 0 to len(idx)")
+    _require(bool((ptr[1:] >= ptr[:-1]).all()), "ptr must not decrease")
+    _in_range(idx, cols, "idx", what)
+
+
+def csr_mm(a, ptr, idx, vals, bias, out=None) -> torch.Tensor:
+    """``out[t, r] = bias[r] + sum_{p in row r} vals[p] * a[t, idx[p]]``, as ``(M, R)`` with ``R = len(ptr) - 1``.
+
+    ``a`` is ``(M, a_cols)``, fp32 or bf16, unit column stride; the result has
+    its dtype (fp32 sums, rounded once). ``ptr``/``idx`` are a contiguous
+    int32 CSR over the ``R`` output columns, ``vals`` its fp32 values, ``bias``
+    fp32 or ``None``. ``out``, when given, needs unit column stride only.
+    """
+    m, a_cols = a.shape
+    r = ptr.numel() - 1
+    _operands({"a": a}, {"vals": vals, "bias": bias}, {})
+    _csr_arrays(ptr, idx, a_cols, "columns of a")
+    _require(vals.is_contiguous() and vals.numel() == idx.numel(), "vals must be contiguous, one per idx")
+    _require(bias is None or bias.numel() >= r, f"bias has {0 if bias is None else bias.numel()} < {r} entries")
+    out = _out(out, (m, r), a, contiguous=False)
+    rc = _loaded().sk_csr_mm(
+        _ptr(a), a.stride(0), m, a_cols, _ptr(ptr), r, _ptr(idx), _ptr(vals), _ptr(bias), _ptr(out), out.stride(0),
+        a.dtype == torch.bfloat16, torch.get_num_threads(),
+    )  # fmt: skip
+    _check(rc, "csr_mm")
+    return out
+
+
+def csr_sampled(dy, x, ptr, idx, dst, numel: int) -> torch.Tensor:
+    """``dw[dst[q]] = sum_t dy[t, row(q)] * x[t, idx[q]]`` over the nonzeros ``q`` of the CSR ``(ptr, idx)``
+    on ``dy``'s ``N`` columns, every other entry zero: a fresh fp32 ``(numel,)``.
+
+    ``dy`` ``(M, N)`` and ``x`` ``(M, K)`` are both fp32 or both bf16 with unit
+    column stride; ``dst`` is contiguous int64 in ``[0, numel)``.
+    """
+    m, n = dy.shape
+    k = x.shape[1]
+    _operands({"dy": dy, "x": x}, {}, {})
+    _require(x.shape[0] == m, f"dy has {m} rows but x has {x.shape[0]}")
+    _require(dy.dtype == x.dtype, f"dy is {dy.dtype} but x is {x.dtype}")
+    _require(ptr.numel() == n + 1, f"ptr has {ptr.numel()} entries for the {n} columns of dy")
+    _csr_arrays(ptr, idx, k, "columns of x")
+    ok = dst.dtype == torch.int64 and dst.device.type == "cpu" and dst.is_contiguous() and dst.numel() == idx.numel()
+    _require(ok, "dst must be a contiguous int64 CPU tensor, one per idx")
+    _in_range(dst, numel, "dst", "entries of dw")
+    dw = torch.empty(numel, dtype=torch.float32)
+    rc = _loaded().sk_csr_sampled(
+        _ptr(dy), dy.stride(0), n, _ptr(x), x.stride(0), k, m, _ptr(ptr), _ptr(idx), _ptr(dst), _ptr(dw), numel,
+        x.dtype == torch.bfloat16, torch.get_num_threads(),
+    )  # fmt: skip
+    _check(rc, "csr_sampled")
     return dw
 
 

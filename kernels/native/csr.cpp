@@ -1,0 +1,241 @@
+// Native CPU kernels for element-sparse (CSR) weights: the linear passes of a layout whose blocks are
+// mostly mixed (an element mask, such as torch.nn.utils.prune.l1_unstructured leaves), where the block
+// kernels of bsmm.cpp would compute every block in full. Loaded by kernels/native.py (kernels/csr_cpu.py
+// builds the CSR arrays and routes the calls).
+//
+// Both kernels pack their activations token-tiled and transposed first:
+//   P[tile][c][0:TT] = A[tile*TT + 0:TT, c]    (zero past the last token)
+// so the TT tokens of one feature are one contiguous run of TT floats (8 vectors of 8 for TT = 64).
+//
+// * sk_csr_mm, the forward (A = x, rows = output features, the weight's CSR) and the input gradient
+//   (A = dy, rows = input features, the weight's CSC: the same product over the transposed walk):
+//     out[t, r] = bias[r] + sum_{p in row r} vals[p] * A[t, idx[p]]
+//   A row's accumulators for a token tile (8 vectors of 8 floats) live in registers over all its nonzeros: one
+//   broadcast of the value and 4 vector FMAs per nonzero, reading the packed tile where idx points.
+//   Rows are computed RC at a time into a small buffer that is then stored transposed, so the
+//   row-major output is written in runs of RC contiguous features, never one float per line.
+// * sk_csr_sampled, the weight gradient at the trainable nonzeros only (an SDDMM):
+//     dw[dst[q]] = sum_t DY[t, row(q)] * X[t, idx[q]]
+//   per token tile, a row's DY run stays in registers while each of its nonzeros takes a dot product
+//   with X's packed run; the tile's partial sums are added to per-nonzero fp32 sums, then scattered
+//   into the zeroed block store dw (what bsmm_cpu.weight_grad returns).
+//
+// Activations are fp32, or bf16 widened while packing (outputs rounded once, from fp32 sums); values,
+// bias and dw are fp32. All sums are fp32. A nonzero's value is read only through idx, so pruned
+// columns of A, even NaN ones, never reach a result.
+#include "common.h"
+
+namespace {
+using namespace sk;
+
+constexpr int64_t TT = 64;  // tokens per tile: 8 accumulators of 8 floats (8 of AVX2's 16 ymm registers)
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));
+typedef float v4 __attribute__((vector_size(16)));
+
+static inline v8 ld8(const float* p) { return *(const v8u*)p; }
+static inline void st8(float* p, v8 v) { *(v8u*)p = v; }
+
+static inline float hsum(v16 v) {
+    const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+// P[tile][c][t] = A[tile*TT + t, c], zero for tokens past M. Work items are (tile, 16 columns): a
+// token's 16 columns are one contiguous read, written to 16 runs that stay in L1 for the whole tile.
+template <typename T>
+void pack_tokens(const T* A, int64_t lda, int64_t M, int64_t cols, float* P, int nthreads) {
+    const int64_t tiles = (M + TT - 1) / TT;
+    const int64_t CB = 16, cblocks = (cols + CB - 1) / CB;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t it = 0; it < tiles * cblocks; ++it) {
+        const int64_t tile = it / cblocks, c0 = (it % cblocks) * CB, c1 = std::min(cols, c0 + CB);
+        const int64_t t0 = tile * TT, nt = std::min(TT, M - t0);
+        float* d = P + tile * cols * TT;
+        for (int64_t t = 0; t < nt; ++t) {
+            const T* s = A + (t0 + t) * lda;
+            for (int64_t c = c0; c < c1; ++c) d[c * TT + t] = widen(s[c]);
+        }
+        if (nt < TT)
+            for (int64_t c = c0; c < c1; ++c) std::memset(d + c * TT + nt, 0, sizeof(float) * (TT - nt));
+    }
+}
+
+// A token tile's packed activations (cols x TT floats, 1 MB for 4096 features) do not fit the 512 KB
+// L2 of this project's CPU, and a nonzero reads its TT floats wherever idx points: from L3 that took
+// the forward at density 0.1 (4096^2, 2048 tokens) to 1.9 s. So each tile is walked in column panels
+// of KC features (KC * TT * 4 bytes = 256 KB, half the L2), all rows per panel, with a row's partial
+// sums parked in the tile's (R, TT) buffer between panels.
+constexpr int64_t KC = 1024;
+
+// seg[r * (np + 1) + j] = the first nonzero of row r whose column is >= j * KC (rows' columns ascend),
+// so the nonzeros of row r in panel j are [seg[.. j], seg[.. j + 1]).
+int32_t* panel_segments(const int32_t* ptr, int64_t R, const int32_t* idx, int64_t np, int nthreads) {
+    int32_t* seg = (int32_t*)std::malloc(sizeof(int32_t) * (R * (np + 1) + 1));
+    if (!seg) return nullptr;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t r = 0; r < R; ++r) {
+        int32_t* s = seg + r * (np + 1);
+        int32_t p = ptr[r];
+        const int32_t e = ptr[r + 1];
+        for (int64_t j = 0; j < np; ++j) {
+            s[j] = p;
+            while (p < e && idx[p] < (j + 1) * KC) ++p;
+        }
+        s[np] = e;
+    }
+    return seg;
+}
+
+// y[0:TT] += sum_{p in [s, e)} vals[p] * Pt[idx[p]][0:TT], the sums in registers across the nonzeros.
+// Eight 8-float vectors, not four v16: GCC keeps loop-carried v16 values on the stack when the target
+// has no 512-bit registers (AVX2 here), and the loop then ran 3x slower.
+inline void row_panel(const float* Pt, const int32_t* idx, const float* vals, int32_t s, int32_t e, float* y) {
+    v8 a[8];
+    for (int v = 0; v < 8; ++v) a[v] = ld8(y + 8 * v);
+    for (int32_t p = s; p < e; ++p) {
+        const float* xr = Pt + (int64_t)idx[p] * TT;
+        const float w = vals[p];
+        const v8 wv = {w, w, w, w, w, w, w, w};
+        for (int v = 0; v < 8; ++v) a[v] += wv * ld8(xr + 8 * v);
+    }
+    for (int v = 0; v < 8; ++v) st8(y + 8 * v, a[v]);
+}
+
+// Per tile and panel, the rows are shared out in chunks of RC (dynamic: rows differ in length); the
+// panel loop's barrier keeps both threads on one panel, which each then holds in its own L2.
+template <typename OT>
+void csr_mm(const float* P, int64_t M, int64_t cols, const int32_t* seg, int64_t np, int64_t R,
+            const int32_t* idx, const float* vals, const float* bias, float* Y, OT* out, int64_t ldo,
+            int nthreads) {
+    constexpr int64_t RC = 16;
+    const int64_t tiles = (M + TT - 1) / TT, chunks = (R + RC - 1) / RC;
+#pragma omp parallel num_threads(nthreads)
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+        const int64_t t0 = tile * TT, nt = std::min(TT, M - t0);
+        const float* Pt = P + tile * cols * TT;
+        for (int64_t j = 0; j < np; ++j) {
+            const bool last = j == np - 1;
+#pragma omp for schedule(dynamic, 4)
+            for (int64_t ch = 0; ch < chunks; ++ch) {
+                const int64_t r0 = ch * RC, r1 = std::min(R, r0 + RC);
+                for (int64_t r = r0; r < r1; ++r) {
+                    float* y = Y + r * TT;
+                    if (j == 0) {
+                        const v16 b = bc(bias ? bias[r] : 0.f);
+                        for (int v = 0; v < 4; ++v) st(y + 16 * v, b);
+                    }
+                    const int32_t* sg = seg + r * (np + 1) + j;
+                    row_panel(Pt, idx, vals, sg[0], sg[1], y);
+                }
+                if (last)  // the chunk's rows are final: store them transposed, RC features per token
+                    for (int64_t t = 0; t < nt; ++t) {
+                        OT* o = out + (t0 + t) * ldo + r0;
+                        for (int64_t r = r0; r < r1; ++r) narrow(Y[r * TT + t], o + (r - r0));
+                    }
+            }
+        }
+    }
+}
+
+// Token tiles and panels run in order (each adds to the per-nonzero sums); within a panel the rows are
+// shared out in chunks, so no two threads ever add to the same sum.
+void csr_sampled(const float* Pd, const float* Px, int64_t M, int64_t N, int64_t K, const int32_t* seg,
+                 int64_t np, const int32_t* idx, float* sums, int nthreads) {
+    constexpr int64_t RC = 32;
+    const int64_t tiles = (M + TT - 1) / TT, chunks = (N + RC - 1) / RC;
+#pragma omp parallel num_threads(nthreads)
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+        const float* Dt = Pd + tile * N * TT;
+        const float* Xt = Px + tile * K * TT;
+        for (int64_t j = 0; j < np; ++j) {
+#pragma omp for schedule(dynamic, 2)
+            for (int64_t ch = 0; ch < chunks; ++ch) {
+                const int64_t r1 = std::min(N, (ch + 1) * RC);
+                for (int64_t r = ch * RC; r < r1; ++r) {
+                    const int32_t* sg = seg + r * (np + 1) + j;
+                    const int32_t s = sg[0], e = sg[1];
+                    if (s == e) continue;
+                    const float* dr = Dt + r * TT;
+                    const v16 d0 = ld(dr), d1 = ld(dr + 16), d2 = ld(dr + 32), d3 = ld(dr + 48);
+                    for (int32_t p = s; p < e; ++p) {
+                        const float* xr = Xt + (int64_t)idx[p] * TT;
+                        const v16 u = d0 * ld(xr) + d2 * ld(xr + 32);
+                        const v16 v = d1 * ld(xr + 16) + d3 * ld(xr + 48);
+                        const float dot = hsum(u + v);
+                        sums[p] = tile == 0 ? dot : sums[p] + dot;
+                    }
+                }
+            }
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// out[t, r] = bias[r] + sum_{p in [ptr[r], ptr[r+1])} vals[p] * A[t, idx[p]] for r < R, as (M, R) with
+// row stride ldo. A is (M, a_cols) with row stride lda and unit column stride; A and out are both fp32,
+// or both bf16 when is_bf16; vals and bias (or nullptr) fp32. Every idx must lie in [0, a_cols).
+// Returns 0, or 2 when the packing workspace could not be allocated (nothing written).
+int sk_csr_mm(const void* A, int64_t lda, int64_t M, int64_t a_cols, const int32_t* ptr, int64_t R,
+              const int32_t* idx, const float* vals, const float* bias, void* out, int64_t ldo, int is_bf16,
+              int nthreads) {
+    const int64_t tiles = (M + TT - 1) / TT, np = std::max<int64_t>(1, (a_cols + KC - 1) / KC);
+    float* P = ws_a.get((size_t)tiles * a_cols * TT);
+    float* Y = P ? ws_b.get((size_t)R * TT) : nullptr;
+    int32_t* seg = Y ? panel_segments(ptr, R, idx, np, nthreads) : nullptr;
+    if (!seg) return 2;
+    if (is_bf16)
+        pack_tokens(static_cast<const bf16*>(A), lda, M, a_cols, P, nthreads);
+    else
+        pack_tokens(static_cast<const float*>(A), lda, M, a_cols, P, nthreads);
+    if (is_bf16)
+        csr_mm(P, M, a_cols, seg, np, R, idx, vals, bias, Y, static_cast<bf16*>(out), ldo, nthreads);
+    else
+        csr_mm(P, M, a_cols, seg, np, R, idx, vals, bias, Y, static_cast<float*>(out), ldo, nthreads);
+    std::free(seg);
+    return 0;
+}
+
+// Weight gradient at the nonzeros q of a CSR over the N rows (ptr, N + 1 entries; idx, the columns):
+//   dw[dst[q]] = sum_t DY[t, row(q)] * X[t, idx[q]],   every other of the dw_numel entries of dw zero.
+// DY is (M, N), X (M, K), both fp32 or both bf16 (is_bf16), unit column stride; dw fp32, contiguous.
+// Returns 0, or 2 when the workspace could not be allocated (nothing written).
+int sk_csr_sampled(const void* DY, int64_t lddy, int64_t N, const void* X, int64_t ldx, int64_t K, int64_t M,
+                   const int32_t* ptr, const int32_t* idx, const int64_t* dst, float* dw, int64_t dw_numel,
+                   int is_bf16, int nthreads) {
+    const int64_t tiles = (M + TT - 1) / TT, nnz = ptr[N], np = std::max<int64_t>(1, (K + KC - 1) / KC);
+    float* Pd = ws_a.get((size_t)tiles * N * TT);
+    float* Px = Pd ? ws_b.get((size_t)tiles * K * TT) : nullptr;
+    float* sums = Px ? ws_c.get((size_t)nnz) : nullptr;
+    int32_t* seg = sums ? panel_segments(ptr, N, idx, np, nthreads) : nullptr;
+    if (!seg) return 2;
+    if (is_bf16) {
+        pack_tokens(static_cast<const bf16*>(DY), lddy, M, N, Pd, nthreads);
+        pack_tokens(static_cast<const bf16*>(X), ldx, M, K, Px, nthreads);
+    } else {
+        pack_tokens(static_cast<const float*>(DY), lddy, M, N, Pd, nthreads);
+        pack_tokens(static_cast<const float*>(X), ldx, M, K, Px, nthreads);
+    }
+    if (tiles == 0)
+        std::memset(sums, 0, sizeof(float) * nnz);
+    else
+        csr_sampled(Pd, Px, M, N, K, seg, np, idx, sums, nthreads);
+    std::free(seg);
+    const int64_t ZC = 1 << 16;  // zero the store in chunks, on the threads that scatter into it (first touch)
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t z = 0; z < dw_numel; z += ZC) std::memset(dw + z, 0, sizeof(float) * std::min(ZC, dw_numel - z));
+#pragma omp for schedule(static)
+        for (int64_t q = 0; q < nnz; ++q) dw[dst[q]] = sums[q];
+    }
+    return 0;
+}
+
+}  // extern "C"
