@@ -41,7 +41,7 @@ from typing import NamedTuple
 import torch
 
 from . import native
-from .store import value_store
+from .store import adjacent, value_store
 
 __all__ = ["Plan", "element_density", "fill", "forward", "input_grad", "plan", "weight_grad"]
 
@@ -127,9 +127,10 @@ def element_density(meta) -> float:
 
 
 def fill(meta) -> float:
-    """Kept elements over the computed blocks' elements: 1 for whole blocks, low for an element mask."""
+    """Kept elements over the computed blocks' elements: 1 for whole blocks (and for no blocks at all),
+    low for an element mask."""
     kept, computed = _counts(meta)
-    return kept / max(1, computed)
+    return kept / computed if computed else 1.0
 
 
 def _offsets(counts: torch.Tensor) -> torch.Tensor:
@@ -191,8 +192,12 @@ def plan(meta, n: int, k: int) -> Plan:
 
 
 def _values(w_train, w_frozen, gather) -> torch.Tensor:
-    store = value_store(w_train, w_frozen).reshape(-1)
-    return store.index_select(0, gather).float()
+    """The kept values, ``[w_train | w_frozen].flatten()[gather]`` as fp32 (one pass over them)."""
+    if w_train.shape[0] and w_frozen.shape[0] and not adjacent(w_train, w_frozen):
+        store = torch.cat([w_train, w_frozen])  # the gather copies anyway: no warning, as effective_blocks
+    else:
+        store = value_store(w_train, w_frozen)
+    return store.reshape(-1).index_select(0, gather).float()
 
 
 def _unit_cols(t: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@ Import path: ``sparsekern.kernels.native`` (this folder, ``kernels/``, installs 
 
 What they cover: the block-sparse linear passes (forward, input gradient,
 weight gradient) on CPU tensors, fp32 or bf16 activations (fp32 sums), block
-sides that are multiples of 16. POSIX systems only (the workspace uses
+sides that are multiples of 16 (``native/bsmm.cpp``); the same passes over
+element-sparse (CSR) weights, any shape (``native/csr.cpp``, see ``csr_cpu.py``). POSIX systems only (the workspace uses
 ``madvise``); elsewhere the build fails and the CPU path says so once.
 
 The source depends on nothing but a C++17 compiler with OpenMP: no torch
@@ -297,9 +298,9 @@ def csr_mm(a, ptr, idx, vals, bias, out=None) -> torch.Tensor:
     return out
 
 
-def csr_sampled(dy, x, ptr, idx, dst, numel: int) -> torch.Tensor:
+def csr_sampled(dy, x, ptr, idx, dst, numel: int, out=None) -> torch.Tensor:
     """``dw[dst[q]] = sum_t dy[t, row(q)] * x[t, idx[q]]`` over the nonzeros ``q`` of the CSR ``(ptr, idx)``
-    on ``dy``'s ``N`` columns, every other entry zero: a fresh fp32 ``(numel,)``.
+    on ``dy``'s ``N`` columns, every other entry zero: fp32 ``(numel,)``, fresh or the contiguous ``out``.
 
     ``dy`` ``(M, N)`` and ``x`` ``(M, K)`` are both fp32 or both bf16 with unit
     column stride; ``dst`` is contiguous int64 in ``[0, numel)``.
@@ -314,7 +315,7 @@ def csr_sampled(dy, x, ptr, idx, dst, numel: int) -> torch.Tensor:
     ok = dst.dtype == torch.int64 and dst.device.type == "cpu" and dst.is_contiguous() and dst.numel() == idx.numel()
     _require(ok, "dst must be a contiguous int64 CPU tensor, one per idx")
     _in_range(dst, numel, "dst", "entries of dw")
-    dw = torch.empty(numel, dtype=torch.float32)
+    dw = _out(out, (numel,), x.new_empty(0, dtype=torch.float32), contiguous=True)
     rc = _loaded().sk_csr_sampled(
         _ptr(dy), dy.stride(0), n, _ptr(x), x.stride(0), k, m, _ptr(ptr), _ptr(idx), _ptr(dst), _ptr(dw), numel,
         x.dtype == torch.bfloat16, torch.get_num_threads(),
