@@ -3,7 +3,12 @@
 Import path: ``sparsekern.kernels.bsmm_cpu`` (this folder, ``kernels/``, installs as ``sparsekern.kernels``).
 
 Same operands and results as the Triton launchers in ``bsmm.py`` (see there
-for shapes). Three implementations, chosen per call by :func:`path`:
+for shapes). Four implementations, chosen per call by :func:`path`:
+
+* ``csr``: fp32 or bf16 with the native kernels built, for a layout whose kept
+  elements are few and scattered (mostly mixed blocks: an element mask). The
+  kept elements run as CSR (``csr_cpu.py``), so the mixed blocks' pruned
+  elements cost nothing (see ``CSR_CROSSOVER`` and ``CSR_FILL``).
 
 * ``native``: fp32 or bf16 with the native kernels built (``native.py``).
   They read only the computed blocks and keep a block row's sums in registers

@@ -21,7 +21,8 @@ F32, BF16 = torch.float32, torch.bfloat16
 # The thresholds as shipped, read before conftest's autouse fixture turns the route off for other tests.
 SHIPPED = {"CSR_CROSSOVER": bsmm_cpu.CSR_CROSSOVER, "CSR_FILL": bsmm_cpu.CSR_FILL}
 # (M, N, K): tokens, out, in. 65 and 130 tokens cross the kernels' 64-token tiles; K = 1100 and
-# N = 1030 cross their 1024-feature panels (forward and weight gradient, input gradient).
+# N = 1030 cross their 512-feature panels (forward and weight gradient; input gradient) and their
+# 256- and 128-row work items.
 SHAPES = [(37, 100, 70), (130, 33, 129), (1, 20, 1100), (65, 1030, 40)]
 
 

@@ -63,9 +63,11 @@ void pack_tokens(const T* A, int64_t lda, int64_t M, int64_t cols, float* P, int
 // A token tile's packed activations (cols x TT floats, 1 MB for 4096 features) do not fit the 512 KB
 // L2 of this project's CPU, and a nonzero reads its TT floats wherever idx points: from L3 that took
 // the forward at density 0.1 (4096^2, 2048 tokens) to 1.9 s. So each tile is walked in column panels
-// of KC features (KC * TT * 4 bytes = 256 KB, half the L2): it then took 0.17 s (and the weight
-// gradient 0.64 s -> 0.17 s, measured side by side with a dense GEMM at 0.39-0.4 s).
-constexpr int64_t KC = 1024;
+// of KC features: 0.17 s with KC = 1024 (the weight gradient 0.64 s -> 0.17 s, beside a 0.4 s dense
+// GEMM). Measured in thread CPU time, one thread, 1024 tokens, density 0.1 (0.05): forward 130 (65)
+// ms with KC = 1024, 111 (60) with 512, 105 (62) with 256, 138 (73) with 128; weight gradient 165
+// (91), 134 (80), 143 (90), 149 (105). 512 (128 KB a panel) is best or near it for both.
+constexpr int64_t KC = 512;
 
 // seg[r * (np + 1) + j] = the first nonzero of row r whose column is >= j * KC (rows' columns ascend),
 // so the nonzeros of row r in panel j are [seg[.. j], seg[.. j + 1]).
@@ -103,7 +105,7 @@ inline void row_panel(const float* Pt, const int32_t* idx, const float* vals, in
 
 // Work items are (token tile, RB rows), tile-major, with no barrier between them (a barrier per panel
 // stalled both threads whenever the machine's other load descheduled one). An item walks its rows
-// panel by panel: RB = 256 rows reuse each 256 KB panel about 26K times at density 0.1 before the
+// panel by panel: RB = 256 rows reuse each 128 KB panel about 13K times at density 0.1 before the
 // next panel comes in, and their partial sums (RB x TT floats, 64 KB) stay in L2.
 constexpr int64_t CSR_RB = 256;
 
@@ -170,7 +172,7 @@ static inline float hsum8(v8 a) {
 }
 
 // Work items are RB rows, each over every token tile and panel: an item owns its nonzeros' sums, so
-// there is no barrier and no race, and each panel (256 KB) is reused by all RB rows before the next.
+// there is no barrier and no race, and each panel (128 KB) is reused by all RB rows before the next.
 // A row's DY run (8 vectors) stays in registers; its nonzeros go four at a time, reduced together.
 void csr_sampled(const float* Pd, const float* Px, int64_t M, int64_t N, int64_t K, const int32_t* seg,
                  int64_t np, const int32_t* idx, float* sums, int nthreads) {
@@ -179,11 +181,11 @@ void csr_sampled(const float* Pd, const float* Px, int64_t M, int64_t N, int64_t
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t b = 0; b < blocks; ++b) {
         const int64_t r0 = b * RB, r1 = std::min(N, r0 + RB);
-        for (int64_t tile = 0; tile < tiles; ++tile) {
-            const float* Dt = Pd + tile * N * TT;
-            const float* Xt = Px + tile * K * TT;
-            const bool first = tile == 0;
-            for (int64_t j = 0; j < np; ++j)
+        for (int64_t j = 0; j < np; ++j)  // panel-major: the panel's sums (26 KB for 128 rows at density 0.1) stay in L2
+            for (int64_t tile = 0; tile < tiles; ++tile) {
+                const float* Dt = Pd + tile * N * TT;
+                const float* Xt = Px + tile * K * TT;
+                const bool first = tile == 0;
                 for (int64_t r = r0; r < r1; ++r) {
                     const int32_t* sg = seg + r * (np + 1) + j;
                     const int32_t s = sg[0], e = sg[1];
@@ -192,9 +194,11 @@ void csr_sampled(const float* Pd, const float* Px, int64_t M, int64_t N, int64_t
                     for (int v = 0; v < 8; ++v) d[v] = ld8(Dt + r * TT + 8 * v);
                     int32_t p = s;
                     for (; p + 4 <= e; p += 4) {
-                        const v4 dots = hsum4(dot8(d, Xt + (int64_t)idx[p] * TT), dot8(d, Xt + (int64_t)idx[p + 1] * TT),
-                                              dot8(d, Xt + (int64_t)idx[p + 2] * TT),
-                                              dot8(d, Xt + (int64_t)idx[p + 3] * TT));
+                        const float* x0 = Xt + (int64_t)idx[p] * TT;
+                        const float* x1 = Xt + (int64_t)idx[p + 1] * TT;
+                        const float* x2 = Xt + (int64_t)idx[p + 2] * TT;
+                        const float* x3 = Xt + (int64_t)idx[p + 3] * TT;
+                        const v4 dots = hsum4(dot8(d, x0), dot8(d, x1), dot8(d, x2), dot8(d, x3));
                         for (int q = 0; q < 4; ++q) sums[p + q] = first ? dots[q] : sums[p + q] + dots[q];
                     }
                     for (; p < e; ++p) {
@@ -202,7 +206,7 @@ void csr_sampled(const float* Pd, const float* Px, int64_t M, int64_t N, int64_t
                         sums[p] = first ? dot : sums[p] + dot;
                     }
                 }
-        }
+            }
     }
 }
 
