@@ -12,7 +12,11 @@ Providers, timed interleaved (one step of each in turn, ``--reps`` rounds; media
   on the route ``bsmm_cpu.path`` picks as shipped;
 * ``csr`` / ``no-csr``: the same sparse layer with the element-sparse route forced on / off
   (``bsmm_cpu.CSR_CROSSOVER`` and ``CSR_FILL`` patched around its steps): what the route
-  threshold is measured from.
+  thresholds are measured from.
+
+``--fills F ...`` adds cases of whole blocks at block density ``--blocks`` (default 0.3), each
+element of them kept with probability ``F``: there ``no-csr`` is the native block kernels, and
+``csr`` against it measures ``CSR_FILL``.
 
 A step is forward plus backward of ``y`` against a fixed random ``dy``, with the input requiring
 its gradient: all three passes (y, dx, dW) and the bias gradient. ``--split`` adds the sparse
@@ -33,8 +37,9 @@ from torch import nn
 from torch.nn.utils import prune
 
 from sparsekern.adapters import from_torch_prune
-from sparsekern.kernels import bsmm_cpu
+from sparsekern.kernels import bsmm_cpu, csr_cpu
 from sparsekern.kernels.meta import Meta
+from sparsekern.testing import random_block_mask
 
 
 @contextlib.contextmanager
@@ -63,16 +68,28 @@ def step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> tuple[float, f
     return t1 - t0, t2 - t1
 
 
-def layers(n: int, k: int, amount: float, block: int):
+def layers(n: int, k: int, block: int, amount: float | None = None, mask: torch.Tensor | None = None):
+    """``(dense, masked, sparse)`` sharing one weight: pruned by ``l1_unstructured(amount)``, or by ``mask``."""
     dense = nn.Linear(k, n)
-    masked = nn.Linear(k, n)
-    masked.load_state_dict(dense.state_dict())
-    prune.l1_unstructured(masked, "weight", amount=amount)
-    holder = nn.Sequential(nn.Linear(k, n))
-    holder[0].load_state_dict(dense.state_dict())
-    prune.l1_unstructured(holder[0], "weight", amount=amount)
+    masked, holder = nn.Linear(k, n), nn.Sequential(nn.Linear(k, n))
+    for layer in (masked, holder[0]):
+        layer.load_state_dict(dense.state_dict())
+        if mask is None:
+            prune.l1_unstructured(layer, "weight", amount=amount)
+        else:
+            prune.custom_from_mask(layer, "weight", mask)
     holder, _ = from_torch_prune(holder, granularity="exact", block_size=block)
     return dense, masked, holder[0]
+
+
+def cases(args):
+    """``(label, dense, masked, sparse)`` per measured case, built one at a time."""
+    for amount in args.amounts:
+        yield (f"amount {amount}", *layers(args.n, args.k, args.block, amount=amount))
+    for fill in args.fills:
+        # Whole blocks at density --blocks, each element of them then kept with probability `fill`.
+        mask = random_block_mask((args.n, args.k), args.block, args.blocks, element_density=fill)
+        yield (f"blocks {args.blocks} fill {fill}", *layers(args.n, args.k, args.block, mask=mask))
 
 
 def run(args) -> None:
@@ -81,8 +98,7 @@ def run(args) -> None:
     print(f"weight {args.n}x{args.k}, {args.tokens} tokens, fp32, block {args.block}, {args.reps} interleaved rounds")
     x = torch.randn(args.tokens, args.k, requires_grad=True)
     dy = torch.randn(args.tokens, args.n)
-    for amount in args.amounts:
-        dense, masked, sparse = layers(args.n, args.k, amount, args.block)
+    for label, dense, masked, sparse in cases(args):
         meta = Meta(*sparse.layout.meta())
         providers = {
             "dense": (dense, None),
@@ -103,7 +119,8 @@ def run(args) -> None:
         route = bsmm_cpu.path(meta)
         ratios = "  ".join(f"{name} {med['dense'] / med[name]:.2f}x" for name in providers)
         print(
-            f"amount {amount}: route {route!r}; step ms "
+            f"{label} (element density {csr_cpu.element_density(meta):.3f}, fill {csr_cpu.fill(meta):.3f}): "
+            f"route {route!r}; step ms "
             + " ".join(f"{name} {1000 * t:.0f}" for name, t in med.items())
             + f"; dense/provider: {ratios}"
         )
@@ -121,7 +138,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4096, help="in_features")
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--block", type=int, default=32, help="block size of the converted layer")
-    ap.add_argument("--amounts", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95])
+    ap.add_argument("--amounts", type=float, nargs="*", default=[0.5, 0.7, 0.8, 0.9, 0.95])
+    ap.add_argument("--fills", type=float, nargs="*", default=[], help="block masks with these element fills")
+    ap.add_argument("--blocks", type=float, default=0.3, help="block density of the --fills cases")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--split", action="store_true", help="also print forward/backward laps")
     run(ap.parse_args())

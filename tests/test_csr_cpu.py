@@ -15,7 +15,7 @@ import sparsekern.kernels as sk
 from sparsekern.kernels import bsmm_cpu, csr_cpu, native
 from sparsekern.kernels.meta import Meta
 from sparsekern.layout import BlockLayout
-from sparsekern.testing import assert_close, reference_grads, reference_linear
+from sparsekern.testing import assert_close, random_block_mask, reference_grads, reference_linear
 
 F32, BF16 = torch.float32, torch.bfloat16
 # The thresholds as shipped, read before conftest's autouse fixture turns the route off for other tests.
@@ -184,15 +184,19 @@ def shipped(monkeypatch):
 
 
 def test_shipped_thresholds_route_element_masks_only(native_only, shipped):
-    """As shipped: a 90%-pruned element mask takes the CSR route; whole blocks (fill 1) and a
-    half-pruned element mask (the route's measured loss) do not."""
+    """As shipped: a 90%-pruned element mask takes the CSR route; a half-pruned one (the route's
+    measured loss) does not. Among blocks the native kernels would run, thinly filled ones go to CSR
+    and whole or well-filled ones stay."""
     shape = (256, 256)
     sparse = BlockLayout.from_masks(torch.rand(shape) < 0.1, block_size=32)
     half = BlockLayout.from_masks(torch.rand(shape) < 0.5, block_size=32)
     blocks = Problem(8, *shape, 32, 0.1, "block").lay
     assert bsmm_cpu.path(Meta(*sparse.meta())) == "csr"
-    assert bsmm_cpu.path(Meta(*half.meta())) != "csr"
+    assert bsmm_cpu.path(Meta(*half.meta())) == "dense"
     assert bsmm_cpu.path(Meta(*blocks.meta())) == "native"
+    for fill, route in ((0.25, "csr"), (0.6, "native")):
+        lay = BlockLayout.from_masks(random_block_mask(shape, 32, 0.3, element_density=fill), block_size=32)
+        assert bsmm_cpu.path(Meta(*lay.meta())) == route, f"fill {fill}"
     assert bsmm_cpu.path(Meta(*sparse.meta()), torch.float16) != "csr"  # the kernels take fp32 and bf16 only
     assert not bsmm_cpu.transposed_output(Meta(*sparse.meta()), 8, F32)  # row-major, as the native route
 
