@@ -1,7 +1,8 @@
 """Training steps of a linear layer under a foreign unstructured mask on the CPU: dense, masked dense, sparsekern.
 
 Run from the repository root: ``python bench/unstructured_cpu.py`` (defaults: 4096x4096 weight,
-2048 tokens, fp32, ``torch.nn.utils.prune.l1_unstructured`` at amounts 0.5 0.7 0.8 0.9 0.95).
+2048 tokens, fp32 (``--dtype bfloat16`` for bf16 layers and activations),
+``torch.nn.utils.prune.l1_unstructured`` at amounts 0.5 0.7 0.8 0.9 0.95).
 
 Providers, timed interleaved (one step of each in turn, ``--reps`` rounds; medians reported):
 
@@ -95,10 +96,13 @@ def cases(args):
 def run(args) -> None:
     torch.manual_seed(0)
     print(f"load average before: {os.getloadavg()}; torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"weight {args.n}x{args.k}, {args.tokens} tokens, fp32, block {args.block}, {args.reps} interleaved rounds")
-    x = torch.randn(args.tokens, args.k, requires_grad=True)
-    dy = torch.randn(args.tokens, args.n)
-    for label, dense, masked, sparse in cases(args):
+    shape = f"weight {args.n}x{args.k}, {args.tokens} tokens, {args.dtype}, block {args.block}"
+    print(f"{shape}, {args.reps} interleaved rounds")
+    dtype = getattr(torch, args.dtype)
+    x = torch.randn(args.tokens, args.k).to(dtype).requires_grad_()
+    dy = torch.randn(args.tokens, args.n).to(dtype)
+    for label, *mods in cases(args):
+        dense, masked, sparse = (m.to(dtype) for m in mods)
         meta = Meta(*sparse.layout.meta())
         providers = {
             "dense": (dense, None),
@@ -116,7 +120,7 @@ def run(args) -> None:
                 with csr_route(route):
                     laps[name].append(step(mod, x, dy))
         med = {name: statistics.median(f + b for f, b in v) for name, v in laps.items()}
-        route = bsmm_cpu.path(meta)
+        route = bsmm_cpu.path(meta, dtype)
         ratios = "  ".join(f"{name} {med['dense'] / med[name]:.2f}x" for name in providers)
         print(
             f"{label} (element density {csr_cpu.element_density(meta):.3f}, fill {csr_cpu.fill(meta):.3f}): "
@@ -142,6 +146,7 @@ def main() -> None:
     ap.add_argument("--fills", type=float, nargs="*", default=[], help="block masks with these element fills")
     ap.add_argument("--blocks", type=float, default=0.3, help="block density of the --fills cases")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--split", action="store_true", help="also print forward/backward laps")
     run(ap.parse_args())
 

@@ -10,15 +10,17 @@
 // * sk_csr_mm, the forward (A = x, rows = output features, the weight's CSR) and the input gradient
 //   (A = dy, rows = input features, the weight's CSC: the same product over the transposed walk):
 //     out[t, r] = bias[r] + sum_{p in row r} vals[p] * A[t, idx[p]]
-//   A row's accumulators for a token tile (8 vectors of 8 floats) live in registers over all its nonzeros: one
-//   broadcast of the value and 4 vector FMAs per nonzero, reading the packed tile where idx points.
-//   Rows are computed RC at a time into a small buffer that is then stored transposed, so the
-//   row-major output is written in runs of RC contiguous features, never one float per line.
+//   A row's sums for a token tile (8 vectors of 8 floats) live in registers over its nonzeros: one
+//   broadcast of the value and 8 vector FMAs per nonzero, reading the packed tile where idx points.
+//   Each tile is walked in column panels that stay in L2 (see KC); a work item's rows keep their
+//   partial sums in a small buffer between panels, which is then stored transposed, so the row-major
+//   output is written in runs of 16 contiguous features, never one float per cache line.
 // * sk_csr_sampled, the weight gradient at the trainable nonzeros only (an SDDMM):
 //     dw[dst[q]] = sum_t DY[t, row(q)] * X[t, idx[q]]
 //   per token tile, a row's DY run stays in registers while each of its nonzeros takes a dot product
-//   with X's packed run; the tile's partial sums are added to per-nonzero fp32 sums, then scattered
-//   into the zeroed block store dw (what bsmm_cpu.weight_grad returns).
+//   with X's packed run (four nonzeros reduced together); the tiles' partial sums add up in fp32 per
+//   nonzero, in tile order, and are then scattered into the zeroed block store dw (the format
+//   bsmm_cpu.weight_grad returns). No sum depends on the thread count: results are bitwise the same.
 //
 // Activations are fp32, or bf16 widened while packing (outputs rounded once, from fp32 sums); values,
 // bias and dw are fp32. All sums are fp32. A nonzero's value is read only through idx, so pruned
@@ -38,7 +40,6 @@ typedef float v4 __attribute__((vector_size(16)));
 
 static inline v8 ld8(const float* p) { return *(const v8u*)p; }
 static inline void st8(float* p, v8 v) { *(v8u*)p = v; }
-
 
 // P[tile][c][t] = A[tile*TT + t, c], zero for tokens past M. Work items are (tile, 16 columns): a
 // token's 16 columns are one contiguous read, written to 16 runs that stay in L1 for the whole tile.
