@@ -96,7 +96,7 @@ def path(meta, dtype: torch.dtype = torch.float32) -> str:
     computed = meta.col_indices.numel() > 0
     # The element counts are cached per layout (csr_cpu). An edge block's overhang counts as pruned in
     # the fill, so a small layer looks a little sparser than it is.
-    if nat and computed and csr_cpu.element_density(meta) <= CSR_CROSSOVER:
+    if nat and computed and csr_cpu.element_density(meta) <= CSR_CROSSOVER and csr_cpu.fits(meta):
         if blocks_dense or csr_cpu.fill(meta) <= CSR_FILL:
             return "csr"
     if blocks_dense:

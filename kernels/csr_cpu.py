@@ -43,7 +43,10 @@ import torch
 from . import native
 from .store import adjacent, value_store
 
-__all__ = ["Plan", "element_density", "fill", "forward", "input_grad", "plan", "weight_grad"]
+__all__ = ["MAX_KEPT", "Plan", "element_density", "fill", "fits", "forward", "input_grad", "plan", "weight_grad"]
+
+#: The most kept elements a layout may have here: the kernels' pointers and indices are int32.
+MAX_KEPT = 2**31 - 1
 
 
 class Plan(NamedTuple):
@@ -117,6 +120,11 @@ def _counts(meta) -> tuple[int, int]:
         kept = (nnzb - es.shape[0]) * block + int(torch.count_nonzero(es))
         entry.counts = (kept, nnzb * block)
     return entry.counts
+
+
+def fits(meta) -> bool:
+    """Whether the layout's kept elements fit the kernels' int32 indices (at most :data:`MAX_KEPT`)."""
+    return _counts(meta)[0] <= MAX_KEPT
 
 
 def element_density(meta) -> float:

@@ -201,6 +201,14 @@ def test_shipped_thresholds_route_element_masks_only(native_only, shipped):
     assert not bsmm_cpu.transposed_output(Meta(*sparse.meta()), 8, F32)  # row-major, as the native route
 
 
+def test_layouts_past_int32_indices_keep_the_block_route(csr, monkeypatch):
+    p = Problem(5, 40, 50, 16, mask=torch.rand(40, 50) < 0.1)
+    assert bsmm_cpu.path(p.meta) == "csr"
+    monkeypatch.setattr(csr_cpu, "MAX_KEPT", int(p.mask.sum()) - 1)
+    q = Problem(5, 40, 50, 16, mask=p.mask)  # a new layout: its counts are not cached yet
+    assert bsmm_cpu.path(q.meta) != "csr"
+
+
 def test_without_native_kernels_the_same_layout_falls_back_correctly(csr, monkeypatch):
     """SPARSEKERN_NATIVE=0: another route, the same results and the same (row-major) strides."""
     mask, frozen = element_masks((70, 90), 0.1)
