@@ -63,12 +63,17 @@ class Plan(NamedTuple):
     train_dst: torch.Tensor  # int64 offsets of their gradients in the flattened (n_train, bm, bk) result
 
 
+def _versions(tensors) -> tuple[int, ...]:
+    # Inference tensors (a layout built under torch.inference_mode) have no version counter.
+    return tuple(-1 if t.is_inference() else t._version for t in tensors)
+
+
 class _Entry:
     """What is cached for one layout: its element counts and its plans by weight shape."""
 
     def __init__(self, tensors):
         self.refs = tuple(weakref.ref(t) for t in tensors)
-        self.versions = tuple(t._version for t in tensors)
+        self.versions = _versions(tensors)
         self.counts: tuple[int, int] | None = None
         self.plans: dict[tuple[int, int], Plan] = {}
 
@@ -94,9 +99,7 @@ def _entry(meta) -> _Entry:
         got = _cache.get(id(es))
         if got is not None:
             alive = tuple(r() for r in got.refs)
-            if all(a is b for a, b in zip(alive, keys, strict=True)) and got.versions == tuple(
-                t._version for t in keys
-            ):
+            if all(a is b for a, b in zip(alive, keys, strict=True)) and got.versions == _versions(keys):
                 return got
         entry = _Entry(keys)
         _cache[id(es)] = entry

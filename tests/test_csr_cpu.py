@@ -245,6 +245,15 @@ def test_metadata_is_built_once_per_layout(csr, monkeypatch):
     assert len(csr_cpu.plan.__globals__["_cache"]) == before - 1
 
 
+def test_layout_built_under_inference_mode(csr):
+    """Inference tensors have no version counter; the cache keys such layouts by identity alone."""
+    mask = torch.rand(40, 50) < 0.1
+    with torch.inference_mode():
+        p = Problem(5, 40, 50, 16, mask=mask)
+        assert bsmm_cpu.path(p.meta) == "csr"
+        assert_close(p.forward(), reference_linear(p.x, p.w, p.mask, p.bias), F32, p.k, "y")
+
+
 # ------------------------------------------------------------ whole layers
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
 def test_torch_prune_layer_converted_exactly_trains_on_the_csr_route(native_only, shipped, monkeypatch, dtype):
