@@ -145,7 +145,7 @@ def fill(meta) -> float:
 
 
 def _offsets(counts: torch.Tensor) -> torch.Tensor:
-    out = torch.zeros(counts.numel() + 1, dtype=torch.int64)
+    out = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=counts.device)
     torch.cumsum(counts, 0, out=out[1:])
     return out.to(torch.int32)
 
@@ -166,14 +166,15 @@ def _build(meta, n: int, k: int) -> Plan:
     is_mixed = mixed >= 0
     states[is_mixed] = es[mixed[is_mixed]]
     rows_b, cols_b = meta.row_indices.long(), meta.col_indices.long()
-    grid = torch.zeros(rb, bm, cb, bk, dtype=torch.int8)
+    dev = es.device  # explicit everywhere: a default device set by the user must not move the plan
+    grid = torch.zeros(rb, bm, cb, bk, dtype=torch.int8, device=dev)
     grid[rows_b, :, cols_b, :] = states
     dense = grid.view(rb * bm, cb * bk)[:n, :k]
     nz = dense.nonzero()  # kept elements, row-major
     rows, cols = nz[:, 0], nz[:, 1]
     state = dense[rows, cols]
-    where = torch.full((rb, cb), -1, dtype=torch.int64)
-    where[rows_b, cols_b] = torch.arange(nnzb)
+    where = torch.full((rb, cb), -1, dtype=torch.int64, device=dev)
+    where[rows_b, cols_b] = torch.arange(nnzb, device=dev)
     p = where[rows // bm, cols // bk]
     off = (rows % bm) * bk + cols % bk
     slot = torch.where((state == 1) & (a[p] >= 0), fixed_base + a[p], s[p])
