@@ -3,7 +3,14 @@
 Import path: ``sparsekern.kernels.bsmm_cpu`` (this folder, ``kernels/``, installs as ``sparsekern.kernels``).
 
 Same operands and results as the Triton launchers in ``bsmm.py`` (see there
-for shapes). Three implementations, chosen per call by :func:`path`:
+for shapes). Four implementations, chosen per call by :func:`path`:
+
+* ``csr``: fp32 or bf16 with the native kernels built, for a layout whose kept
+  elements are few and scattered (mostly mixed blocks: an element mask). The
+  kept elements run as CSR (``csr_cpu.py``), so the mixed blocks' pruned
+  elements cost nothing: below ``CSR_CROSSOVER`` element density where the
+  block kernels would fall back to dense, and below ``CSR_FILL`` of the computed
+  blocks where they would run.
 
 * ``native``: fp32 or bf16 with the native kernels built (``native.py``).
   They read only the computed blocks and keep a block row's sums in registers
@@ -29,7 +36,7 @@ import threading
 
 import torch
 
-from . import native
+from . import csr_cpu, native
 from .store import effective_blocks
 
 # Above this block density (keyed by the block's smaller side) the gathered
@@ -49,18 +56,49 @@ DENSE_CROSSOVER = {16: 0.05, 32: 0.15, 64: 0.3, 128: 0.3}
 NATIVE_CROSSOVER = {16: 0.55, 32: 0.65, 64: 0.6, 128: 0.7}
 
 
+# The element-sparse route (``csr_cpu``, the native CSR kernels) for layouts of mostly mixed blocks
+# (element masks). fp32 full step, 4096x4096, 2048 tokens, 32x32 blocks, l1_unstructured at amount
+# 1 - density, interleaved with nn.Linear (`python bench/unstructured_cpu.py --split`, load average
+# 1.1 before, 1.9 after, this run's own 2 threads included): the CSR route is 0.67x nn.Linear at
+# element density 0.5, 0.81x at 0.4, 1.07x at 0.3, 1.54x at 0.2, 2.58x at 0.1, 3.37x at 0.05, where
+# the route it replaces (every block computed: the dense fallback) is 0.85-0.94x. Against that
+# fallback it breaks even near 0.37, against nn.Linear near 0.32: so CSR_CROSSOVER (element density)
+# is 0.32, and l1_unstructured's 0.7 (density 0.3000001) is in.
+CSR_CROSSOVER = 0.32
+# Where the block kernels would run instead (block density at most NATIVE_CROSSOVER), the CSR route
+# also needs the kept elements to fill at most CSR_FILL of the computed blocks. Measured the same way
+# on block masks at block density 0.3 whose blocks keep each element with probability `fill`
+# (`--amounts --fills 0.2 0.35 0.5 0.7`, load 0.4 before, 1.9 after): CSR is 3.71x nn.Linear at fill
+# 0.2, 2.92x at 0.35, 2.13x at 0.5, 1.70x at 0.7, and the native block kernels 0.35x at all four.
+# That native figure is far below the one NATIVE_CROSSOVER's comment records (1.12x at density 0.5):
+# on this AVX2 machine the block kernels' v16 accumulators are kept on the stack (see csr.cpp's
+# row_panel), so the measurement says nothing about the kernels when fixed. 0.4 is chosen from the
+# recorded speeds instead: fitting the step cost in units of nn.Linear's, CSR ~ 0.2 + 1.9 * density
+# (this table) and native ~ 0.065 + 1.5 * block density (NATIVE_CROSSOVER's numbers and issue 12's
+# 4.6x at 0.1), CSR wins below a fill of 0.43 at block density 0.2 and 0.55 at 0.3 (but only 0.08 at
+# 0.1, where this threshold lets CSR run up to about 25% slower than working block kernels).
+CSR_FILL = 0.4
+
+
 def native_applies(dtype: torch.dtype) -> bool:
     """Whether the native kernels run this dtype here (fp32 or bf16, built, not disabled)."""
     return dtype in native.DTYPES and native.available()
 
 
 def path(meta, dtype: torch.dtype = torch.float32) -> str:
-    """``"dense"``, ``"native"`` or ``"gathered"``: which implementation runs this layout and dtype."""
+    """``"dense"``, ``"csr"``, ``"native"`` or ``"gathered"``: which implementation runs this layout and dtype."""
     nat = native_applies(dtype)
     rb, cb = meta.row_offsets.numel() - 1, meta.col_offsets.numel() - 1
     side = min(meta.element_state.shape[1:])  # (n_mixed, bm, bk) even when n_mixed == 0
     crossover = (NATIVE_CROSSOVER if nat else DENSE_CROSSOVER).get(side, 0.3)
-    if meta.col_indices.numel() > crossover * rb * cb:
+    blocks_dense = meta.col_indices.numel() > crossover * rb * cb
+    computed = meta.col_indices.numel() > 0
+    # The element counts are cached per layout (csr_cpu). An edge block's overhang counts as pruned in
+    # the fill, so a small layer looks a little sparser than it is.
+    if nat and computed and csr_cpu.element_density(meta) <= CSR_CROSSOVER and csr_cpu.fits(meta):
+        if blocks_dense or csr_cpu.fill(meta) <= CSR_FILL:
+            return "csr"
+    if blocks_dense:
         return "dense"
     return "native" if nat else "gathered"
 
@@ -209,6 +247,8 @@ def forward(x, w_train, w_frozen, bias, meta, n_out, n_frozen) -> torch.Tensor:
     if how == "dense" or m == 0:
         w = dense_weight(w_train, w_frozen, meta, n_frozen, n_out, k, slot="dense_w")
         return torch.nn.functional.linear(x, w, bias)
+    if how == "csr":
+        return csr_cpu.forward(x, w_train, w_frozen, bias, meta, n_out)
     vals = effective_blocks(w_train, w_frozen, meta.storage, meta.aux, meta.element_state, n_frozen)
     if how == "native":  # blocks as (bk, bm): a row of the block is then one output vector
         b = None if bias is None else bias.float().contiguous()
@@ -235,6 +275,8 @@ def input_grad(dy, w_train, w_frozen, meta, n_in, n_frozen) -> torch.Tensor:
     how = path(meta, dy.dtype)
     if how == "dense" or m == 0:
         return dy @ dense_weight(w_train, w_frozen, meta, n_frozen, n, n_in, slot="dense_w")
+    if how == "csr":
+        return csr_cpu.input_grad(dy, w_train, w_frozen, meta, n_in)
     vals = effective_blocks(w_train, w_frozen, meta.storage, meta.aux, meta.element_state, n_frozen)
     if how == "native":  # the transposed walk reads the blocks in place, through block_index_t
         return native.group_mm(
@@ -269,6 +311,8 @@ def weight_grad(dy, x, meta, block_size) -> torch.Tensor:
         return x.new_zeros(0, bm, bk)
     rb, cb = meta.row_offsets.numel() - 1, meta.col_offsets.numel() - 1
     how = path(meta, x.dtype)
+    if how == "csr" and m > 0:
+        return csr_cpu.weight_grad(dy, x, meta, block_size)
     if how == "native" and m > 0:
         rows, cols = meta.row_indices[tidx].contiguous(), meta.col_indices[tidx].contiguous()
         dw = native.sampled_mm(_unit_cols(dy), _unit_cols(x), rows, cols, bm, bk)

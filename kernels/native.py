@@ -4,7 +4,8 @@ Import path: ``sparsekern.kernels.native`` (this folder, ``kernels/``, installs 
 
 What they cover: the block-sparse linear passes (forward, input gradient,
 weight gradient) on CPU tensors, fp32 or bf16 activations (fp32 sums), block
-sides that are multiples of 16. POSIX systems only (the workspace uses
+sides that are multiples of 16 (``native/bsmm.cpp``); the same passes over
+element-sparse (CSR) weights, any shape (``native/csr.cpp``, see ``csr_cpu.py``). POSIX systems only (the workspace uses
 ``madvise``); elsewhere the build fails and the CPU path says so once.
 
 The source depends on nothing but a C++17 compiler with OpenMP: no torch
@@ -52,6 +53,8 @@ _SIGNATURES = {
     "sk_sampled_mm": [_P, _I, _I, _P, _I, _I, _I, _P, _P, _I, _I, _I, _P, _INT, _INT],
     "sk_conv_fwd": [_P, _P, _P, _P, _P, _I, _P, _I, _I, _P, _P, _I, _INT, _INT],
     "sk_conv_bwd": [_P, _P, _P, _P, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _P, _I, _P, _INT, _INT],
+    "sk_csr_mm": [_P, _I, _I, _I, _P, _I, _P, _P, _P, _P, _I, _INT, _INT],
+    "sk_csr_sampled": [_P, _I, _I, _P, _I, _I, _I, _P, _P, _P, _P, _I, _INT, _INT],
     "sk_release": [],
     "sk_region": [ctypes.CFUNCTYPE(None)],  # an instruction-count region (sparsekern/bench/instructions.py)
 }
@@ -357,6 +360,64 @@ def conv_backward(dy, x, geom, vals, col_offsets, rows_t, sel_t, dx, t_rows, t_c
         dy.dtype == torch.bfloat16, torch.get_num_threads(),
     )  # fmt: skip
     _check(rc, "conv_backward")
+
+
+def _csr_arrays(ptr, idx, cols: int, what: str) -> None:
+    """A CSR the kernels can walk: ``ptr`` starts at 0, never decreases and ends at ``len(idx)``; every
+    ``idx`` in ``[0, cols)``."""
+    _operands({}, {}, {"ptr": ptr, "idx": idx})
+    _require(ptr.numel() >= 1 and int(ptr[0]) == 0 and int(ptr[-1]) == idx.numel(), "ptr must run from 0 to len(idx)")
+    _require(bool((ptr[1:] >= ptr[:-1]).all()), "ptr must not decrease")
+    _in_range(idx, cols, "idx", what)
+
+
+def csr_mm(a, ptr, idx, vals, bias, out=None) -> torch.Tensor:
+    """``out[t, r] = bias[r] + sum_{p in row r} vals[p] * a[t, idx[p]]``, as ``(M, R)`` with ``R = len(ptr) - 1``.
+
+    ``a`` is ``(M, a_cols)``, fp32 or bf16, unit column stride; the result has
+    its dtype (fp32 sums, rounded once). ``ptr``/``idx`` are a contiguous
+    int32 CSR over the ``R`` output columns, ``vals`` its fp32 values, ``bias``
+    fp32 or ``None``. ``out``, when given, needs unit column stride only.
+    """
+    m, a_cols = a.shape
+    r = ptr.numel() - 1
+    _operands({"a": a}, {"vals": vals, "bias": bias}, {})
+    _csr_arrays(ptr, idx, a_cols, "columns of a")
+    _require(vals.is_contiguous() and vals.numel() == idx.numel(), "vals must be contiguous, one per idx")
+    _require(bias is None or bias.numel() >= r, f"bias has {0 if bias is None else bias.numel()} < {r} entries")
+    out = _out(out, (m, r), a, contiguous=False)
+    rc = _loaded().sk_csr_mm(
+        _ptr(a), a.stride(0), m, a_cols, _ptr(ptr), r, _ptr(idx), _ptr(vals), _ptr(bias), _ptr(out), out.stride(0),
+        a.dtype == torch.bfloat16, torch.get_num_threads(),
+    )  # fmt: skip
+    _check(rc, "csr_mm")
+    return out
+
+
+def csr_sampled(dy, x, ptr, idx, dst, numel: int, out=None) -> torch.Tensor:
+    """``dw[dst[q]] = sum_t dy[t, row(q)] * x[t, idx[q]]`` over the nonzeros ``q`` of the CSR ``(ptr, idx)``
+    on ``dy``'s ``N`` columns, every other entry zero: fp32 ``(numel,)``, fresh or the contiguous ``out``.
+
+    ``dy`` ``(M, N)`` and ``x`` ``(M, K)`` are both fp32 or both bf16 with unit
+    column stride; ``dst`` is contiguous int64 in ``[0, numel)``.
+    """
+    m, n = dy.shape
+    k = x.shape[1]
+    _operands({"dy": dy, "x": x}, {}, {})
+    _require(x.shape[0] == m, f"dy has {m} rows but x has {x.shape[0]}")
+    _require(dy.dtype == x.dtype, f"dy is {dy.dtype} but x is {x.dtype}")
+    _require(ptr.numel() == n + 1, f"ptr has {ptr.numel()} entries for the {n} columns of dy")
+    _csr_arrays(ptr, idx, k, "columns of x")
+    ok = dst.dtype == torch.int64 and dst.device.type == "cpu" and dst.is_contiguous() and dst.numel() == idx.numel()
+    _require(ok, "dst must be a contiguous int64 CPU tensor, one per idx")
+    _in_range(dst, numel, "dst", "entries of dw")
+    dw = _out(out, (numel,), x.new_empty(0, dtype=torch.float32), contiguous=True)
+    rc = _loaded().sk_csr_sampled(
+        _ptr(dy), dy.stride(0), n, _ptr(x), x.stride(0), k, m, _ptr(ptr), _ptr(idx), _ptr(dst), _ptr(dw), numel,
+        x.dtype == torch.bfloat16, torch.get_num_threads(),
+    )  # fmt: skip
+    _check(rc, "csr_sampled")
+    return dw
 
 
 def release_workspace() -> None:

@@ -71,12 +71,14 @@ def _pin_cpu_dense_crossover(monkeypatch):
     ``NATIVE_CROSSOVER``, its fp32 counterpart for the native kernels) to run
     both the sparse path and the dense fallback (guard tests assert both are
     hit). The shipped value is a tuning choice measured on one machine; pinning
-    it here keeps a retune from silently moving cases between the two paths.
+    it here keeps a retune from silently moving cases between the two paths. The element-sparse
+    route (``CSR_CROSSOVER``) is off for the same reason; ``tests/test_csr_cpu.py`` turns it on.
     """
     from sparsekern.kernels import bsconv_cpu, bsmm_cpu
 
     monkeypatch.setattr(bsmm_cpu, "DENSE_CROSSOVER", dict.fromkeys((16, 32, 64, 128), 0.8))
     monkeypatch.setattr(bsmm_cpu, "NATIVE_CROSSOVER", dict.fromkeys((16, 32, 64, 128), 0.8))
+    monkeypatch.setattr(bsmm_cpu, "CSR_CROSSOVER", -1.0)
     monkeypatch.setattr(bsconv_cpu, "DENSE_CROSSOVER", dict.fromkeys((16, 32, 64, 128), 0.8))
     monkeypatch.setattr(bsconv_cpu, "NATIVE_CROSSOVER", dict.fromkeys((16, 32, 64, 128), 0.8))
 
