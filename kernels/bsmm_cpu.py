@@ -67,16 +67,12 @@ NATIVE_CROSSOVER = {16: 0.55, 32: 0.65, 64: 0.6, 128: 0.7}
 CSR_CROSSOVER = 0.32
 # Where the block kernels would run instead (block density at most NATIVE_CROSSOVER), the CSR route
 # also needs the kept elements to fill at most CSR_FILL of the computed blocks. Measured the same way
-# on block masks at block density 0.3 whose blocks keep each element with probability `fill`
-# (`--amounts --fills 0.2 0.35 0.5 0.7`, load 0.4 before, 1.9 after): CSR is 3.71x nn.Linear at fill
-# 0.2, 2.92x at 0.35, 2.13x at 0.5, 1.70x at 0.7, and the native block kernels 0.35x at all four.
-# That native figure is far below the one NATIVE_CROSSOVER's comment records (1.12x at density 0.5):
-# on this AVX2 machine the block kernels' v16 accumulators are kept on the stack (see csr.cpp's
-# row_panel), so the measurement says nothing about the kernels when fixed. 0.4 is chosen from the
-# recorded speeds instead: fitting the step cost in units of nn.Linear's, CSR ~ 0.2 + 1.9 * density
-# (this table) and native ~ 0.065 + 1.5 * block density (NATIVE_CROSSOVER's numbers and issue 12's
-# 4.6x at 0.1), CSR wins below a fill of 0.43 at block density 0.2 and 0.55 at 0.3 (but only 0.08 at
-# 0.1, where this threshold lets CSR run up to about 25% slower than working block kernels).
+# on block masks whose blocks keep each element with probability `fill`, against the AVX2-sized
+# block kernels (`python bench/unstructured_cpu.py --amounts --fills 0.2 0.35 0.5 0.7 --blocks 0.1
+# --reps 3`, load 0.4 before, 2.4 after): at block density 0.1, CSR vs the block kernels is 7.48x vs
+# 5.50x nn.Linear at fill 0.2, 6.10x vs 5.48x at 0.35, 4.59x vs 5.12x at 0.5, 4.09x vs 4.96x at 0.7:
+# break-even near 0.42. (At block density 0.3 CSR ran 3.71x at fill 0.2 and 2.13x at 0.5, measured
+# while the block kernels were still slow; they are not re-measured there.)
 CSR_FILL = 0.4
 
 
