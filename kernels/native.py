@@ -57,6 +57,7 @@ _SIGNATURES = {
     "sk_csr_sampled": [_P, _I, _I, _P, _I, _I, _I, _P, _P, _P, _P, _I, _INT, _INT],
     "sk_release": [],
     "sk_region": [ctypes.CFUNCTYPE(None)],  # an instruction-count region (sparsekern/bench/instructions.py)
+    "sk_region_counts": [],
 }
 _VOID = ("sk_release", "sk_region")
 

@@ -2,9 +2,9 @@
 
 ``python -m sparsekern.bench.instructions`` runs one process under
 ``valgrind --tool=callgrind`` (one thread). Every provider takes one warm-up step, then one step
-inside ``sk_region`` (``kernels/native/region.cpp``), a C function that calls back into Python.
-Callgrind collects only inside it (``--toggle-collect``) and writes a profile after each call
-(``--dump-after``), so each step's count is its own and torch's start-up counts for nothing. The
+inside ``sk_region`` (``kernels/native/region.cpp``), a C function that zeroes callgrind's counters,
+calls back into Python and has callgrind write a profile (client requests from
+``valgrind/callgrind.h``), so each step's count is its own and torch's start-up counts for nothing. The
 counts repeat to within a fraction of a percent, even with the other core loaded, so a regression in
 the kernels or in the Python around them shows here when the timings are too noisy to tell.
 
@@ -85,6 +85,8 @@ def child() -> None:
     lib = native.lib()
     if lib is None:
         raise SystemExit("sparsekern.bench.instructions: the native kernels are unavailable")
+    if not lib.sk_region_counts():
+        raise SystemExit("sparsekern.bench.instructions: the native build had no valgrind/callgrind.h")
     callback = ctypes.CFUNCTYPE(None)
     for name, step in _providers().items():
         step()  # warm-up: first-call allocations and caches stay out of the count
@@ -112,13 +114,12 @@ def count() -> dict[str, int]:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "cg.out")
         cmd = [
-            "valgrind", "--tool=callgrind", "--collect-atstart=no", "--toggle-collect=sk_region",
-            "--dump-after=sk_region", f"--callgrind-out-file={out}",
+            "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
             sys.executable, "-m", "sparsekern.bench.instructions", "--child",
         ]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-        # Dumps are cg.out.1, cg.out.2, ... in call order (the final cg.out holds what came after).
+        # Dumps are cg.out.1, cg.out.2, ... in request order (the final cg.out holds what came after).
         dumps = sorted(glob.glob(out + ".*"), key=lambda p: int(p.rsplit(".", 1)[1]))
         counts = [_total(p) for p in dumps]
     if len(counts) < len(CASES):
