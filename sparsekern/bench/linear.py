@@ -44,6 +44,7 @@ kept blocks (``sparsekern.testing.random_block_mask``); ``masked``,
 
 from __future__ import annotations
 
+import copy
 import gc
 import math
 from dataclasses import dataclass
@@ -93,6 +94,9 @@ class SuiteConfig:
     freeze: tuple[tuple[int, float], ...] = ()
     # torch_bsr at density 1.0 only measures BSR overhead (about 4x dense on the CPU, ~20 s of the run).
     bsr_at_full_density: bool = True
+    # l1_unstructured amounts measured as element masks (converted with granularity="exact"): the
+    # masked provider is torch's prune hook, the sparsekern provider what from_torch_prune makes of it.
+    unstructured: tuple[float, ...] = ()
     seed: int = 0
 
     @property
@@ -122,6 +126,7 @@ def default_config(device: torch.device, dtype: torch.dtype | None = None, quick
         )
     cpu = SuiteConfig(4096, 4096, 2048, dtype, (32, 64), densities, warmup=1, repeats=3, freeze=((64, 0.5),))
     cpu.bsr_at_full_density = False
+    cpu.unstructured = (0.9, 0.95)
     return cpu
 
 
@@ -282,7 +287,42 @@ def run(cfg: SuiteConfig, device: torch.device, env: dict[str, object]) -> list[
                 add("stk", block, density, stats, fractions, note=note, passes=pass_fractions(layer))
             del layer, mask
             gc.collect()
+    for amount in cfg.unstructured:
+        masked, layer = unstructured_layers(base, amount)
+        both = time_phases_interleaved(
+            {name: (lambda laps, m=m: train_step(m, x, dy, laps)) for name, m in
+             (("dense", base), ("masked", masked), ("sparsekern", layer))},
+            **timing,
+        )  # fmt: skip
+        density = round(1.0 - amount, 4)  # block "elem": an element mask (see ELEMENT_ROWS)
+        add("dense", "elem", density, both["dense"], 1.0)
+        add("masked", "elem", density, both["masked"], 1.0)
+        add("sparsekern", "elem", density, both["sparsekern"], density)
+        del masked, layer
+        gc.collect()
     return rows
+
+
+ELEMENT_ROWS = (
+    "Block `elem`: `torch.nn.utils.prune.l1_unstructured` at amount 1 - density; `masked` is torch's prune "
+    "hook (`W * mask` every step), `sparsekern` that layer converted by "
+    '`sparsekern.adapters.from_torch_prune(..., granularity="exact")` (identical math; the CPU runs it '
+    "on the element-sparse kernels, `kernels/csr_cpu.py`)."
+)
+
+
+def unstructured_layers(base: nn.Linear, amount: float) -> tuple[nn.Module, nn.Module]:
+    """``(masked, sparse)``: copies of ``base`` pruned by ``l1_unstructured(amount)`` (torch's hook), and
+    that pruned layer converted by ``from_torch_prune(..., granularity="exact")`` (exact math)."""
+    from torch.nn.utils import prune
+
+    from sparsekern.adapters import from_torch_prune
+
+    masked, holder = copy.deepcopy(base), nn.Sequential(copy.deepcopy(base))
+    for layer in (masked, holder[0]):
+        prune.l1_unstructured(layer, "weight", amount=amount)
+    holder, _ = from_torch_prune(holder, granularity="exact", block_size=32)
+    return masked, holder[0]
 
 
 # ------------------------------------------------------------------ tables
@@ -343,6 +383,8 @@ def tables(rows: list[dict[str, object]]) -> str:
     text += "\n\nTimes are p50 ms; speedup = dense time / provider time (same mode), where dense is the "
     text += "same case's dense row (dense, masked and sparsekern steps are taken in turn per case); "
     text += "FLOP fraction = computed FLOPs / dense FLOPs for a full step (forward for forward-only providers)."
+    if any(r["block"] == "elem" for r in rows):
+        text += "\n\n" + ELEMENT_ROWS
 
     wg = [r for r in rows if r["mode"] == "weight_grad"]
     if wg:

@@ -60,6 +60,9 @@ def speedups(rows: list[dict[str, str]], select: str | None = None):
             raise SystemExit(f"--select {select!r} not in {['|'.join(g) for g in groups]}")
         chosen = match[0]
     rows = [r for r in rows if (r["device"], r["dtype"], r["shape"]) == chosen]
+    # Element-mask rows (block "elem", the linear suite's unstructured cases) have no block size to
+    # draw a line for: the tables report them.
+    rows = [r for r in rows if r["block"] != "elem"]
     # A case's own dense row (timed in turn with its providers) when the run has one, else the run's
     # dense row, the one without a block.
     dense = [r for r in rows if r["provider"] == "dense"]
