@@ -114,7 +114,7 @@ def count() -> dict[str, int]:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "cg.out")
         cmd = [
-            "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+            "valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
             sys.executable, "-m", "sparsekern.bench.instructions", "--child",
         ]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
