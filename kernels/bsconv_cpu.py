@@ -257,10 +257,7 @@ def output_view(like: torch.Tensor, g: ConvGeom, meta, pass_: str) -> torch.Tens
     if path(meta, g, like.dtype) != "dense" and native_strides(meta, like.dtype):
         shape = (g.n, g.c_out, g.h_out, g.w_out) if pass_ == "forward" else (g.n, g.c_in, g.h, g.w)
         return _channels_last(like, shape)
-    route = path(meta, g, like.dtype)
-    if route == "native":  # not reached (native strides above); for a reader: the torch routes' views
-        route = "plane" if _plane(g) is not None else "gather"
-    return _torch_output(like, g, meta, pass_, route)[1]
+    return _torch_output(like, g, meta, pass_, path(meta, g, like.dtype))[1]  # never "native" here
 
 
 def _channels_last(like: torch.Tensor, shape, dtype=None) -> torch.Tensor:

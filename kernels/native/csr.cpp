@@ -90,7 +90,7 @@ int32_t* panel_segments(const int32_t* ptr, int64_t R, const int32_t* idx, int64
 }
 
 // y[0:TT] += sum_{p in [s, e)} vals[p] * Pt[idx[p]][0:TT], the sums in registers across the nonzeros.
-// Eight 8-float vectors, not four v16: GCC keeps loop-carried v16 values on the stack when the target
+// Eight 8-float vectors, not four 16-float vectors: GCC keeps loop-carried 16-float values on the stack when the target
 // has no 512-bit registers (AVX2 here), and the loop then ran 3x slower.
 inline void row_panel(const float* Pt, const int32_t* idx, const float* vals, int32_t s, int32_t e, float* y) {
     v8 a[8];
