@@ -22,7 +22,7 @@
 //
 // Activations arrive as 4-D (N, C, H, W) with any element strides; the packing reads unit-stride
 // channels (channels_last) with memcpy and other layouts element by element.
-#include "common.h"
+#include "tiles.h"
 
 namespace {
 using namespace sk;
@@ -110,40 +110,12 @@ template <int NV, int MR, typename OT>
 inline void fwd_tile(const float* Xp, const int64_t* rows, int64_t L, const float* B, int64_t W, int64_t woff,
                      const int64_t* boff, int32_t s, int32_t e, const float* bias, OT* out, int64_t ldo,
                      int64_t col0, int64_t out_cols) {
-    int64_t r[MR];
-    for (int i = 0; i < MR; ++i) r[i] = rows[i];
     vf acc[MR][NV];
-    for (int v = 0; v < NV; ++v) {
-        float b0[VL];
-        for (int q = 0; q < VL; ++q) {
-            const int64_t c = col0 + VL * v + q;
-            b0[q] = bias && c < out_cols ? bias[c] : 0.f;
-        }
-        for (int i = 0; i < MR; ++i) acc[i][v] = ld(b0);
-    }
-    for (int32_t p = s; p < e; ++p) {
-        const float* a = Xp + boff[p];
-        const float* b = B + (int64_t)p * L * W + woff;
-        for (int64_t l = 0; l < L; ++l) {
-            vf bv[NV];
-            for (int v = 0; v < NV; ++v) bv[v] = ld(b + l * W + VL * v);
-            for (int i = 0; i < MR; ++i) {
-                const vf av = bc(a[r[i] + l]);
-                for (int v = 0; v < NV; ++v) acc[i][v] += av * bv[v];
-            }
-        }
-    }
-    const int64_t valid = std::min<int64_t>(out_cols - col0, NV * VL);  // the last block may be partial
-    for (int i = 0; i < MR; ++i) {
-        OT* o = out + i * ldo + col0;
-        if (std::is_same_v<OT, float> && valid == NV * VL) {
-            for (int v = 0; v < NV; ++v) st(reinterpret_cast<float*>(o) + VL * v, acc[i][v]);
-        } else {
-            float tmp[NV * VL];
-            for (int v = 0; v < NV; ++v) st(tmp + VL * v, acc[i][v]);
-            for (int64_t q = 0; q < valid; ++q) narrow(tmp[q], o + q);
-        }
-    }
+    init_bias(acc, bias, col0, out_cols);
+    accumulate(
+        acc, s, e, L, W, woff, [&](int32_t p) { return Xp + boff[p]; }, [&](int i) { return rows[i]; },
+        [&](int32_t p) { return B + (int64_t)p * L * W; });
+    store_tile(acc, out, ldo, col0, out_cols);
 }
 
 // Work items are (token tile, block row) pairs, token-tile major, as in bsmm.cpp's group_mm: a tile's
@@ -183,18 +155,9 @@ inline void dgrad_tile(const float* Dp, int64_t M, int64_t L, const float* B, in
     vf acc[MR][NV];
     for (int i = 0; i < MR; ++i)
         for (int v = 0; v < NV; ++v) acc[i][v] = bc(0.f);
-    for (int32_t p = s; p < e; ++p) {
-        const float* a = Dp + ((int64_t)grow[p] * M + t) * L;
-        const float* b = B + (int64_t)sel[p] * L * W + woff;
-        for (int64_t l = 0; l < L; ++l) {
-            vf bv[NV];
-            for (int v = 0; v < NV; ++v) bv[v] = ld(b + l * W + VL * v);
-            for (int i = 0; i < MR; ++i) {
-                const vf av = bc(a[i * L + l]);
-                for (int v = 0; v < NV; ++v) acc[i][v] += av * bv[v];
-            }
-        }
-    }
+    accumulate(
+        acc, s, e, L, W, woff, [&](int32_t p) { return Dp + ((int64_t)grow[p] * M + t) * L; },
+        [&](int i) { return i * L; }, [&](int32_t p) { return B + (int64_t)sel[p] * L * W; });
     for (int i = 0; i < MR; ++i) {
         float* d = dst + trow[t + i] * W + woff;
         for (int v = 0; v < NV; ++v) st(d + VL * v, ld(d + VL * v) + acc[i][v]);
@@ -254,26 +217,6 @@ void unpack_dx(const Geom& g, const float* dxp, int64_t Hp, int64_t Wp, int64_t 
     }
 }
 
-// dw[b][j0 + i][woff + 16v + w] over tokens [t0, t1), added to what the previous chunk stored.
-template <int NV, int MR>
-inline void wgrad_tile(const float* D, int64_t bm, const float* X, const int64_t* rows, int64_t t0, int64_t t1,
-                       float* dw, int64_t bk, bool first) {
-    vf acc[MR][NV];
-    for (int i = 0; i < MR; ++i)
-        for (int v = 0; v < NV; ++v) acc[i][v] = first ? bc(0.f) : ld(dw + i * bk + VL * v);
-    for (int64_t t = t0; t < t1; ++t) {
-        const float* x = X + rows[t];
-        vf xv[NV];
-        for (int v = 0; v < NV; ++v) xv[v] = ld(x + VL * v);
-        for (int i = 0; i < MR; ++i) {
-            const vf dv = bc(D[t * bm + i]);
-            for (int v = 0; v < NV; ++v) acc[i][v] += dv * xv[v];
-        }
-    }
-    for (int i = 0; i < MR; ++i)
-        for (int v = 0; v < NV; ++v) st(dw + i * bk + VL * v, acc[i][v]);
-}
-
 // One work item per (trainable block, channel slab); tokens in chunks of TC so both operands' chunks stay
 // in L1/L2 while every row tile of the block passes over them. rows[t] = base(t) * bk.
 template <int NV, int MR, int TC>
@@ -285,13 +228,14 @@ void conv_wgrad(const float* Dp, const float* Xp, int64_t M, const int64_t* rows
         const int64_t b = it / slabs, woff = (it % slabs) * NV * VL;
         const float* D = Dp + (int64_t)brow[b] * M * bm;
         const float* X = Xp + boff[b] + woff;
+        const auto x_row = [X, rows](int64_t t) { return X + rows[t]; };
         float* out = dw + b * bm * bk + woff;
         for (int64_t t0 = 0; t0 < M; t0 += TC) {
             const int64_t t1 = std::min(M, t0 + TC);
             int64_t j = 0;
-            for (; j + MR <= bm; j += MR) wgrad_tile<NV, MR>(D + j, bm, X, rows, t0, t1, out + j * bk, bk, t0 == 0);
+            for (; j + MR <= bm; j += MR) dw_tile<NV, MR>(D + j, bm, x_row, t0, t1, out + j * bk, bk, t0 == 0);
             with_rows<MR - 1>(bm - j, [&](auto r) {
-                wgrad_tile<NV, decltype(r)::value>(D + j, bm, X, rows, t0, t1, out + j * bk, bk, t0 == 0);
+                dw_tile<NV, decltype(r)::value>(D + j, bm, x_row, t0, t1, out + j * bk, bk, t0 == 0);
             });
         }
     }

@@ -15,7 +15,7 @@
 //
 // Vectors are GCC vector extensions (16 floats), so the same source builds for AVX-512, AVX2 or NEON
 // with -march=native. No source here depends on torch: it builds in about a second.
-#include "common.h"
+#include "tiles.h"
 
 namespace {
 using namespace sk;
@@ -34,43 +34,17 @@ inline void group_tile(const float* P, int64_t M, int64_t L, const float* B, int
         for (int i = 0; i < MR; ++i)
             for (int v = 0; v < NV; ++v) acc[i][v] = ld(acc_in + i * W + woff + VL * v);
     } else {
-        for (int v = 0; v < NV; ++v) {
-            float b0[VL];
-            for (int q = 0; q < VL; ++q) {
-                const int64_t c = col0 + VL * v + q;
-                b0[q] = bias && c < out_cols ? bias[c] : 0.f;
-            }
-            for (int i = 0; i < MR; ++i) acc[i][v] = ld(b0);
-        }
+        init_bias(acc, bias, col0, out_cols);
     }
-    for (int32_t p = s; p < e; ++p) {
-        const float* a = P + (int64_t)idx[p] * M * L;
-        const float* b = B + (int64_t)(sel ? sel[p] : p) * L * W + woff;
-        for (int64_t l = 0; l < L; ++l) {
-            vf bv[NV];
-            for (int v = 0; v < NV; ++v) bv[v] = ld(b + l * W + VL * v);
-            for (int i = 0; i < MR; ++i) {
-                const vf av = bc(a[i * L + l]);
-                for (int v = 0; v < NV; ++v) acc[i][v] += av * bv[v];
-            }
-        }
-    }
+    accumulate(
+        acc, s, e, L, W, woff, [&](int32_t p) { return P + (int64_t)idx[p] * M * L; },
+        [&](int i) { return i * L; }, [&](int32_t p) { return B + (int64_t)(sel ? sel[p] : p) * L * W; });
     if (acc_out) {
         for (int i = 0; i < MR; ++i)
             for (int v = 0; v < NV; ++v) st(acc_out + i * W + woff + VL * v, acc[i][v]);
         return;
     }
-    const int64_t valid = std::min<int64_t>(out_cols - col0, NV * VL);  // the last block may be partial
-    for (int i = 0; i < MR; ++i) {
-        OT* o = out + i * ldo + col0;
-        if (std::is_same_v<OT, float> && valid == NV * VL) {
-            for (int v = 0; v < NV; ++v) st(reinterpret_cast<float*>(o) + VL * v, acc[i][v]);
-        } else {
-            float tmp[NV * VL];
-            for (int v = 0; v < NV; ++v) st(tmp + VL * v, acc[i][v]);
-            for (int64_t q = 0; q < valid; ++q) narrow(tmp[q], o + q);
-        }
-    }
+    store_tile(acc, out, ldo, col0, out_cols);
 }
 
 // Blocks per chunk of a group: a token tile's packed rows for the chunk (TM*KC*L floats) and the
@@ -123,25 +97,6 @@ void group_mm(const float* P, int64_t M, const float* B, const int32_t* offsets,
     }
 }
 
-// dw[b][j0 + i][16v + w], accumulated over tokens [t0, t1) on top of what the previous chunk stored.
-template <int NV, int MR>
-inline void sampled_tile(const float* D, int64_t bm, const float* X, int64_t bk, int64_t t0, int64_t t1, float* dw,
-                         bool first) {
-    vf acc[MR][NV];
-    for (int i = 0; i < MR; ++i)
-        for (int v = 0; v < NV; ++v) acc[i][v] = first ? bc(0.f) : ld(dw + i * bk + VL * v);
-    for (int64_t t = t0; t < t1; ++t) {
-        vf xv[NV];
-        for (int v = 0; v < NV; ++v) xv[v] = ld(X + t * bk + VL * v);
-        for (int i = 0; i < MR; ++i) {
-            const vf dv = bc(D[t * bm + i]);
-            for (int v = 0; v < NV; ++v) acc[i][v] += dv * xv[v];
-        }
-    }
-    for (int i = 0; i < MR; ++i)
-        for (int v = 0; v < NV; ++v) st(dw + i * bk + VL * v, acc[i][v]);
-}
-
 // One work item per (trainable block, column slab). Tokens run in chunks of TC so that a chunk of
 // both packed panels stays in L1 while every row tile of the block passes over it: with 64x64 blocks
 // a token's rows are 4 cache lines, and TC = 256 (128 KiB of both) streamed them from L2 at 41
@@ -155,6 +110,7 @@ void sampled_mm(const float* Dp, const float* Xp, int64_t M, const int32_t* brow
         const int64_t b = it / slabs, woff = (it % slabs) * NV * VL;
         const float* D = Dp + (int64_t)brow[b] * M * bm;
         const float* X = Xp + (int64_t)bcol[b] * M * bk + woff;
+        const auto x_row = [X, bk](int64_t t) { return X + t * bk; };
         float* out = dw + b * bm * bk + woff;
         if (M == 0) {
             for (int64_t j = 0; j < bm; ++j) std::memset(out + j * bk, 0, sizeof(float) * NV * VL);
@@ -163,14 +119,13 @@ void sampled_mm(const float* Dp, const float* Xp, int64_t M, const int32_t* brow
         for (int64_t t0 = 0; t0 < M; t0 += TC) {
             const int64_t t1 = std::min(M, t0 + TC);
             int64_t j = 0;
-            for (; j + MR <= bm; j += MR) sampled_tile<NV, MR>(D + j, bm, X, bk, t0, t1, out + j * bk, t0 == 0);
+            for (; j + MR <= bm; j += MR) dw_tile<NV, MR>(D + j, bm, x_row, t0, t1, out + j * bk, bk, t0 == 0);
             with_rows<MR - 1>(bm - j, [&](auto rows) {
-                sampled_tile<NV, decltype(rows)::value>(D + j, bm, X, bk, t0, t1, out + j * bk, t0 == 0);
+                dw_tile<NV, decltype(rows)::value>(D + j, bm, x_row, t0, t1, out + j * bk, bk, t0 == 0);
             });
         }
     }
 }
-
 
 }  // namespace
 

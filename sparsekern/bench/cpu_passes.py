@@ -42,7 +42,9 @@ def _cpu_ms(fn, repeats: int) -> float:
     return best * 1e3
 
 
-def _step(module, x, dy):
+def step_fn(module, x, dy):
+    """A no-argument training step of ``module``: forward on ``x``, backward of ``dy``, gradients reset first."""
+
     def run():
         x.grad = None
         for p in module.parameters():
@@ -80,7 +82,7 @@ def _linear(density: float, block: int, repeats: int):
         "weight grad": (lambda: native.sampled_mm(dy, xd, t_rows, t_cols, block, block), flops),
         "dense (one GEMM)": (lambda: xd @ w.t(), 2 * m * n * n),
     }
-    return passes, _step(layer, x, dy), _step(base, x, dy), 3 * 2 * m * n * n
+    return passes, step_fn(layer, x, dy), step_fn(base, x, dy), 3 * 2 * m * n * n
 
 
 def _conv(density: float, block: int, repeats: int):
@@ -126,7 +128,7 @@ def _conv(density: float, block: int, repeats: int):
         "dense input grad": (lambda: dense_bwd([True, False, False]), dense_flops),
         "dense weight grad": (lambda: dense_bwd([False, True, False]), dense_flops),
     }
-    return passes, _step(layer, x, dy), _step(base, x, dy), 3 * dense_flops
+    return passes, step_fn(layer, x, dy), step_fn(base, x, dy), 3 * dense_flops
 
 
 def main(argv=None) -> int:

@@ -39,6 +39,7 @@ def _providers():
     from torch import nn
 
     from sparsekern.bench.conv import block_mask
+    from sparsekern.bench.cpu_passes import step_fn
     from sparsekern.nn import SparseConv2d, SparseLinear
 
     torch.manual_seed(0)
@@ -52,24 +53,15 @@ def _providers():
         keep = torch.rand(8, 8, generator=gen) < d
         return keep.repeat_interleave(64, 0).repeat_interleave(64, 1)
 
-    def stepper(module, x, dy):
-        def step():
-            x.grad = None
-            for p in module.parameters():
-                p.grad = None
-            module(x).backward(dy)
-
-        return step
-
     return {
-        "linear dense": stepper(lin, x_lin, dy_lin),
-        "linear d=0.1": stepper(SparseLinear.from_dense(lin, mask=lin_mask(0.1), block_size=64), x_lin, dy_lin),
-        "linear d=0.5": stepper(SparseLinear.from_dense(lin, mask=lin_mask(0.5), block_size=64), x_lin, dy_lin),
-        "conv dense": stepper(conv, x_conv, dy_conv),
-        "conv d=0.1": stepper(
+        "linear dense": step_fn(lin, x_lin, dy_lin),
+        "linear d=0.1": step_fn(SparseLinear.from_dense(lin, mask=lin_mask(0.1), block_size=64), x_lin, dy_lin),
+        "linear d=0.5": step_fn(SparseLinear.from_dense(lin, mask=lin_mask(0.5), block_size=64), x_lin, dy_lin),
+        "conv dense": step_fn(conv, x_conv, dy_conv),
+        "conv d=0.1": step_fn(
             SparseConv2d.from_dense(conv, mask=block_mask((64, 64, 3, 3), 32, 0.1, gen), block_size=32), x_conv, dy_conv
         ),
-        "conv d=0.5": stepper(
+        "conv d=0.5": step_fn(
             SparseConv2d.from_dense(conv, mask=block_mask((64, 64, 3, 3), 32, 0.5, gen), block_size=32), x_conv, dy_conv
         ),
     }
