@@ -246,10 +246,10 @@ def forward(x, w_train, w_frozen, bias, meta, n_out, n_frozen) -> torch.Tensor:
     if how == "csr":
         return csr_cpu.forward(x, w_train, w_frozen, bias, meta, n_out)
     vals = effective_blocks(w_train, w_frozen, meta.storage, meta.aux, meta.element_state, n_frozen)
-    if how == "native":  # blocks as (bk, bm): a row of the block is then one output vector
+    if how == "native":  # the kernel reads the blocks transposed, (bk, bm), as it repacks them
         b = None if bias is None else bias.float().contiguous()
-        wt = vals.new_empty(vals.shape[0], bk, bm, dtype=torch.float32).copy_(vals.transpose(1, 2))  # one pass
-        return native.group_mm(_unit_cols(x), wt, meta.row_offsets, meta.col_indices, None, b, n_out)
+        wt = vals.float().contiguous()
+        return native.group_mm(_unit_cols(x), wt, meta.row_offsets, meta.col_indices, None, b, n_out, transposed=True)
     rb, cb = meta.row_offsets.numel() - 1, meta.col_offsets.numel() - 1
     xt = _transposed(x, cb * bk, "xt").view(cb, bk, m)
     # (bm, nnzb, bk): a block row's blocks side by side are then a (bm, L) view.

@@ -49,7 +49,7 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 _P, _I, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
-    "sk_group_mm": [_P, _I, _I, _I, _P, _P, _I, _P, _P, _I, _I, _P, _P, _I, _I, _INT, _INT],
+    "sk_group_mm": [_P, _I, _I, _I, _P, _I, _INT, _P, _I, _P, _P, _I, _I, _P, _P, _I, _I, _INT, _INT],
     "sk_sampled_mm": [_P, _I, _I, _P, _I, _I, _I, _P, _P, _I, _I, _I, _P, _INT, _INT],
     "sk_conv_fwd": [_P, _P, _P, _P, _P, _I, _P, _I, _I, _P, _P, _I, _INT, _INT],
     "sk_conv_bwd": [_P, _P, _P, _P, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _P, _I, _P, _INT, _INT],
@@ -218,17 +218,21 @@ def _out(out, shape, like, contiguous: bool) -> torch.Tensor:
     return out
 
 
-def group_mm(a, blocks, offsets, idx, sel, bias, out_cols, out=None) -> torch.Tensor:
+def group_mm(a, blocks, offsets, idx, sel, bias, out_cols, out=None, transposed=False) -> torch.Tensor:
     """``out[t, g*W + w] = bias + sum_{p in group g} a[t, idx[p]*L + l] @ blocks[sel[p]][l, w]``, as ``(M, out_cols)``.
 
     ``a`` is ``(M, a_cols)``, fp32 or bf16, with unit column stride; the
     result has ``a``'s dtype (fp32 sums, rounded once). ``blocks`` is a
-    contiguous fp32 ``(nb, L, W)``, ``bias`` fp32; ``offsets`` (``G + 1``),
-    ``idx`` and ``sel`` (or ``None`` for the identity) are contiguous int32.
-    ``out``, when given, needs unit column stride only.
+    contiguous fp32 ``(nb, L, W)``, or ``(nb, W, L)`` read as its blocks'
+    transposes when ``transposed`` (the forward pass hands the stored
+    ``(bm, bk)`` blocks over as they are: the kernel repacks every block
+    anyway, so the transpose costs no pass of its own); ``bias`` fp32;
+    ``offsets`` (``G + 1``), ``idx`` and ``sel`` (or ``None`` for the
+    identity) are contiguous int32. ``out``, when given, needs unit column
+    stride only.
     """
     m, a_cols = a.shape
-    _, L, W = blocks.shape
+    _, L, W = blocks.transpose(1, 2).shape if transposed else blocks.shape
     _operands({"a": a}, {"blocks": blocks, "bias": bias}, {"offsets": offsets, "idx": idx, "sel": sel})
     _require(blocks.is_contiguous(), "blocks must be contiguous")
     _in_range(idx, -(-a_cols // L), "idx", "column blocks of a")
@@ -242,8 +246,9 @@ def group_mm(a, blocks, offsets, idx, sel, bias, out_cols, out=None) -> torch.Te
     )
     out = _out(out, (m, out_cols), a, contiguous=False)
     rc = _loaded().sk_group_mm(
-        _ptr(a), a.stride(0), m, a_cols, _ptr(blocks), _ptr(offsets), offsets.numel() - 1, _ptr(idx), _ptr(sel),
-        L, W, _ptr(bias), _ptr(out), out.stride(0), out_cols, a.dtype == torch.bfloat16, torch.get_num_threads(),
+        _ptr(a), a.stride(0), m, a_cols, _ptr(blocks), blocks.shape[0], bool(transposed), _ptr(offsets),
+        offsets.numel() - 1, _ptr(idx), _ptr(sel), L, W, _ptr(bias), _ptr(out), out.stride(0), out_cols,
+        a.dtype == torch.bfloat16, torch.get_num_threads(),
     )  # fmt: skip
     _check(rc, "group_mm")
     return out

@@ -96,6 +96,14 @@ def test_every_output_element_is_written_and_no_other(native_only, bs, dtype):
     native.group_mm(p.x, wt, p.meta.row_offsets, p.meta.col_indices, None, p.bias.float(), p.n, out=y)
     assert_close(y, reference_linear(p.x, p.w, p.mask, p.bias), dtype, p.k, "y")
     assert bool(wide[:, [0, -2, -1]].isnan().all()), "the kernel wrote outside its output"
+    # The stored (bm, bk) blocks read transposed (what the forward pass hands over): the same
+    # repacked operand, so the same sums in the same order.
+    y_t = torch.full((p.m, p.n), NAN, dtype=dtype)
+    stored = vals.float().contiguous()
+    native.group_mm(
+        p.x, stored, p.meta.row_offsets, p.meta.col_indices, None, p.bias.float(), p.n, out=y_t, transposed=True
+    )
+    assert torch.equal(y_t, y)
     dx = torch.full((p.m, p.k), NAN, dtype=dtype)
     blocks = vals.float().contiguous()
     native.group_mm(p.dy, blocks, p.meta.col_offsets, p.meta.row_indices_t, p.meta.block_index_t, None, p.k, out=dx)

@@ -13,7 +13,7 @@
 // bf16 activations and outputs are converted on the way in (packing) and out (the tile store); all
 // arithmetic is fp32. The weight blocks and bias arrive as fp32 (the caller converts those few bytes).
 //
-// Vectors are GCC vector extensions (16 floats), so the same source builds for AVX-512, AVX2 or NEON
+// Vectors are GCC vector extensions (common.h's VL floats), so the same source builds for AVX-512, AVX2 or NEON
 // with -march=native. No source here depends on torch: it builds in about a second.
 #include "tiles.h"
 
@@ -23,10 +23,11 @@ using namespace sk;
 // One MR-token by VL*NV-column output tile of a group (a block row in the forward pass, a block
 // column in the input gradient), accumulated in registers over the group's blocks [s, e):
 //   out[t, col0 + w] = start + sum_{p in [s, e)} sum_l P[idx[p]][t][l] * B[sel[p]][l][woff + w]
-// start is the bias, or (acc_in) the previous chunk's fp32 partial sums; the sums go to out, or
+// Bslab is the slab's panel of block 0 in the slab-major blocks of pack_slabs (a block's panel rows
+// are VL*NV floats, its panels L*W floats apart). start is the bias, or (acc_in) the previous chunk's fp32 partial sums; the sums go to out, or
 // (acc_out) back to fp32 partial sums. acc_in/acc_out rows are W floats apart, at column woff.
 template <int NV, int MR, typename OT>
-inline void group_tile(const float* P, int64_t M, int64_t L, const float* B, int64_t W, int64_t woff,
+inline void group_tile(const float* P, int64_t M, int64_t L, const float* Bslab, int64_t W, int64_t woff,
                        const int32_t* idx, const int32_t* sel, int32_t s, int32_t e, const float* bias,
                        const float* acc_in, float* acc_out, OT* out, int64_t ldo, int64_t col0, int64_t out_cols) {
     vf acc[MR][NV];
@@ -37,8 +38,8 @@ inline void group_tile(const float* P, int64_t M, int64_t L, const float* B, int
         init_bias(acc, bias, col0, out_cols);
     }
     accumulate(
-        acc, s, e, L, W, woff, [&](int32_t p) { return P + (int64_t)idx[p] * M * L; },
-        [&](int i) { return i * L; }, [&](int32_t p) { return B + (int64_t)(sel ? sel[p] : p) * L * W; });
+        acc, s, e, L, NV * VL, 0, [&](int32_t p) { return P + (int64_t)idx[p] * M * L; },
+        [&](int i) { return i * L; }, [&](int32_t p) { return Bslab + (int64_t)(sel ? sel[p] : p) * L * W; });
     if (acc_out) {
         for (int i = 0; i < MR; ++i)
             for (int v = 0; v < NV; ++v) st(acc_out + i * W + woff + VL * v, acc[i][v]);
@@ -81,14 +82,15 @@ void group_mm(const float* P, int64_t M, const float* B, const int32_t* offsets,
                 const int64_t col0 = g * W + slab * NV * VL;
                 if (col0 >= out_cols) break;
                 const int64_t woff = slab * NV * VL;
+                const float* Bslab = B + slab * L * NV * VL;
                 int64_t t = t0;
                 for (; t + MR <= t1; t += MR)
-                    group_tile<NV, MR, OT>(P + t * L, M, L, B, W, woff, idx, sel, c0, c1, bias,
+                    group_tile<NV, MR, OT>(P + t * L, M, L, Bslab, W, woff, idx, sel, c0, c1, bias,
                                            in ? in + (t - t0) * W : nullptr, keep ? keep + (t - t0) * W : nullptr,
                                            out + t * ldo, ldo, col0, out_cols);
                 with_rows<MR - 1>(t1 - t, [&](auto rows) {
                     group_tile<NV, decltype(rows)::value, OT>(
-                        P + t * L, M, L, B, W, woff, idx, sel, c0, c1, bias, in ? in + (t - t0) * W : nullptr,
+                        P + t * L, M, L, Bslab, W, woff, idx, sel, c0, c1, bias, in ? in + (t - t0) * W : nullptr,
                         keep ? keep + (t - t0) * W : nullptr, out + t * ldo, ldo, col0, out_cols);
                 });
             }
@@ -109,8 +111,8 @@ void sampled_mm(const float* Dp, const float* Xp, int64_t M, const int32_t* brow
     for (int64_t it = 0; it < nb * slabs; ++it) {
         const int64_t b = it / slabs, woff = (it % slabs) * NV * VL;
         const float* D = Dp + (int64_t)brow[b] * M * bm;
-        const float* X = Xp + (int64_t)bcol[b] * M * bk + woff;
-        const auto x_row = [X, bk](int64_t t) { return X + t * bk; };
+        const float* X = Xp + (int64_t)bcol[b] * M * bk + woff * M;  // the slab's own (M, NV*VL) panel
+        const auto x_row = [X](int64_t t) { return X + t * (NV * VL); };
         float* out = dw + b * bm * bk + woff;
         if (M == 0) {
             for (int64_t j = 0; j < bm; ++j) std::memset(out + j * bk, 0, sizeof(float) * NV * VL);
@@ -131,21 +133,22 @@ void sampled_mm(const float* Dp, const float* Xp, int64_t M, const int32_t* brow
 
 extern "C" {
 
-// Forward (A = x, groups = block rows, idx = block columns, B = blocks transposed to (bk, bm), L = bk,
-// W = bm) and input gradient (A = dy, groups = block columns, idx = their blocks' rows, sel = the
-// blocks' storage index, B = blocks as stored (bm, bk), L = bm, W = bk):
+// Forward (A = x, groups = block rows, idx = block columns, B = the nb blocks as stored (bm, bk) with
+// b_transposed, read as their transposes (bk, bm), L = bk, W = bm) and input gradient (A = dy, groups = block columns, idx = their blocks' rows, sel = the
+// blocks' storage index, B = blocks as stored (bm, bk), b_transposed = 0, L = bm, W = bk):
 //   out[t, g*W + w] = bias[g*W + w] + sum_{p in group g} sum_l A[t, idx[p]*L + l] * B[sel[p]][l][w]
 // A is (M, a_cols) with row stride lda and unit column stride; out is (M, out_cols) with row stride
 // ldo; both are fp32, or both bf16 when is_bf16. Returns 0, or non-zero when W is not a multiple of
 // 16 or memory ran out (nothing written).
-int sk_group_mm(const void* A, int64_t lda, int64_t M, int64_t a_cols, const float* B, const int32_t* offsets,
-                int64_t G, const int32_t* idx, const int32_t* sel, int64_t L, int64_t W, const float* bias,
-                void* out, int64_t ldo, int64_t out_cols, int is_bf16, int nthreads) {
+int sk_group_mm(const void* A, int64_t lda, int64_t M, int64_t a_cols, const float* B, int64_t nb, int b_transposed,
+                const int32_t* offsets, int64_t G, const int32_t* idx, const int32_t* sel, int64_t L, int64_t W,
+                const float* bias, void* out, int64_t ldo, int64_t out_cols, int is_bf16, int nthreads) {
     if (W % 16 != 0 || L <= 0) return 1;
     const int64_t cb = (a_cols + L - 1) / L;
     uint8_t* used = mark_used(cb, idx, offsets[G]);
     float* P = used ? ws_a.get((size_t)cb * M * L) : nullptr;
-    if (!P) {
+    float* Bs = P ? ws_c.get((size_t)nb * L * W) : nullptr;
+    if (!Bs) {
         std::free(used);
         return 2;
     }
@@ -154,9 +157,11 @@ int sk_group_mm(const void* A, int64_t lda, int64_t M, int64_t a_cols, const flo
     else
         pack(static_cast<const float*>(A), lda, M, a_cols, L, used, P, nthreads);
     std::free(used);
+    advise_huge(out, (size_t)M * ldo * (is_bf16 ? 2 : 4));
     auto run = [&](auto* o) {
         return by_width(W, [&](auto nv, auto mr) {
-            group_mm<decltype(nv)::value, decltype(mr)::value, 96>(P, M, B, offsets, G, idx, sel, L, W, bias, o, ldo,
+            pack_slabs(B, nb, L, W, decltype(nv)::value * VL, b_transposed, Bs, nthreads);
+            group_mm<decltype(nv)::value, decltype(mr)::value, 96>(P, M, Bs, offsets, G, idx, sel, L, W, bias, o, ldo,
                                                                    out_cols, nthreads);
         });
     };
@@ -181,16 +186,18 @@ int sk_sampled_mm(const void* DY, int64_t lddy, int64_t N, const void* X, int64_
         std::free(ucol);
         return 2;
     }
-    if (is_bf16) {
-        pack(static_cast<const bf16*>(DY), lddy, M, N, bm, urow, Dp, nthreads);
-        pack(static_cast<const bf16*>(X), ldx, M, K, bk, ucol, Xp, nthreads);
-    } else {
-        pack(static_cast<const float*>(DY), lddy, M, N, bm, urow, Dp, nthreads);
-        pack(static_cast<const float*>(X), ldx, M, K, bk, ucol, Xp, nthreads);
-    }
-    std::free(urow);
-    std::free(ucol);
     return by_width(bk, [&](auto nv, auto mr) {
+        constexpr int SW = decltype(nv)::value * VL;  // x in column slabs: a token's slab is one cache line
+        if (is_bf16) {
+            pack(static_cast<const bf16*>(DY), lddy, M, N, bm, urow, Dp, nthreads);
+            pack(static_cast<const bf16*>(X), ldx, M, K, bk, ucol, Xp, nthreads, SW);
+        } else {
+            pack(static_cast<const float*>(DY), lddy, M, N, bm, urow, Dp, nthreads);
+            pack(static_cast<const float*>(X), ldx, M, K, bk, ucol, Xp, nthreads, SW);
+        }
+        std::free(urow);
+        std::free(ucol);
+        advise_huge(dw, (size_t)nb * bm * bk * 4);
         sampled_mm<decltype(nv)::value, decltype(mr)::value, 64>(Dp, Xp, M, brow, bcol, nb, bm, bk, dw, nthreads);
     });
 }

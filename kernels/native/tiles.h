@@ -32,6 +32,7 @@ inline void accumulate(vf (&acc)[MR][NV], int32_t s, int32_t e, int64_t L, int64
     for (int32_t p = s; p < e; ++p) {
         const float* a = a_block(p);
         const float* b = b_block(p) + woff;
+#pragma GCC unroll 4
         for (int64_t l = 0; l < L; ++l) {
             vf bv[NV];
             for (int v = 0; v < NV; ++v) bv[v] = ld(b + l * W + VL * v);

@@ -68,13 +68,15 @@ def _linear(density: float, block: int, repeats: int):
     lay = layer.layout
     g = Meta(*lay.meta())
     vals = torch.randn(lay.nnz_blocks, block, block)  # values do not change the time
-    vt = vals.transpose(1, 2).contiguous()
     t_rows, t_cols = g.row_indices[g.train_index.long()].contiguous(), g.col_indices[g.train_index.long()].contiguous()
     xd = x.detach()
     flops = 2 * m * block * block * lay.nnz_blocks
     w = base.weight.detach()
     passes = {
-        "forward": (lambda: native.group_mm(xd, vt, g.row_offsets, g.col_indices, None, None, n), flops),
+        "forward": (
+            lambda: native.group_mm(xd, vals, g.row_offsets, g.col_indices, None, None, n, transposed=True),
+            flops,
+        ),
         "input grad": (
             lambda: native.group_mm(dy, vals, g.col_offsets, g.row_indices_t, g.block_index_t, None, n),
             flops,
