@@ -331,7 +331,6 @@ def _plane_forward(x, vals, bias, meta, g: ConvGeom, buf: torch.Tensor) -> None:
 
 
 def forward(x, w_train, w_frozen, bias, meta, g: ConvGeom, n_frozen) -> torch.Tensor:
-    bm, bk = w_train.shape[1:]
     route = path(meta, g, x.dtype)
     if route == "dense":
         xin, padding = _dense_pad_input(x, g)
@@ -341,9 +340,8 @@ def forward(x, w_train, w_frozen, bias, meta, g: ConvGeom, n_frozen) -> torch.Te
     vals = bsmm_cpu.effective_blocks(w_train, w_frozen, meta.storage, meta.aux, meta.element_state, n_frozen)
     if route == "native":
         y = _channels_last(x, (g.n, g.c_out, g.h_out, g.w_out))
-        wt = vals.new_empty(vals.shape[0], bk, bm, dtype=torch.float32).copy_(vals.transpose(1, 2))  # one pass
         b = None if bias is None else bias.float().contiguous()
-        return native.conv_forward(x, list(g), wt, meta.row_offsets, meta.col_indices, b, y)
+        return native.conv_forward(x, list(g), vals.float().contiguous(), meta.row_offsets, meta.col_indices, b, y)
     return _promised(_torch_forward(x, vals, bias, meta, g, route), meta)
 
 

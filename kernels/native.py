@@ -293,19 +293,20 @@ def _conv_geom(geom, bm: int, bk: int) -> torch.Tensor:
     return _int64s(geom)
 
 
-def conv_forward(x, geom, blocks_t, offsets, cols, bias, out) -> torch.Tensor:
+def conv_forward(x, geom, blocks, offsets, cols, bias, out) -> torch.Tensor:
     """The block-sparse conv forward into ``out`` ``(N, Cout, Ho, Wo)`` (unit channel stride), from ``x``.
 
-    ``geom`` is the :class:`~sparsekern.kernels.meta.ConvGeom`; ``blocks_t`` the CSR-ordered blocks
-    transposed, a contiguous fp32 ``(nnzb, bk, bm)``; ``offsets``/``cols`` the layout's
+    ``geom`` is the :class:`~sparsekern.kernels.meta.ConvGeom`; ``blocks`` the CSR-ordered blocks
+    as stored, a contiguous fp32 ``(nnzb, bm, bk)`` (the kernel reads them transposed as it
+    repacks them); ``offsets``/``cols`` the layout's
     ``row_offsets``/``col_indices``. ``x`` and ``out`` are fp32 or bf16 (both the same), any strides
     for ``x``; fp32 sums, rounded once.
     """
-    n, bk, bm = blocks_t.shape
+    n, bm, bk = blocks.shape
     g = _conv_geom(geom, bm, bk)
     _require(x.dtype in DTYPES and x.device.type == "cpu", "x must be a float32 or bfloat16 CPU tensor")
-    _operands({}, {"blocks_t": blocks_t, "bias": bias}, {"offsets": offsets, "cols": cols})
-    _require(blocks_t.is_contiguous(), "blocks_t must be contiguous")
+    _operands({}, {"blocks": blocks, "bias": bias}, {"offsets": offsets, "cols": cols})
+    _require(blocks.is_contiguous(), "blocks must be contiguous")
     _require(tuple(x.shape) == tuple(geom[:4]), f"x has shape {tuple(x.shape)}, the geometry says {tuple(geom[:4])}")
     out_shape = (geom[0], geom[4], geom[5], geom[6])
     _require(
@@ -315,12 +316,12 @@ def conv_forward(x, geom, blocks_t, offsets, cols, bias, out) -> torch.Tensor:
     _in_range(cols, geom[7] * geom[8] * geom[15] // bk, "cols", "block columns of the weight")
     _require(
         offsets.numel() == -(-geom[4] // bm) + 1 and int(offsets[-1]) == cols.numel() == n,
-        "offsets must have one entry per block row plus one, ending at len(cols) == len(blocks_t)",
+        "offsets must have one entry per block row plus one, ending at len(cols) == len(blocks)",
     )
     _require(bias is None or bias.numel() >= geom[4], "bias must have Cout entries")
     xs = _strides4(x, "x")
     rc = _loaded().sk_conv_fwd(
-        _ptr(x), _ptr(xs), _ptr(g), _ptr(blocks_t), _ptr(offsets), offsets.numel() - 1, _ptr(cols), bm, bk,
+        _ptr(x), _ptr(xs), _ptr(g), _ptr(blocks), _ptr(offsets), offsets.numel() - 1, _ptr(cols), bm, bk,
         _ptr(bias), _ptr(out), geom[4], x.dtype == torch.bfloat16, torch.get_num_threads(),
     )  # fmt: skip
     _check(rc, "conv_forward")

@@ -39,35 +39,41 @@ struct Geom {
     int64_t wp() const { return std::max((w_out - 1) * sw + dw * (kw - 1) + 1, pw + w); }
 };
 
-// dst[c][n][hh][ww][0:L] = src[n, c*L + q, hh - top, ww - left] (zero outside the source or past C) for
-// the channel blocks c with used[c]. src has element strides s[0..3] over (N, C, H, W).
+// dst[c][s][n][hh][ww][0:SW] = src[n, c*L + s*SW + q, hh - top, ww - left] (zero outside the source or
+// past C) for the channel blocks c with used[c]. src has element strides st[0..3] over (N, C, H, W). SW
+// (a divisor of L; L when 0) cuts a channel block into slabs of their own planes, as common.h's pack.
 template <typename T>
-void pack_planes(const T* src, const int64_t* s, int64_t N, int64_t C, int64_t H, int64_t W, int64_t Hp,
-                 int64_t Wp, int64_t top, int64_t left, int64_t L, const uint8_t* used, float* dst, int nthreads) {
-    const int64_t cb = (C + L - 1) / L;
+void pack_planes(const T* src, const int64_t* st, int64_t N, int64_t C, int64_t H, int64_t W, int64_t Hp,
+                 int64_t Wp, int64_t top, int64_t left, int64_t L, const uint8_t* used, float* dst, int nthreads,
+                 int64_t SW = 0) {
+    if (SW <= 0) SW = L;
+    const int64_t cb = (C + L - 1) / L, slabs = L / SW;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t it = 0; it < cb * N * Hp; ++it) {
         const int64_t c = it / (N * Hp), n = (it / Hp) % N, hh = it % Hp;
         if (!used[c]) continue;
-        float* d = dst + ((c * N + n) * Hp + hh) * Wp * L;
-        const int64_t h = hh - top, width = std::min(L, C - c * L);
-        if (h < 0 || h >= H) {
-            std::memset(d, 0, sizeof(float) * Wp * L);
-            continue;
-        }
-        const T* row = src + n * s[0] + c * L * s[1] + h * s[2];
-        for (int64_t ww = 0; ww < Wp; ++ww, d += L) {
-            const int64_t w = ww - left;
-            if (w < 0 || w >= W) {
-                std::memset(d, 0, sizeof(float) * L);
+        const int64_t h = hh - top;
+        for (int64_t sl = 0; sl < slabs; ++sl) {
+            const int64_t c0 = c * L + sl * SW, width = std::max<int64_t>(0, std::min(SW, C - c0));
+            float* d = dst + (((c * slabs + sl) * N + n) * Hp + hh) * Wp * SW;
+            if (h < 0 || h >= H) {
+                std::memset(d, 0, sizeof(float) * Wp * SW);
                 continue;
             }
-            const T* p = row + w * s[3];
-            if (std::is_same_v<T, float> && s[1] == 1)
-                std::memcpy(d, p, sizeof(float) * width);
-            else
-                for (int64_t q = 0; q < width; ++q) d[q] = widen(p[q * s[1]]);
-            if (width < L) std::memset(d + width, 0, sizeof(float) * (L - width));
+            const T* row = src + n * st[0] + c0 * st[1] + h * st[2];
+            for (int64_t ww = 0; ww < Wp; ++ww, d += SW) {
+                const int64_t w = ww - left;
+                if (w < 0 || w >= W) {
+                    std::memset(d, 0, sizeof(float) * SW);
+                    continue;
+                }
+                const T* p = row + w * st[3];
+                if (std::is_same_v<T, float> && st[1] == 1)
+                    std::memcpy(d, p, sizeof(float) * width);
+                else
+                    for (int64_t q = 0; q < width; ++q) d[q] = widen(p[q * st[1]]);
+                if (width < SW) std::memset(d + width, 0, sizeof(float) * (SW - width));
+            }
         }
     }
 }
@@ -93,28 +99,32 @@ int64_t* token_rows(const Geom& g, int64_t Hp, int64_t Wp) {
 }
 
 // Per block: where its operand rows start, in floats from the packed buffer's start (panel + tap shift).
-int64_t* block_offsets(const Geom& g, const int32_t* cols, int64_t nb, int64_t L, int64_t Hp, int64_t Wp) {
+// A row is R floats (L, or a slab's width in the weight gradient's slab-major packing).
+int64_t* block_offsets(const Geom& g, const int32_t* cols, int64_t nb, int64_t L, int64_t Hp, int64_t Wp,
+                       int64_t R = 0) {
+    if (R <= 0) R = L;
     const int64_t per_tap = g.c_pad / L, panel = g.n * Hp * Wp * L;
     int64_t* o = (int64_t*)std::malloc(sizeof(int64_t) * (nb > 0 ? nb : 1));
     if (o)
         for (int64_t p = 0; p < nb; ++p) {
             const int64_t tap = cols[p] / per_tap, cb = cols[p] % per_tap;
-            o[p] = cb * panel + ((tap / g.kw) * g.dh * Wp + (tap % g.kw) * g.dw) * L;
+            o[p] = cb * panel + ((tap / g.kw) * g.dh * Wp + (tap % g.kw) * g.dw) * R;
         }
     return o;
 }
 
-// One MR-token by 16*NV-channel forward tile, summed in registers over the block row's blocks [s, e).
-// rows[i] = base(t + i) * L: token i's row in every panel.
+// One MR-token by VL*NV-channel forward tile, summed in registers over the block row's blocks [s, e).
+// rows[i] = base(t + i) * L: token i's row in every panel. Bslab: the slab's panel of block 0 in
+// pack_slabs' slab-major blocks (panel rows VL*NV floats, blocks L*W floats apart).
 template <int NV, int MR, typename OT>
-inline void fwd_tile(const float* Xp, const int64_t* rows, int64_t L, const float* B, int64_t W, int64_t woff,
+inline void fwd_tile(const float* Xp, const int64_t* rows, int64_t L, const float* Bslab, int64_t W,
                      const int64_t* boff, int32_t s, int32_t e, const float* bias, OT* out, int64_t ldo,
                      int64_t col0, int64_t out_cols) {
     vf acc[MR][NV];
     init_bias(acc, bias, col0, out_cols);
     accumulate(
-        acc, s, e, L, W, woff, [&](int32_t p) { return Xp + boff[p]; }, [&](int i) { return rows[i]; },
-        [&](int32_t p) { return B + (int64_t)p * L * W; });
+        acc, s, e, L, NV * VL, 0, [&](int32_t p) { return Xp + boff[p]; }, [&](int i) { return rows[i]; },
+        [&](int32_t p) { return Bslab + (int64_t)p * L * W; });
     store_tile(acc, out, ldo, col0, out_cols);
 }
 
@@ -133,31 +143,32 @@ void conv_fwd(const float* Xp, const int64_t* trow, int64_t M, int64_t L, const 
         for (int64_t slab = 0; slab < slabs; ++slab) {
             const int64_t col0 = g * W + slab * NV * VL;
             if (col0 >= out_cols) break;
-            const int64_t woff = slab * NV * VL;
+            const float* Bslab = B + slab * L * NV * VL;
             int64_t t = t0;
             for (; t + MR <= t1; t += MR)
-                fwd_tile<NV, MR, OT>(Xp, rows + (t - t0), L, B, W, woff, boff, offsets[g], offsets[g + 1], bias,
+                fwd_tile<NV, MR, OT>(Xp, rows + (t - t0), L, Bslab, W, boff, offsets[g], offsets[g + 1], bias,
                                      out + t * ldo, ldo, col0, out_cols);
             with_rows<MR - 1>(t1 - t, [&](auto n) {
-                fwd_tile<NV, decltype(n)::value, OT>(Xp, rows + (t - t0), L, B, W, woff, boff, offsets[g],
+                fwd_tile<NV, decltype(n)::value, OT>(Xp, rows + (t - t0), L, Bslab, W, boff, offsets[g],
                                                      offsets[g + 1], bias, out + t * ldo, ldo, col0, out_cols);
             });
         }
     }
 }
 
-// One MR-token by 16*NV-channel input-gradient tile of one matrix column (one tap of one channel block),
-// summed in registers over the column's blocks, then added into the rows of dxp the tap read.
+// One MR-token by VL*NV-channel input-gradient tile of one matrix column (one tap of one channel block),
+// summed in registers over the column's blocks, then added into the rows of dxp the tap read. Bslab as
+// in fwd_tile; woff is the slab's first channel.
 template <int NV, int MR>
-inline void dgrad_tile(const float* Dp, int64_t M, int64_t L, const float* B, int64_t W, int64_t woff,
+inline void dgrad_tile(const float* Dp, int64_t M, int64_t L, const float* Bslab, int64_t W, int64_t woff,
                        const int32_t* grow, const int32_t* sel, int32_t s, int32_t e, int64_t t, const int64_t* trow,
                        float* dst) {
     vf acc[MR][NV];
     for (int i = 0; i < MR; ++i)
         for (int v = 0; v < NV; ++v) acc[i][v] = bc(0.f);
     accumulate(
-        acc, s, e, L, W, woff, [&](int32_t p) { return Dp + ((int64_t)grow[p] * M + t) * L; },
-        [&](int i) { return i * L; }, [&](int32_t p) { return B + (int64_t)sel[p] * L * W; });
+        acc, s, e, L, NV * VL, 0, [&](int32_t p) { return Dp + ((int64_t)grow[p] * M + t) * L; },
+        [&](int i) { return i * L; }, [&](int32_t p) { return Bslab + (int64_t)sel[p] * L * W; });
     for (int i = 0; i < MR; ++i) {
         float* d = dst + trow[t + i] * W + woff;
         for (int v = 0; v < NV; ++v) st(d + VL * v, ld(d + VL * v) + acc[i][v]);
@@ -184,11 +195,12 @@ void conv_dgrad(const Geom& g, const float* Dp, const int64_t* trow, int64_t L, 
             const int64_t t0 = n * hw, t1 = t0 + hw;
             for (int64_t slab = 0; slab < slabs; ++slab) {
                 const int64_t woff = slab * NV * VL;
+                const float* Bslab = B + slab * L * NV * VL;
                 int64_t t = t0;
                 for (; t + MR <= t1; t += MR)
-                    dgrad_tile<NV, MR>(Dp, M, L, B, W, woff, grow, sel, s, e, t, trow, shifted);
+                    dgrad_tile<NV, MR>(Dp, M, L, Bslab, W, woff, grow, sel, s, e, t, trow, shifted);
                 with_rows<MR - 1>(t1 - t, [&](auto r) {
-                    dgrad_tile<NV, decltype(r)::value>(Dp, M, L, B, W, woff, grow, sel, s, e, t, trow, shifted);
+                    dgrad_tile<NV, decltype(r)::value>(Dp, M, L, Bslab, W, woff, grow, sel, s, e, t, trow, shifted);
                 });
             }
         }
@@ -218,16 +230,19 @@ void unpack_dx(const Geom& g, const float* dxp, int64_t Hp, int64_t Wp, int64_t 
 }
 
 // One work item per (trainable block, channel slab); tokens in chunks of TC so both operands' chunks stay
-// in L1/L2 while every row tile of the block passes over them. rows[t] = base(t) * bk.
+// in L1/L2 while every row tile of the block passes over them. Xp is slab-major (pack_planes with SW =
+// VL*NV, so a token's slab is one cache line, not a part of every 4*bk-byte row), slab_panel floats
+// per slab; rows[t] = base(t) * VL*NV.
 template <int NV, int MR, int TC>
 void conv_wgrad(const float* Dp, const float* Xp, int64_t M, const int64_t* rows, const int32_t* brow,
-                const int64_t* boff, int64_t nb, int64_t bm, int64_t bk, float* dw, int nthreads) {
+                const int64_t* boff, int64_t nb, int64_t bm, int64_t bk, int64_t slab_panel, float* dw,
+                int nthreads) {
     const int64_t slabs = bk / (VL * NV);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t it = 0; it < nb * slabs; ++it) {
         const int64_t b = it / slabs, woff = (it % slabs) * NV * VL;
         const float* D = Dp + (int64_t)brow[b] * M * bm;
-        const float* X = Xp + boff[b] + woff;
+        const float* X = Xp + boff[b] + (it % slabs) * slab_panel;
         const auto x_row = [X, rows](int64_t t) { return X + rows[t]; };
         float* out = dw + b * bm * bk + woff;
         for (int64_t t0 = 0; t0 < M; t0 += TC) {
@@ -246,7 +261,8 @@ void conv_wgrad(const float* Dp, const float* Xp, int64_t M, const int64_t* rows
 extern "C" {
 
 // Forward: y (N*Ho*Wo, Cout) with row stride ldy (channels_last y is ldy = Cout), from x with element
-// strides xs over (N, C, H, W). B holds the CSR-ordered blocks transposed, (nnzb, bk, bm) fp32; offsets
+// strides xs over (N, C, H, W). B holds the CSR-ordered blocks as stored, (nnzb, bm, bk) fp32 (read
+// transposed as they are repacked); offsets
 // (rb + 1) and cols (nnzb) are the layout's row_offsets and col_indices. Returns 0; 1 for a block side
 // that is not a multiple of 16; 2 when memory ran out (nothing written).
 int sk_conv_fwd(const void* x, const int64_t* xs, const int64_t* geom, const float* B, const int32_t* offsets,
@@ -261,14 +277,19 @@ int sk_conv_fwd(const void* x, const int64_t* xs, const int64_t* geom, const flo
     int64_t* trow = used ? token_rows(g, Hp, Wp) : nullptr;
     int64_t* boff = trow ? block_offsets(g, cols, nnzb, bk, Hp, Wp) : nullptr;
     float* Xp = boff ? ws_a.get((size_t)per_tap * g.n * Hp * Wp * bk) : nullptr;
-    if (Xp) pack_any(is_bf16, x, xs, g.n, g.c_in, g.h, g.w, Hp, Wp, g.ph, g.pw, bk, used, Xp, nthreads);
-    const int rc = !Xp ? 2 : by_width(bm, [&](auto nv, auto mr) {
+    float* Bs = Xp ? ws_b.get((size_t)nnzb * bm * bk) : nullptr;
+    if (Bs) {
+        pack_any(is_bf16, x, xs, g.n, g.c_in, g.h, g.w, Hp, Wp, g.ph, g.pw, bk, used, Xp, nthreads);
+        advise_huge(y, (size_t)M * ldy * (is_bf16 ? 2 : 4));
+    }
+    const int rc = !Bs ? 2 : by_width(bm, [&](auto nv, auto mr) {
         constexpr int NV = decltype(nv)::value, MR = decltype(mr)::value;
+        pack_slabs(B, nnzb, bk, bm, NV * VL, true, Bs, nthreads);
         if (is_bf16)
-            conv_fwd<NV, MR, 96>(Xp, trow, M, bk, B, bm, offsets, rb, boff, bias, static_cast<bf16*>(y), ldy,
+            conv_fwd<NV, MR, 96>(Xp, trow, M, bk, Bs, bm, offsets, rb, boff, bias, static_cast<bf16*>(y), ldy,
                                  g.c_out, nthreads);
         else
-            conv_fwd<NV, MR, 96>(Xp, trow, M, bk, B, bm, offsets, rb, boff, bias, static_cast<float*>(y), ldy,
+            conv_fwd<NV, MR, 96>(Xp, trow, M, bk, Bs, bm, offsets, rb, boff, bias, static_cast<float*>(y), ldy,
                                  g.c_out, nthreads);
     });
     std::free(used);
@@ -308,12 +329,18 @@ int sk_conv_bwd(const void* dy, const int64_t* dys, const void* x, const int64_t
     if (!rc) pack_any(is_bf16, dy, dys, g.n, g.c_out, g.h_out, g.w_out, g.h_out, g.w_out, 0, 0, bm, urow, Dp, nthreads);
     if (!rc && dx) {
         float* dxp = ws_c.get((size_t)per_tap * g.n * Hp * Wp * bk);
-        if (!dxp) rc = 2;
+        const int64_t nnzb = col_offsets[ncols];
+        float* Bs = dxp ? ws_b.get((size_t)nnzb * bm * bk) : nullptr;
+        if (!Bs) rc = 2;
         if (!rc)
             rc = by_width(bk, [&](auto nv, auto mr) {
-                conv_dgrad<decltype(nv)::value, decltype(mr)::value>(g, Dp, trow, bm, vals, bk, col_offsets,
+                pack_slabs(vals, nnzb, bm, bk, decltype(nv)::value * VL, false, Bs, nthreads);
+                conv_dgrad<decltype(nv)::value, decltype(mr)::value>(g, Dp, trow, bm, Bs, bk, col_offsets,
                                                                      rows_t, sel_t, dxp, Hp, Wp, nthreads);
             });
+        // Only a gap-free dx (its extent is its element count): the kernel writes all of that range.
+        const int64_t extent = 1 + (g.n - 1) * dxs[0] + (g.c_in - 1) * dxs[1] + (g.h - 1) * dxs[2] + (g.w - 1) * dxs[3];
+        if (!rc && extent == g.n * g.c_in * g.h * g.w) advise_huge(dx, (size_t)extent * (is_bf16 ? 2 : 4));
         if (!rc) {
             if (is_bf16)
                 unpack_dx(g, dxp, Hp, Wp, bk, static_cast<bf16*>(dx), dxs, nthreads);
@@ -323,18 +350,26 @@ int sk_conv_bwd(const void* dy, const int64_t* dys, const void* x, const int64_t
     }
     if (!rc && dw && M == 0) std::memset(dw, 0, sizeof(float) * nt * bm * bk);
     if (!rc && dw && nt > 0 && M > 0) {
-        int64_t* boff = block_offsets(g, tcol_b, nt, bk, Hp, Wp);
-        float* Xp = boff ? ws_b.get((size_t)per_tap * g.n * Hp * Wp * bk) : nullptr;
+        float* Xp = ws_b.get((size_t)per_tap * g.n * Hp * Wp * bk);
         if (!Xp) rc = 2;
         if (!rc) {
-            pack_any(is_bf16, x, xs, g.n, g.c_in, g.h, g.w, Hp, Wp, g.ph, g.pw, bk, ucb, Xp, nthreads);
-            for (int64_t t = 0; t < M; ++t) trow[t] *= bk;
+            advise_huge(dw, (size_t)nt * bm * bk * 4);
+            int oom = 0;
             rc = by_width(bk, [&](auto nv, auto mr) {
+                constexpr int64_t SW = decltype(nv)::value * VL;
+                int64_t* boff = block_offsets(g, tcol_b, nt, bk, Hp, Wp, SW);
+                if (!boff) {
+                    oom = 2;
+                    return;
+                }
+                pack_any(is_bf16, x, xs, g.n, g.c_in, g.h, g.w, Hp, Wp, g.ph, g.pw, bk, ucb, Xp, nthreads, SW);
+                for (int64_t t = 0; t < M; ++t) trow[t] *= SW;
                 conv_wgrad<decltype(nv)::value, decltype(mr)::value, 64>(Dp, Xp, M, trow, trow_b, boff, nt, bm,
-                                                                          bk, dw, nthreads);
+                                                                          bk, g.n * Hp * Wp * SW, dw, nthreads);
+                std::free(boff);
             });
+            if (!rc) rc = oom;
         }
-        std::free(boff);
     }
     std::free(urow);
     std::free(ucb);

@@ -157,7 +157,7 @@ int sk_group_mm(const void* A, int64_t lda, int64_t M, int64_t a_cols, const flo
     else
         pack(static_cast<const float*>(A), lda, M, a_cols, L, used, P, nthreads);
     std::free(used);
-    advise_huge(out, (size_t)M * ldo * (is_bf16 ? 2 : 4));
+    if (ldo == out_cols) advise_huge(out, (size_t)M * ldo * (is_bf16 ? 2 : 4));  // gap-free: all of it is written
     auto run = [&](auto* o) {
         return by_width(W, [&](auto nv, auto mr) {
             pack_slabs(B, nb, L, W, decltype(nv)::value * VL, b_transposed, Bs, nthreads);

@@ -102,7 +102,6 @@ def _conv(density: float, block: int, repeats: int):
     g = Meta(*lay.meta())
     geom = list(convview.conv_geometry(x.shape, base.weight.shape, 1, 1, 1, block))
     vals = torch.randn(lay.nnz_blocks, block, block)  # values do not change the time
-    vt = vals.transpose(1, 2).contiguous()
     tidx = g.train_index.long()
     t_rows, t_cols = g.row_indices[tidx].contiguous(), g.col_indices[tidx].contiguous()
     xd = x.detach()
@@ -123,7 +122,7 @@ def _conv(density: float, block: int, repeats: int):
         torch.ops.aten.convolution_backward(dy, xd, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
 
     passes = {
-        "forward": (lambda: native.conv_forward(xd, geom, vt, g.row_offsets, g.col_indices, None, y), flops),
+        "forward": (lambda: native.conv_forward(xd, geom, vals, g.row_offsets, g.col_indices, None, y), flops),
         "input grad": (lambda: bwd(True, False), flops),
         "weight grad": (lambda: bwd(False, True), flops),
         "dense forward": (lambda: F.conv2d(xd, w, None, 1, 1), dense_flops),
