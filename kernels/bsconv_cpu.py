@@ -11,9 +11,10 @@ Four ways to run, chosen by :func:`path`:
 
 * ``native`` (fp32 and bf16, block sides multiples of 16, the native build
   present): the kernels in ``native/bsconv.cpp`` run all three passes over
-  the computed blocks (see that file); results are channels_last. The routes
-  below are what fp16 and a machine without a C++ compiler run; for fp32 and
-  bf16 they copy their results to channels_last too (:func:`native_strides`).
+  the computed blocks (see that file); ``y`` is channels_last and ``dx`` takes
+  ``x``'s memory format (:func:`dx_format`). The routes below are what fp16 and
+  a machine without a C++ compiler run; for fp32 and bf16 they copy their
+  results to those strides too (:func:`native_strides`).
 
 * ``plane`` (stride 1, padded planes at most ``PLANE_MAX_WASTE`` times the
   output): every position is computed in padded-plane coordinates
@@ -167,11 +168,16 @@ def _dense_pad_input(x, g: ConvGeom):
 DENSE_CROSSOVER = {16: 0.15, 32: 0.3, 64: 0.6, 128: 0.6}
 
 # The same for the native kernels (fp32 and bf16; block sides multiples of 16), from the full step's
-# CPU time on one thread (2-core AVX2 EPYC, 3x3 256->256 at 14x14, batch 32, against nn.Conv2d):
-# 32x32 blocks are 1.60x at density 0.5, 1.29x at 0.6, 1.21x at 0.7, 0.99x at 0.8; 64x64 1.41x at
-# 0.6, 1.15x at 0.7, 1.02x at 0.8, 0.84x at 0.9; 16x16 1.75x at 0.5, 1.31x at 0.7. 128 is not
-# measured and takes 32's value.
-NATIVE_CROSSOVER = {16: 0.8, 32: 0.75, 64: 0.75, 128: 0.75}
+# CPU time on one thread against nn.Conv2d's, timed in turn (2-core AVX2 EPYC, batch 32, slab-packed
+# blocks, huge-page outputs, dx in x's memory format): 3x3 256->256 at 14x14, 32x32 blocks, 1.29x at
+# density 0.75, 1.14x at 0.85, 1.09x at 0.9. Measured before those changes (the kernels were slower
+# then, so these stay on the safe side): 64x64 1.41x at 0.6, 1.15x at 0.7, 1.02x at 0.8; 16x16 1.31x
+# at 0.7. 128 is not measured and takes 64's value.
+NATIVE_CROSSOVER = {16: 0.8, 32: 0.85, 64: 0.75, 128: 0.75}
+# A 1x1 conv is a plain GEMM over channels, which oneDNN runs near its peak, while the kernels still
+# repack x (a transpose for NCHW): 1x1 1024->256 at 14x14, 32x32 blocks, 1.21x at density 0.6, 1.05x
+# at 0.7, about 1.0x at 0.8 (measured as above). The other block sizes take 32's value.
+NATIVE_CROSSOVER_1X1 = {16: 0.65, 32: 0.65, 64: 0.65, 128: 0.65}
 
 
 def gathered(meta, g: ConvGeom, crossover: dict | None = None) -> bool:
@@ -220,7 +226,8 @@ def path(meta, g: ConvGeom, dtype: torch.dtype = torch.float32) -> str:
     """``"dense"``, ``"native"``, ``"plane"`` or ``"gather"``: how this layout, geometry and dtype run
     (module docstring)."""
     nat = native_strides(meta, dtype)
-    if g.n * g.h_out * g.w_out == 0 or not gathered(meta, g, NATIVE_CROSSOVER if nat else DENSE_CROSSOVER):
+    crossover = (NATIVE_CROSSOVER_1X1 if g.kh * g.kw == 1 else NATIVE_CROSSOVER) if nat else DENSE_CROSSOVER
+    if g.n * g.h_out * g.w_out == 0 or not gathered(meta, g, crossover):
         return "dense"
     if nat and native.available():
         return "native"
@@ -253,20 +260,38 @@ def _torch_output(like: torch.Tensor, g: ConvGeom, meta, pass_: str, route: str)
 
 
 def output_view(like: torch.Tensor, g: ConvGeom, meta, pass_: str) -> torch.Tensor:
-    """An empty ``forward`` or ``input_grad`` result with the strides this path returns (for fake tensors)."""
-    if path(meta, g, like.dtype) != "dense" and native_strides(meta, like.dtype):
-        shape = (g.n, g.c_out, g.h_out, g.w_out) if pass_ == "forward" else (g.n, g.c_in, g.h, g.w)
-        return _channels_last(like, shape)
-    return _torch_output(like, g, meta, pass_, path(meta, g, like.dtype))[1]  # never "native" here
+    """An empty ``forward`` or ``input_grad`` result with the strides this path returns (for fake tensors).
+
+    ``like`` gives the dtype and device; for ``input_grad`` it is ``x``, whose memory format ``dx``
+    takes on the block paths and the dense route (as ``nn.Conv2d``'s does): a channels_last ``dx`` for an NCHW leaf
+    would cost autograd a full copy into ``x``'s strides (27 ms of a 117 ms step for 1x1 1024->256 at
+    14x14, batch 32), and the kernels write any strides at the same cost.
+    """
+    route = path(meta, g, like.dtype)
+    dx_shape = (g.n, g.c_in, g.h, g.w)
+    if route != "dense" and native_strides(meta, like.dtype):
+        if pass_ == "forward":
+            return _channels_last(like, (g.n, g.c_out, g.h_out, g.w_out))
+        return torch.empty(dx_shape, dtype=like.dtype, device=like.device, memory_format=dx_format(like))
+    if route == "dense" and pass_ == "input_grad":  # as nn.Conv2d's dx
+        return torch.empty(dx_shape, dtype=like.dtype, device=like.device, memory_format=dx_format(like))
+    return _torch_output(like, g, meta, pass_, route)[1]  # never "native" here
+
+
+def dx_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format of ``dx`` on the block paths: channels_last for a channels_last ``x`` (one
+    that is not also NCHW-contiguous), else NCHW."""
+    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
 
 
 def _channels_last(like: torch.Tensor, shape, dtype=None) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=torch.channels_last)
 
 
-def _promised(t: torch.Tensor, meta) -> torch.Tensor:
+def _promised(t: torch.Tensor, meta, fmt: torch.memory_format = torch.channels_last) -> torch.Tensor:
     """A torch-level block result in the strides :func:`output_view` promises (a copy without the native build)."""
-    return t.contiguous(memory_format=torch.channels_last) if native_strides(meta, t.dtype) else t
+    return t.contiguous(memory_format=fmt) if native_strides(meta, t.dtype) else t
 
 
 def _tap_offset(g: ConvGeom, t: int, wp: int) -> int:
@@ -393,14 +418,14 @@ def backward(dy, x, w_train, w_frozen, meta, g: ConvGeom, n_frozen, input_grad: 
         dx, dw = _native_backward(dy, x, w_train, w_frozen, meta, g, n_frozen, input_grad, weight_grad)
     else:
         dx, dw = _torch_backward(dy, x, w_train, w_frozen, meta, g, n_frozen, input_grad, weight_grad, route)
-        dx = None if dx is None else _promised(dx, meta)
+        dx = None if dx is None else _promised(dx, meta, dx_format(x))
     return dx, None if dw is None else bsmm_cpu.mask_mixed_grad_(dw, meta)
 
 
 def _native_backward(dy, x, w_train, w_frozen, meta, g: ConvGeom, n_frozen, input_grad: bool, weight_grad: bool):
     bm, bk = w_train.shape[1:]
     tidx = meta.train_index.long()
-    dx = _channels_last(x, (g.n, g.c_in, g.h, g.w)) if input_grad else None
+    dx = torch.empty_like(x, memory_format=dx_format(x)) if input_grad else None
     dw = x.new_empty(tidx.numel(), bm, bk, dtype=torch.float32) if weight_grad else None
     if dx is None and dw is None:
         return None, None
@@ -448,11 +473,11 @@ def _dense_backward(dy, x, w_train, w_frozen, meta, g: ConvGeom, n_frozen, input
     if input_grad:
         if tuple(gx.shape) != (g.n, g.c_in, g.h, g.w):  # explicitly padded (or cropped) input
             _, _, hp, wp = xin.shape
-            dx = dy.new_zeros(g.n, g.c_in, g.h, g.w)
+            dx = torch.zeros_like(x, dtype=dy.dtype, memory_format=dx_format(x))
             h1, w1 = max(0, min(g.h, hp - g.pad_h)), max(0, min(g.w, wp - g.pad_w))
             dx[:, :, :h1, :w1] = gx[:, :, g.pad_h : g.pad_h + h1, g.pad_w : g.pad_w + w1]
         else:
-            dx = gx.contiguous()
+            dx = gx.contiguous(memory_format=dx_format(x))
     if weight_grad:
         tidx = meta.train_index.long()
         rb, cb = meta.row_offsets.numel() - 1, meta.col_offsets.numel() - 1

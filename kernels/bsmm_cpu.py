@@ -50,10 +50,11 @@ from .store import effective_blocks
 DENSE_CROSSOVER = {16: 0.05, 32: 0.15, 64: 0.3, 128: 0.3}
 
 # The same crossover for the native kernels (fp32, used for bf16 too), from the full SparseLinear
-# step's CPU time on one thread against nn.Linear (2-core AVX2 EPYC, 4096x4096, 2048 tokens, the
-# AVX2-sized tiles): 64x64 blocks 5.14x at density 0.1, 1.19x at 0.5, 0.90x at 0.7; 32x32 1.47x at
-# 0.4, 1.31x at 0.5, 1.11x at 0.6; 128x128 1.48x at 0.5, 1.22x at 0.6; 16x16 1.30x at 0.5, 0.96x at 0.6.
-NATIVE_CROSSOVER = {16: 0.55, 32: 0.65, 64: 0.6, 128: 0.7}
+# step's CPU time on one thread against nn.Linear's, timed in turn (2-core AVX2 EPYC, 4096x4096, 2048
+# tokens, slab-packed blocks and huge-page outputs): 64x64 blocks 1.28x at density 0.7, 1.11x at
+# 0.8, 1.06x at 0.85, 0.98x at 0.9; 32x32 1.22x at 0.7, 1.08x at 0.8; 16x16 1.30x at 0.6, 1.13x at
+# 0.7; 128x128 1.25x at 0.7, 1.06x at 0.8, 0.96x at 0.9.
+NATIVE_CROSSOVER = {16: 0.7, 32: 0.8, 64: 0.85, 128: 0.8}
 
 
 # The element-sparse route (``csr_cpu``, the native CSR kernels) for layouts of mostly mixed blocks

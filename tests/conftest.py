@@ -81,6 +81,7 @@ def _pin_cpu_dense_crossover(monkeypatch):
     monkeypatch.setattr(bsmm_cpu, "CSR_CROSSOVER", -1.0)
     monkeypatch.setattr(bsconv_cpu, "DENSE_CROSSOVER", dict.fromkeys((16, 32, 64, 128), 0.8))
     monkeypatch.setattr(bsconv_cpu, "NATIVE_CROSSOVER", dict.fromkeys((16, 32, 64, 128), 0.8))
+    monkeypatch.setattr(bsconv_cpu, "NATIVE_CROSSOVER_1X1", dict.fromkeys((16, 32, 64, 128), 0.8))
 
 
 # ------------------------------------------------ backend routing, launch counts

@@ -33,7 +33,7 @@ DT_NAME = {F32: "fp32", F16: "fp16", BF16: "bf16"}
 @pytest.fixture(autouse=True, params=["native", "torch"])
 def conv_impl(request, monkeypatch):
     """``native`` or ``torch``: which CPU implementation fp32/bf16 blocks run (module docstring)."""
-    for name in ("DENSE_CROSSOVER", "NATIVE_CROSSOVER"):
+    for name in ("DENSE_CROSSOVER", "NATIVE_CROSSOVER", "NATIVE_CROSSOVER_1X1"):
         monkeypatch.setattr(bsconv_cpu, name, dict.fromkeys((16, 32, 64, 128), 1.3))
     if "backend" in request.fixturenames and request.getfixturevalue("backend") == "triton":
         if request.param == "torch":

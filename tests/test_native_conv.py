@@ -187,25 +187,49 @@ def test_bad_operands_are_errors_that_name_them():
         )  # fmt: skip
 
 
+@pytest.mark.parametrize("fmt", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [F32, BF16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_promised_strides_hold_with_and_without_the_native_build(monkeypatch, dtype, stride):
+def test_promised_strides_hold_with_and_without_the_native_build(monkeypatch, dtype, stride, fmt):
     """``output_view`` (what ``torch.compile`` is told) matches what ``forward``/``backward`` return,
-    on the native kernels and on the torch-level paths a machine without a compiler runs."""
-    monkeypatch.setattr(bsconv_cpu, "NATIVE_CROSSOVER", dict.fromkeys((16, 32, 64, 128), 1.3))
-    monkeypatch.setattr(bsconv_cpu, "DENSE_CROSSOVER", dict.fromkeys((16, 32, 64, 128), 1.3))
+    on the native kernels and on the torch-level paths a machine without a compiler runs; on the
+    block paths ``dx`` has ``x``'s memory format (autograd would otherwise copy it into ``x``'s)."""
+    for name in ("DENSE_CROSSOVER", "NATIVE_CROSSOVER", "NATIVE_CROSSOVER_1X1"):
+        monkeypatch.setattr(bsconv_cpu, name, dict.fromkeys((16, 32, 64, 128), 1.3))
+    torch.manual_seed(1)  # a partial layout (a full one runs dense whatever the crossover)
     c = _case((2, 20, 33, 9, 3, 16, 0.5, stride, 1, 1), dtype)
+    assert 0 < c.lay.nnz_blocks < c.lay.grid[0] * c.lay.grid[1]
+    if fmt == "channels_last":
+        c.x = c.x.contiguous(memory_format=torch.channels_last)
     w_train, w_frozen = c.lay.split_values(convview.to_matrix(c.w, 16))
     w_train, w_frozen = w_train.to(dtype), w_frozen.to(dtype)
+    dx_ref = reference_conv_grads(c.x, c.w, c.mask4, c.frozen4, c.dy, None, **c.conv)[0]
     seen = []
     for enabled in ("1", "0"):
         monkeypatch.setenv("SPARSEKERN_NATIVE", enabled)
         y = bsconv_cpu.forward(c.x, w_train, w_frozen, None, c.meta, c.g, c.lay.n_frozen)
         dx, _ = bsconv_cpu.backward(c.dy, c.x, w_train, w_frozen, c.meta, c.g, c.lay.n_frozen, True, True)
         assert y.stride() == bsconv_cpu.output_view(c.x, c.g, c.meta, "forward").stride()
-        assert dx.stride() == bsconv_cpu.output_view(c.dy, c.g, c.meta, "input_grad").stride()
+        assert dx.stride() == bsconv_cpu.output_view(c.x, c.g, c.meta, "input_grad").stride()
+        if dtype != torch.float16:
+            assert dx.stride() == c.x.stride()
+            assert_close(dx, dx_ref, dtype, 33 * 9, "dx")
         seen.append(bsconv_cpu.path(c.meta, c.g, dtype))
     if dtype == torch.float16:
         assert seen[0] == seen[1] != "native"  # fp16 never takes the native kernels
     else:
         assert seen[0] == "native" and seen[1] in ("plane", "gather")
+
+
+def test_one_by_one_convs_have_their_own_crossover(monkeypatch):
+    """A 1x1 conv leaves the native kernels for dense at a lower density than a 3x3 one (oneDNN runs
+    1x1 convs as plain GEMMs near peak): the same block density routes differently by kernel size."""
+    monkeypatch.setattr(bsconv_cpu, "NATIVE_CROSSOVER", dict.fromkeys((16, 32, 64, 128), 0.8))
+    monkeypatch.setattr(bsconv_cpu, "NATIVE_CROSSOVER_1X1", dict.fromkeys((16, 32, 64, 128), 0.6))
+    routes = {}
+    for k in (1, 3):
+        torch.manual_seed(0)
+        c = _case((2, 128, 128, 4, k, 16, 0.7, 1, k // 2, 1))
+        assert 0.6 < c.lay.nnz_blocks / (c.lay.grid[0] * c.lay.grid[1]) < 0.8
+        routes[k] = bsconv_cpu.path(c.meta, c.g, F32)
+    assert routes == {1: "dense", 3: "native"}

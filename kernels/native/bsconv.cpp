@@ -113,49 +113,6 @@ int64_t* block_offsets(const Geom& g, const int32_t* cols, int64_t nb, int64_t L
     return o;
 }
 
-// One MR-token by VL*NV-channel forward tile, summed in registers over the block row's blocks [s, e).
-// rows[i] = base(t + i) * L: token i's row in every panel. Bslab: the slab's panel of block 0 in
-// pack_slabs' slab-major blocks (panel rows VL*NV floats, blocks L*W floats apart).
-template <int NV, int MR, typename OT>
-inline void fwd_tile(const float* Xp, const int64_t* rows, int64_t L, const float* Bslab, int64_t W,
-                     const int64_t* boff, int32_t s, int32_t e, const float* bias, OT* out, int64_t ldo,
-                     int64_t col0, int64_t out_cols) {
-    vf acc[MR][NV];
-    init_bias(acc, bias, col0, out_cols);
-    accumulate(
-        acc, s, e, L, NV * VL, 0, [&](int32_t p) { return Xp + boff[p]; }, [&](int i) { return rows[i]; },
-        [&](int32_t p) { return Bslab + (int64_t)p * L * W; });
-    store_tile(acc, out, ldo, col0, out_cols);
-}
-
-// Work items are (token tile, block row) pairs, token-tile major, as in bsmm.cpp's group_mm: a tile's
-// packed rows stay in L2 while the block rows' weights stream past.
-template <int NV, int MR, int TM, typename OT>
-void conv_fwd(const float* Xp, const int64_t* trow, int64_t M, int64_t L, const float* B, int64_t W,
-              const int32_t* offsets, int64_t G, const int64_t* boff, const float* bias, OT* out, int64_t ldo,
-              int64_t out_cols, int nthreads) {
-    const int64_t tiles = (M + TM - 1) / TM, slabs = W / (VL * NV);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-    for (int64_t it = 0; it < tiles * G; ++it) {
-        const int64_t t0 = (it / G) * TM, t1 = std::min(M, t0 + TM), g = it % G;
-        int64_t rows[TM];
-        for (int64_t t = t0; t < t1; ++t) rows[t - t0] = trow[t] * L;
-        for (int64_t slab = 0; slab < slabs; ++slab) {
-            const int64_t col0 = g * W + slab * NV * VL;
-            if (col0 >= out_cols) break;
-            const float* Bslab = B + slab * L * NV * VL;
-            int64_t t = t0;
-            for (; t + MR <= t1; t += MR)
-                fwd_tile<NV, MR, OT>(Xp, rows + (t - t0), L, Bslab, W, boff, offsets[g], offsets[g + 1], bias,
-                                     out + t * ldo, ldo, col0, out_cols);
-            with_rows<MR - 1>(t1 - t, [&](auto n) {
-                fwd_tile<NV, decltype(n)::value, OT>(Xp, rows + (t - t0), L, Bslab, W, boff, offsets[g],
-                                                     offsets[g + 1], bias, out + t * ldo, ldo, col0, out_cols);
-            });
-        }
-    }
-}
-
 // One MR-token by VL*NV-channel input-gradient tile of one matrix column (one tap of one channel block),
 // summed in registers over the column's blocks, then added into the rows of dxp the tap read. Bslab as
 // in fwd_tile; woff is the slab's first channel.
@@ -208,10 +165,30 @@ void conv_dgrad(const Geom& g, const float* Dp, const int64_t* trow, int64_t L, 
 }
 
 // dx[n, c, h, w] = dxp[c / L][n][h + ph][w + pw][c % L], into dx's element strides s (rounded once).
+// Unit channel stride (channels_last): a position's channels are one copy per block. Otherwise (NCHW):
+// one work item per (image, channel block) walks each channel's rows, so the writes run along w and
+// the item's plane of dxp (Hp*Wp*L floats, 25 KiB at 14x14 with L = 32) stays in L1 while its L
+// channels read it.
 template <typename T>
 void unpack_dx(const Geom& g, const float* dxp, int64_t Hp, int64_t Wp, int64_t L, T* dx, const int64_t* s,
                int nthreads) {
     const int64_t cb = (g.c_in + L - 1) / L;
+    if (s[1] != 1) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+        for (int64_t it = 0; it < g.n * cb; ++it) {
+            const int64_t n = it / cb, c = it % cb, width = std::min(L, g.c_in - c * L);
+            const float* plane = dxp + (c * g.n + n) * Hp * Wp * L;
+            for (int64_t q = 0; q < width; ++q) {
+                T* o = dx + n * s[0] + (c * L + q) * s[1];
+                for (int64_t h = 0; h < g.h; ++h) {
+                    const float* p = plane + ((h + g.ph) * Wp + g.pw) * L + q;
+                    T* oh = o + h * s[2];
+                    for (int64_t w = 0; w < g.w; ++w) narrow(p[w * L], oh + w * s[3]);
+                }
+            }
+        }
+        return;
+    }
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t it = 0; it < g.n * g.h; ++it) {
         const int64_t n = it / g.h, h = it % g.h;
@@ -220,10 +197,10 @@ void unpack_dx(const Geom& g, const float* dxp, int64_t Hp, int64_t Wp, int64_t 
             for (int64_t c = 0; c < cb; ++c) {
                 const float* p = dxp + (((c * g.n + n) * Hp + h + g.ph) * Wp + w + g.pw) * L;
                 const int64_t width = std::min(L, g.c_in - c * L);
-                if (std::is_same_v<T, float> && s[1] == 1)
+                if (std::is_same_v<T, float>)
                     std::memcpy(o + c * L, p, sizeof(float) * width);
                 else
-                    for (int64_t q = 0; q < width; ++q) narrow(p[q], o + (c * L + q) * s[1]);
+                    for (int64_t q = 0; q < width; ++q) narrow(p[q], o + c * L + q);
             }
         }
     }
@@ -285,12 +262,14 @@ int sk_conv_fwd(const void* x, const int64_t* xs, const int64_t* geom, const flo
     const int rc = !Bs ? 2 : by_width(bm, [&](auto nv, auto mr) {
         constexpr int NV = decltype(nv)::value, MR = decltype(mr)::value;
         pack_slabs(B, nnzb, bk, bm, NV * VL, true, Bs, nthreads);
+        const auto a_block = [&](int32_t p) { return Xp + boff[p]; };
+        const auto row_of = [&](int64_t t) { return trow[t] * bk; };
         if (is_bf16)
-            conv_fwd<NV, MR, 96>(Xp, trow, M, bk, Bs, bm, offsets, rb, boff, bias, static_cast<bf16*>(y), ldy,
-                                 g.c_out, nthreads);
+            group_mm<NV, MR, 96>(a_block, row_of, M, bk, Bs, bm, offsets, rb, nullptr, bias, static_cast<bf16*>(y),
+                                 ldy, g.c_out, nthreads);
         else
-            conv_fwd<NV, MR, 96>(Xp, trow, M, bk, Bs, bm, offsets, rb, boff, bias, static_cast<float*>(y), ldy,
-                                 g.c_out, nthreads);
+            group_mm<NV, MR, 96>(a_block, row_of, M, bk, Bs, bm, offsets, rb, nullptr, bias, static_cast<float*>(y),
+                                 ldy, g.c_out, nthreads);
     });
     std::free(used);
     std::free(trow);

@@ -20,85 +20,6 @@
 namespace {
 using namespace sk;
 
-// One MR-token by VL*NV-column output tile of a group (a block row in the forward pass, a block
-// column in the input gradient), accumulated in registers over the group's blocks [s, e):
-//   out[t, col0 + w] = start + sum_{p in [s, e)} sum_l P[idx[p]][t][l] * B[sel[p]][l][woff + w]
-// Bslab is the slab's panel of block 0 in the slab-major blocks of pack_slabs (a block's panel rows
-// are VL*NV floats, its panels L*W floats apart). start is the bias, or (acc_in) the previous chunk's fp32 partial sums; the sums go to out, or
-// (acc_out) back to fp32 partial sums. acc_in/acc_out rows are W floats apart, at column woff.
-template <int NV, int MR, typename OT>
-inline void group_tile(const float* P, int64_t M, int64_t L, const float* Bslab, int64_t W, int64_t woff,
-                       const int32_t* idx, const int32_t* sel, int32_t s, int32_t e, const float* bias,
-                       const float* acc_in, float* acc_out, OT* out, int64_t ldo, int64_t col0, int64_t out_cols) {
-    vf acc[MR][NV];
-    if (acc_in) {
-        for (int i = 0; i < MR; ++i)
-            for (int v = 0; v < NV; ++v) acc[i][v] = ld(acc_in + i * W + woff + VL * v);
-    } else {
-        init_bias(acc, bias, col0, out_cols);
-    }
-    accumulate(
-        acc, s, e, L, NV * VL, 0, [&](int32_t p) { return P + (int64_t)idx[p] * M * L; },
-        [&](int i) { return i * L; }, [&](int32_t p) { return Bslab + (int64_t)(sel ? sel[p] : p) * L * W; });
-    if (acc_out) {
-        for (int i = 0; i < MR; ++i)
-            for (int v = 0; v < NV; ++v) st(acc_out + i * W + woff + VL * v, acc[i][v]);
-        return;
-    }
-    store_tile(acc, out, ldo, col0, out_cols);
-}
-
-// Blocks per chunk of a group: a token tile's packed rows for the chunk (TM*KC*L floats) and the
-// chunk's weights (KC*L*W) should stay near the core while every column slab and row tile passes over
-// them. Unchunked, a 64x64 block row at density 0.5 (32 blocks: 768 KiB of rows for 96 tokens, 512
-// KiB of weights, L2 is 512 KiB a core) streamed from L3 once per slab: 51 GFLOP/s on one core of a
-// 2-core AVX2 EPYC against MKL's 87. Budgets of 64, 96, 160 and 384 KiB (1, 2, 4 and 10 blocks)
-// measured 67, 68, 63 and 64. A chunk costs one fp32 round trip of the tile's partial sums.
-inline int64_t chunk_blocks(int64_t TM, int64_t L, int64_t W) {
-    const int64_t budget = 24 * 1024;  // floats: 96 KiB
-    return std::max<int64_t>(1, budget / (TM * L + L * W));
-}
-
-// Work items are (token tile, group) pairs, token-tile major: a tile's packed activations stay in L2
-// while the groups' weights stream through it. TM balances that reuse against the weights' traffic:
-// for 64-wide groups (4096x4096 fp32, 2048 tokens, density 0.1 and 0.5) TM = 96 measured 7-13%
-// faster than 48, 24 slower still, and 144 the same as 96.
-template <int NV, int MR, int TM, typename OT>
-void group_mm(const float* P, int64_t M, const float* B, const int32_t* offsets, int64_t G, const int32_t* idx,
-              const int32_t* sel, int64_t L, int64_t W, const float* bias, OT* out, int64_t ldo,
-              int64_t out_cols, int nthreads) {
-    const int64_t tiles = (M + TM - 1) / TM;
-    const int64_t slabs = W / (VL * NV), kc = chunk_blocks(TM, L, W);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-    for (int64_t it = 0; it < tiles * G; ++it) {
-        const int64_t t0 = (it / G) * TM, t1 = std::min(M, t0 + TM), g = it % G;
-        const int32_t s = offsets[g], e = offsets[g + 1];
-        float* part = e - s > kc ? ws_tile.get((size_t)TM * W) : nullptr;  // partial sums across chunks
-        for (int32_t c0 = s; c0 < e || c0 == s; c0 += kc) {
-            const int32_t c1 = std::min<int32_t>(e, c0 + kc);
-            const float* in = c0 > s ? part : nullptr;
-            float* keep = c1 < e ? part : nullptr;
-            for (int64_t slab = 0; slab < slabs; ++slab) {
-                const int64_t col0 = g * W + slab * NV * VL;
-                if (col0 >= out_cols) break;
-                const int64_t woff = slab * NV * VL;
-                const float* Bslab = B + slab * L * NV * VL;
-                int64_t t = t0;
-                for (; t + MR <= t1; t += MR)
-                    group_tile<NV, MR, OT>(P + t * L, M, L, Bslab, W, woff, idx, sel, c0, c1, bias,
-                                           in ? in + (t - t0) * W : nullptr, keep ? keep + (t - t0) * W : nullptr,
-                                           out + t * ldo, ldo, col0, out_cols);
-                with_rows<MR - 1>(t1 - t, [&](auto rows) {
-                    group_tile<NV, decltype(rows)::value, OT>(
-                        P + t * L, M, L, Bslab, W, woff, idx, sel, c0, c1, bias, in ? in + (t - t0) * W : nullptr,
-                        keep ? keep + (t - t0) * W : nullptr, out + t * ldo, ldo, col0, out_cols);
-                });
-            }
-            if (c1 >= e) break;
-        }
-    }
-}
-
 // One work item per (trainable block, column slab). Tokens run in chunks of TC so that a chunk of
 // both packed panels stays in L1 while every row tile of the block passes over it: with 64x64 blocks
 // a token's rows are 4 cache lines, and TC = 256 (128 KiB of both) streamed them from L2 at 41
@@ -161,8 +82,9 @@ int sk_group_mm(const void* A, int64_t lda, int64_t M, int64_t a_cols, const flo
     auto run = [&](auto* o) {
         return by_width(W, [&](auto nv, auto mr) {
             pack_slabs(B, nb, L, W, decltype(nv)::value * VL, b_transposed, Bs, nthreads);
-            group_mm<decltype(nv)::value, decltype(mr)::value, 96>(P, M, Bs, offsets, G, idx, sel, L, W, bias, o, ldo,
-                                                                   out_cols, nthreads);
+            group_mm<decltype(nv)::value, decltype(mr)::value, 96>(
+                [&](int32_t p) { return P + (int64_t)idx[p] * M * L; }, [L](int64_t t) { return t * L; }, M, L, Bs,
+                W, offsets, G, sel, bias, o, ldo, out_cols, nthreads);
         });
     };
     return is_bf16 ? run(static_cast<bf16*>(out)) : run(static_cast<float*>(out));

@@ -1,6 +1,7 @@
 """Where a CPU training step's time goes: each native kernel pass, the whole step, and dense beside them.
 
-``python -m sparsekern.bench.cpu_passes [--layer linear|conv] [--density D] [--block B] [--threads T]``
+``python -m sparsekern.bench.cpu_passes [--layer linear|conv] [--density D] [--block B] [--threads T]
+[--case NAME]``
 
 Times CPU time (``time.process_time``, all threads), not wall time: on a shared 2-core machine the
 other core's load moves wall times by 10-30% between minutes, while the CPU time a computation
@@ -18,8 +19,8 @@ Rows, best of ``--repeats`` after one warm-up:
   ``nn`` layer's, so ``step - sum of passes`` is what the Python layer, bias, effective-weight
   gather and fresh outputs cost.
 
-Layers: linear 4096x4096 with 2048 tokens, conv 3x3 256->256 at 14x14 with batch 32 (the CPU
-engine's target cases).
+Layers: linear 4096x4096 with 2048 tokens; conv at batch 32, by default 3x3 256->256 at 14x14 (the
+CPU engine's target cases), or any layer of the conv suite with ``--case`` (``"1x1 1024->256 @14"``).
 """
 
 from __future__ import annotations
@@ -87,30 +88,34 @@ def _linear(density: float, block: int, repeats: int):
     return passes, step_fn(layer, x, dy), step_fn(base, x, dy), 3 * 2 * m * n * n
 
 
-def _conv(density: float, block: int, repeats: int):
+def _conv(density: float, block: int, repeats: int, case: str = "3x3 256->256 @14"):
     from sparsekern import convview
-    from sparsekern.bench.conv import block_mask
+    from sparsekern.bench.conv import RESNET50, block_mask
     from sparsekern.kernels import native
     from sparsekern.kernels.meta import Meta
     from sparsekern.nn import SparseConv2d
 
-    base = nn.Conv2d(256, 256, 3, 1, 1)
-    x, dy = torch.randn(32, 256, 14, 14, requires_grad=True), torch.randn(32, 256, 14, 14)
-    layer = SparseConv2d.from_dense(base, mask=block_mask((256, 256, 3, 3), block, density, torch.Generator()),
+    c = {c.name: c for c in RESNET50}[case]
+    base = nn.Conv2d(c.c_in, c.c_out, c.kernel, c.stride, c.padding)
+    x = torch.randn(32, c.c_in, c.size, c.size, requires_grad=True)
+    dy = torch.randn_like(base(x)).detach()
+    layer = SparseConv2d.from_dense(base, mask=block_mask(tuple(base.weight.shape), block, density, torch.Generator()),
                                     block_size=block)  # fmt: skip
     lay = layer.layout
     g = Meta(*lay.meta())
-    geom = list(convview.conv_geometry(x.shape, base.weight.shape, 1, 1, 1, block))
+    geom = list(convview.conv_geometry(x.shape, base.weight.shape, c.stride, c.padding, 1, block))
     vals = torch.randn(lay.nnz_blocks, block, block)  # values do not change the time
     tidx = g.train_index.long()
     t_rows, t_cols = g.row_indices[tidx].contiguous(), g.col_indices[tidx].contiguous()
     xd = x.detach()
-    y = torch.empty(32, 256, 14, 14).contiguous(memory_format=torch.channels_last)
-    dx = torch.empty_like(y)
+    y = torch.empty_like(dy, memory_format=torch.channels_last)
+    dx = torch.empty_like(xd, memory_format=torch.channels_last)
     dw = torch.empty(tidx.numel(), block, block)
-    flops = 2 * 32 * 14 * 14 * block * block * lay.nnz_blocks
-    dense_flops = 2 * 32 * 14 * 14 * 256 * 256 * 9
+    tokens = dy.shape[0] * dy.shape[2] * dy.shape[3]
+    flops = 2 * tokens * block * block * lay.nnz_blocks
+    dense_flops = 2 * tokens * base.weight.numel()
     w = base.weight.detach()
+    st, pad = [c.stride] * 2, [c.padding] * 2
 
     def bwd(want_dx, want_dw):
         native.conv_backward(
@@ -119,13 +124,13 @@ def _conv(density: float, block: int, repeats: int):
         )  # fmt: skip
 
     def dense_bwd(mask):
-        torch.ops.aten.convolution_backward(dy, xd, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
+        torch.ops.aten.convolution_backward(dy, xd, w, None, st, pad, [1, 1], False, [0, 0], 1, mask)
 
     passes = {
         "forward": (lambda: native.conv_forward(xd, geom, vals, g.row_offsets, g.col_indices, None, y), flops),
         "input grad": (lambda: bwd(True, False), flops),
         "weight grad": (lambda: bwd(False, True), flops),
-        "dense forward": (lambda: F.conv2d(xd, w, None, 1, 1), dense_flops),
+        "dense forward": (lambda: F.conv2d(xd, w, None, c.stride, c.padding), dense_flops),
         "dense input grad": (lambda: dense_bwd([True, False, False]), dense_flops),
         "dense weight grad": (lambda: dense_bwd([False, True, False]), dense_flops),
     }
@@ -139,13 +144,17 @@ def main(argv=None) -> int:
     ap.add_argument("--block", type=int, default=None, help="block side (default: 64 linear, 32 conv)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--case", default="3x3 256->256 @14", help="conv layer: a case name of the conv suite")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     block = args.block or (64 if args.layer == "linear" else 32)
-    build = _linear if args.layer == "linear" else _conv
-    passes, sparse_step, dense_step, step_flops = build(args.density, block, args.repeats)
-    print(f"{args.layer}, block {block}, density {args.density}, {args.threads} thread(s), CPU ms (best of "
+    if args.layer == "linear":
+        passes, sparse_step, dense_step, step_flops = _linear(args.density, block, args.repeats)
+    else:
+        passes, sparse_step, dense_step, step_flops = _conv(args.density, block, args.repeats, args.case)
+    what = args.layer if args.layer == "linear" else f"conv {args.case}"
+    print(f"{what}, block {block}, density {args.density}, {args.threads} thread(s), CPU ms (best of "
           f"{args.repeats}):")  # fmt: skip
     total = 0.0
     for name, (fn, flops) in passes.items():

@@ -22,10 +22,12 @@ through its strides, with less coalesced loads). CPU tensors use
 
 Output memory formats, which the fake implementations report for
 ``torch.compile``: on CUDA, channels_last. On the CPU, what the CPU path
-returns (``bsconv_cpu.output_view``: channels_last on its block paths for fp32
-and bf16, views of channel-major buffers for fp16, contiguous NCHW on its dense
-fallback; a function of layout, geometry and dtype only); the interpreter writes
-into the same formats, so a graph compiled in one mode stays valid in the other.
+returns (``bsconv_cpu.output_view``: on its block paths for fp32 and bf16, a
+channels_last ``y`` and a ``dx`` in ``x``'s memory format; views of
+channel-major buffers for fp16, contiguous NCHW on its dense fallback; a
+function of layout, geometry, dtype and ``x``'s strides only); the interpreter
+writes into the same formats, so a graph compiled in one mode stays valid in
+the other.
 """
 
 # No ``from __future__ import annotations``: torch.library infers the op schemas from annotations.
@@ -43,7 +45,9 @@ __all__ = ["sparse_conv2d"]
 
 
 def _new_output(like: torch.Tensor, g: ConvGeom, meta: list[torch.Tensor], pass_: str) -> torch.Tensor:
-    """An empty result with the strides the op promises on this device (see the module docstring)."""
+    """An empty result with the strides the op promises on this device (see the module docstring).
+
+    ``like`` is ``x`` for the input gradient: the CPU path's ``dx`` takes ``x``'s memory format."""
     if like.device.type == "cpu":
         return bsconv_cpu.output_view(like, g, Meta(*meta), pass_)
     shape = (g.n, g.c_out, g.h_out, g.w_out) if pass_ == "forward" else (g.n, g.c_in, g.h, g.w)
@@ -99,7 +103,7 @@ def _conv2d_backward(
     if kernels.use_triton(x.device):
         dx = dw = None
         if input_grad:
-            out = _new_output(dy, g, meta, "input_grad")
+            out = _new_output(x, g, meta, "input_grad")
             dx = kernels.bsconv.bsconv_input_grad(dy, w_train, w_frozen, m, g, n_frozen, out=out)
         if weight_grad:
             dw = kernels.bsconv.bsconv_weight_grad(dy, x, m, g, (bm, bk))
@@ -114,7 +118,7 @@ def _conv2d_backward(
 @_conv2d_backward.register_fake
 def _(dy, x, w_train, w_frozen, meta, geom, n_frozen, input_grad, weight_grad):
     bm, bk = w_train.shape[1:]
-    dx = _new_output(dy, ConvGeom(*geom), meta, "input_grad") if input_grad else x.new_empty(0)
+    dx = _new_output(x, ConvGeom(*geom), meta, "input_grad") if input_grad else x.new_empty(0)
     return dx, x.new_empty(Meta(*meta).train_index.shape[0] if weight_grad else 0, bm, bk)
 
 
