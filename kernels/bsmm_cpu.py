@@ -72,7 +72,9 @@ CSR_CROSSOVER = 0.32
 # block kernels (`python bench/unstructured_cpu.py --amounts --fills 0.2 0.35 0.5 0.7 --blocks 0.1
 # --reps 3`, load 0.4 before, 2.4 after): at block density 0.1, CSR vs the block kernels is 7.48x vs
 # 5.50x nn.Linear at fill 0.2, 6.10x vs 5.48x at 0.35, 4.59x vs 5.12x at 0.5, 4.09x vs 4.96x at 0.7:
-# break-even near 0.42. (At block density 0.3 CSR ran 3.71x at fill 0.2 and 2.13x at 0.5, measured
+# break-even near 0.42. Re-measured against the slab-packed block kernels (`--amounts --fills 0.2 0.35
+# 0.5 --blocks 0.1 --reps 3`, 2 threads, load 0.8 before, 1.4 after): CSR 10.33x vs 7.09x at fill 0.2,
+# 7.96x vs 7.10x at 0.35, 6.69x vs 6.95x at 0.5, so 0.4 still holds. (At block density 0.3 CSR ran 3.71x at fill 0.2 and 2.13x at 0.5, measured
 # while the block kernels were still slow; they are not re-measured there.)
 CSR_FILL = 0.4
 
