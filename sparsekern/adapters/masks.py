@@ -24,7 +24,14 @@ import os
 import torch
 from torch import nn
 
-from sparsekern.adapters._core import ConversionReport, MaskedLayer, check_options, convert_targets, replacement_class
+from sparsekern.adapters._core import (
+    ConversionReport,
+    MaskedLayer,
+    check_options,
+    check_untied,
+    convert_targets,
+    replacement_class,
+)
 from sparsekern.methods.select import check_fraction
 from sparsekern.nn.foreign_masks import dense_weight_and_mask
 
@@ -172,15 +179,29 @@ def from_checkpoint(
         unsupported = sorted(n for n in modules if n in named and replacement_class(named[n]) is None)
         if unknown or unsupported:
             raise ValueError(f"modules: unknown {unknown}, not a supported layer type {unsupported}")
+
+    def chosen(name: str, mod: nn.Module, weight) -> bool:
+        if replacement_class(mod) is None or (modules is not None and name not in modules):
+            return False
+        if modules is not None:
+            return True
+        mask = weight != 0
+        return not (mask.all() or 1.0 - float(mask.float().mean()) < min_sparsity)
+
+    # Tied layers are refused before the checkpoint is loaded, so that the model is unchanged then too; the
+    # checkpoint's tensor of the weight says whether the layer would be converted. (convert_targets checks
+    # again, after loading, for a layer whose weight has another key: a parametrized one.)
+    saved = {n: sd.get(f"{n}.weight" if n else "weight") for n in named}
+    check_untied(
+        model, [(n, m) for n, m in named.items() if isinstance(saved[n], torch.Tensor) and chosen(n, m, saved[n])]
+    )
     model.load_state_dict(sd)
     targets = []
     for name, mod in named.items():
-        if replacement_class(mod) is None or (modules is not None and name not in modules):
+        weight = mod.weight.detach() if replacement_class(mod) is not None else None
+        if weight is None or not chosen(name, mod, weight):
             continue
-        weight = mod.weight.detach()
         mask = weight != 0
-        if modules is None and (mask.all() or 1.0 - float(mask.float().mean()) < min_sparsity):
-            continue
         bias = None if mod.bias is None else mod.bias.detach()
         targets.append(MaskedLayer(name, mod, weight, mask, bias, requires_grad=mod.weight.requires_grad))
     return convert_targets(model, targets, granularity, block_size, reduce)
