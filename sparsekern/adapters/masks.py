@@ -33,7 +33,7 @@ from sparsekern.adapters._core import (
     replacement_class,
 )
 from sparsekern.methods.select import check_fraction
-from sparsekern.nn.foreign_masks import dense_weight_and_mask
+from sparsekern.nn.foreign_masks import dense_weight_and_mask, nonzero_mask
 
 __all__ = ["from_checkpoint", "from_mask_dict"]
 
@@ -46,14 +46,6 @@ def _load(obj):
 
 def _shape(t) -> torch.Size | None:
     return t.shape if isinstance(t, torch.Tensor) else None
-
-
-def _mask_tensor(mask, shape, where: str) -> torch.Tensor:
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask for {where} must be a tensor, got {type(mask).__name__}")
-    if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"mask for {where} has shape {tuple(mask.shape)}, the tensor has shape {tuple(shape)}")
-    return mask.detach() != 0
 
 
 def _normalise(model: nn.Module, masks) -> dict[str, dict[str, torch.Tensor]]:
@@ -111,14 +103,14 @@ def from_mask_dict(
         if other or "weight" not in entry:
             raise ValueError(f"masks for {name!r} must hold a 'weight' mask and optionally 'bias', got {sorted(entry)}")
         weight, own = dense_weight_and_mask(mod, "weight")
-        mask = _mask_tensor(entry["weight"], weight.shape, f"{name}.weight").to(weight.device)
+        mask = nonzero_mask(entry["weight"], weight.shape, f"mask for {name}.weight", "the weight").to(weight.device)
         if own is not None:
             mask = mask & own
         bias = None
         if getattr(mod, "bias", None) is not None:
             bias = dense_weight_and_mask(mod, "bias")[0]
             if "bias" in entry:
-                keep = _mask_tensor(entry["bias"], bias.shape, f"{name}.bias").to(bias.device)
+                keep = nonzero_mask(entry["bias"], bias.shape, f"mask for {name}.bias", "the bias").to(bias.device)
                 bias = torch.where(keep, bias, 0)
         targets.append(MaskedLayer(name, mod, torch.where(mask, weight, 0), mask, bias))
     return convert_targets(model, targets, granularity, block_size, reduce)
