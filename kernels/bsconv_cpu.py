@@ -1,5 +1,11 @@
 """CPU path for the block-sparse convolution: GEMMs over the computed blocks, no im2col.
 
+Why one file of this size: one operation family's CPU path (STYLE.md 2 splits past about 600 lines):
+the route choice (:func:`path` and its crossovers), the output strides ``functional.conv`` promises
+(:func:`output_view`) and the three passes of every route, which must all agree on one padded input
+``xp`` and one output layout. The native kernels are ``native/bsconv.cpp``; the workspace, the
+gathered GEMMs and the block values are shared with the linear path (``workspace.py``, ``bsmm_cpu.py``).
+
 Import path: ``sparsekern.kernels.bsconv_cpu`` (this folder, ``kernels/``, installs as ``sparsekern.kernels``).
 
 Same operands and results as the Triton launchers in ``bsconv.py``: ``x``
@@ -55,8 +61,8 @@ import torch
 import torch.nn.functional as F
 
 from . import bsmm_cpu, native
-from .bsmm_cpu import workspace
 from .meta import ConvGeom
+from .workspace import workspace
 
 
 def _padding(g: ConvGeom) -> tuple[int, int, int, int]:

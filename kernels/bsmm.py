@@ -68,6 +68,7 @@ from . import configs as cfgs
 from .launch import (
     INTERPRET,
     check,
+    check_bias,
     check_dtype,
     check_values,
     descriptor,
@@ -76,7 +77,7 @@ from .launch import (
     weight_operand,
 )
 from .meta import Meta
-from .splits import split_output, split_plan, split_rows, sum_splits, wgrad_splits
+from .splits import launch_split, split_rows, wgrad_splits
 from .store import store_matrix, value_store
 from .tiles import (
     _add_bias,
@@ -407,10 +408,7 @@ def bsmm_forward(
     bm, bk = check_values(w_train, w_frozen, x.dtype, x.device)
     check("x", x, 2, x.dtype, x.device)
     m, k = x.shape
-    if bias is not None:
-        check("bias", bias, 1, x.dtype, x.device)
-        if bias.shape[0] != n_out:
-            raise ValueError(f"bias has {bias.shape[0]} elements, expected {n_out}")
+    check_bias(bias, n_out, x.dtype, x.device)
     y = out if out is not None else x.new_empty(m, n_out)
     rb = meta.row_offsets.numel() - 1
     if not (m and rb):
@@ -505,19 +503,19 @@ def bsmm_weight_grad(
         kw = cfg.kwargs
         tm, group = kw["BLOCK_M"], kw.get("GROUP", 1)
         sub = (bm // kw["BLOCK_N"]) * (bk // kw["BLOCK_K"])
-        rows_per_split, nsplit = split_plan(m, triton.cdiv(n_train, group) * sub, tm, splits, x.device)
-        target = split_output(dw, nsplit, (n_train, bm, bk), x.device)
         da = descriptor(dy, [tm, kw["BLOCK_N"]]) if tma else dy
         xa = descriptor(x, [tm, kw["BLOCK_K"]]) if tma and group == 1 else x
-        kernel = _bsmm_dw_kernel[(n_train * sub, nsplit)](
-            da, xa, meta.element_state, target,
-            meta.train_index, meta.train_rank, meta.train_left, meta.row_indices, meta.col_indices, meta.aux,
-            m, n, k, rows_per_split,
-            dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), target.stride(0) if nsplit > 1 else 0,
-            USE_TMA=tma, **kernel_constexprs(bm, bk, meta, x.dtype, x.device, cfg),
-        )  # fmt: skip
-        sum_splits(dw, target, nsplit)
-        return kernel
+
+        def launch(target, rows_per_split, nsplit, stride_dws):
+            return _bsmm_dw_kernel[(n_train * sub, nsplit)](
+                da, xa, meta.element_state, target,
+                meta.train_index, meta.train_rank, meta.train_left, meta.row_indices, meta.col_indices, meta.aux,
+                m, n, k, rows_per_split,
+                dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), stride_dws,
+                USE_TMA=tma, **kernel_constexprs(bm, bk, meta, x.dtype, x.device, cfg),
+            )  # fmt: skip
+
+        return launch_split(dw, (n_train, bm, bk), m, triton.cdiv(n_train, group) * sub, tm, splits, launch)
 
     # The best grouping and split depend on how many blocks there are, so the key carries that too.
     run(cfgs.pick_config("wgrad", x.dtype, x.device, bm, bk, m, run, config, blocks=n_train))

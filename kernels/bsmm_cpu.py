@@ -31,13 +31,12 @@ overhead that makes the dense path win early for it, see :func:`use_dense`.
 from __future__ import annotations
 
 import itertools
-import math
-import threading
 
 import torch
 
 from . import csr_cpu, native
 from .store import effective_blocks
+from .workspace import release_workspace, workspace  # noqa: F401 (release_workspace: the README calls it here)
 
 # Above this block density (keyed by the block's smaller side) the gathered
 # path loses to one dense GEMM on the masked weight: the per-block-row GEMMs
@@ -74,8 +73,9 @@ CSR_CROSSOVER = 0.32
 # 5.50x nn.Linear at fill 0.2, 6.10x vs 5.48x at 0.35, 4.59x vs 5.12x at 0.5, 4.09x vs 4.96x at 0.7:
 # break-even near 0.42. Re-measured against the slab-packed block kernels (`--amounts --fills 0.2 0.35
 # 0.5 --blocks 0.1 --reps 3`, 2 threads, load 0.8 before, 1.4 after): CSR 10.33x vs 7.09x at fill 0.2,
-# 7.96x vs 7.10x at 0.35, 6.69x vs 6.95x at 0.5, so 0.4 still holds. (At block density 0.3 CSR ran 3.71x at fill 0.2 and 2.13x at 0.5, measured
-# while the block kernels were still slow; they are not re-measured there.)
+# 7.96x vs 7.10x at 0.35, 6.69x vs 6.95x at 0.5, so 0.4 still holds. (At block density 0.3 CSR ran
+# 3.71x at fill 0.2 and 2.13x at 0.5, measured while the block kernels were still slow; they are not
+# re-measured there.)
 CSR_FILL = 0.4
 
 
@@ -123,39 +123,6 @@ def transposed_output(meta, m: int, dtype: torch.dtype = torch.float32) -> bool:
     next sparse layer's own transpose of its input then costs nothing.
     """
     return m > 0 and dtype not in native.DTYPES and path(meta, dtype) == "gathered"
-
-
-class _Workspace(threading.local):
-    """Reusable scratch buffers, one set per thread.
-
-    Fresh multi-MB allocations are page-faulted on every call (a 32 MB buffer
-    costs about 30 ms here), so temporaries live on between calls.
-    """
-
-    def __init__(self):
-        self.buffers: dict[str, torch.Tensor] = {}
-
-    def get(self, slot: str, shape, like: torch.Tensor) -> torch.Tensor:
-        numel = math.prod(shape)
-        buf = self.buffers.get(slot)
-        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
-            buf = torch.empty(numel, dtype=like.dtype, device=like.device)
-            self.buffers[slot] = buf
-        return buf[:numel].view(shape)
-
-
-workspace = _Workspace()
-
-
-def release_workspace() -> None:
-    """Free the calling thread's CPU-path buffers: this module's (the dense fallback's weight and
-    product, the gathered path's slabs) and the native kernels' packing buffers.
-
-    They grow to the largest operands the thread has seen and are kept for reuse, because
-    fresh multi-MB allocations are page-faulted on every call.
-    """
-    workspace.buffers.clear()
-    native.release_workspace()
 
 
 def _transposed(t: torch.Tensor, rows: int, slot: str) -> torch.Tensor:

@@ -36,6 +36,7 @@ __all__ = [
     "INTERPRET",
     "SUPPORTED_DTYPES",
     "check",
+    "check_bias",
     "check_dtype",
     "check_values",
     "descriptor",
@@ -60,6 +61,14 @@ def check(name: str, t: torch.Tensor, ndim: int, dtype: torch.dtype, device: tor
         raise TypeError(f"{name} has dtype {t.dtype}, expected {dtype}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device}, expected {device}")
+
+
+def check_bias(bias: torch.Tensor | None, n_out: int, dtype: torch.dtype, device: torch.device) -> None:
+    """``bias`` is ``None`` or a 1-D tensor of ``n_out`` elements (one per output feature or channel)."""
+    if bias is not None:
+        check("bias", bias, 1, dtype, device)
+        if bias.shape[0] != n_out:
+            raise ValueError(f"bias has {bias.shape[0]} elements, expected {n_out}")
 
 
 def check_dtype(dtype: torch.dtype) -> None:

@@ -19,7 +19,7 @@ import functools
 import torch
 import triton
 
-__all__ = ["split_output", "split_plan", "split_rows", "sum_splits", "wgrad_splits"]
+__all__ = ["launch_split", "split_output", "split_plan", "split_rows", "sum_splits", "wgrad_splits"]
 
 
 @functools.cache
@@ -63,3 +63,22 @@ def sum_splits(dw: torch.Tensor, target: torch.Tensor, nsplit: int) -> None:
     """Add the partial sums of :func:`split_output` into ``dw`` (nothing to do for one split)."""
     if nsplit > 1:
         torch.sum(target, dim=0, out=dw) if dw.dtype == torch.float32 else dw.copy_(target.sum(0))
+
+
+def launch_split(dw: torch.Tensor, shape: tuple[int, ...], m: int, runs: int, block_m: int, splits: int | None, launch):
+    """One weight-gradient launch over ``m`` tokens, split as :func:`split_plan` says, summed into ``dw``.
+
+    ``launch(target, rows_per_split, nsplit, stride_dws)`` launches the kernel's ``nsplit`` splits into
+    ``target`` (``dw`` itself for one split, else the fp32 partial sums of :func:`split_output`,
+    ``stride_dws`` apart; 0 for one split) and returns the launch;
+    its return value is returned, so the autotuner can time the launch. ``shape`` is ``(n_train, bm, bk)``.
+    The linear and the conv launchers differ only in ``launch``.
+
+    Example:
+        >>> launch_split(dw, dw.shape, m, runs, 64, None, lambda t, rows, n, s: kernel[(programs, n)](..., t, rows, s))
+    """
+    rows_per_split, nsplit = split_plan(m, runs, block_m, splits, dw.device)
+    target = split_output(dw, nsplit, shape, dw.device)
+    kernel = launch(target, rows_per_split, nsplit, target.stride(0) if nsplit > 1 else 0)
+    sum_splits(dw, target, nsplit)
+    return kernel

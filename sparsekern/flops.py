@@ -41,7 +41,7 @@ from sparsekern.nn.hf import conv1d_features, is_conv1d
 from sparsekern.nn.linear import SparseLinear
 from sparsekern.nn.sparse_weight import BlockSparseWeight
 
-__all__ = ["FlopReport", "OPTIMIZER_STATES", "PASSES", "report"]
+__all__ = ["FlopReport", "LEVELS", "OPTIMIZER_STATES", "PASSES", "report"]
 
 PASSES = ("forward", "input_grad", "weight_grad")
 LEVELS = ("dense", "element", "block")

@@ -11,6 +11,7 @@ from torch import nn
 from torch.ao.pruning import WeightNormSparsifier
 from torch.nn.utils import parametrize, prune
 
+import sparsekern
 from sparsekern import convview
 from sparsekern.adapters import from_checkpoint, from_mask_dict, from_torch_ao, from_torch_prune
 from sparsekern.methods.blocks import block_grid, expand_blocks
@@ -405,3 +406,69 @@ def test_a_model_that_is_a_pruned_layer_is_returned_converted():
     prune.l1_unstructured(lin, "weight", amount=0.7)
     model, _ = from_torch_prune(lin, block_size=BS)
     assert isinstance(model, SparseLinear)
+
+
+# ------------------------------------------------------------- tied weights
+def tied_model():
+    """An embedding and a head sharing one Parameter (Hugging Face's lm_head tying), and a free layer."""
+    model = nn.ModuleDict({"emb": nn.Embedding(48, 40), "body": nn.Linear(40, 40), "head": nn.Linear(40, 48)})
+    model["head"].weight = model["emb"].weight
+    return model
+
+
+def assert_still_tied(model):
+    assert type(model["head"]) is nn.Linear and model["head"].weight is model["emb"].weight
+    assert type(model["body"]) is nn.Linear
+
+
+@pytest.mark.parametrize("adapter", ["mask_dict", "torch_prune", "torch_ao", "checkpoint", "checkpoint_modules"])
+def test_tied_weights_are_refused_naming_the_tie_and_the_model_is_unchanged(adapter):
+    """A sparse layer holds its own stores: converting a tied head would untie it silently. Every adapter refuses."""
+    model = tied_model()
+    head_mask = torch.rand(48, 40) < 0.3
+    match = r"tied weights, so nothing was converted: head: its (weight|weight_orig|parametrizations\.weight\.original)"
+    match += r" is tied to emb\.weight"
+    with pytest.raises(ValueError, match=match):
+        if adapter == "mask_dict":
+            from_mask_dict(model, {"body": {"weight": torch.rand(40, 40) < 0.3}, "head": {"weight": head_mask}})
+        elif adapter == "torch_prune":
+            prune.l1_unstructured(model["body"], "weight", amount=0.7)
+            prune.l1_unstructured(model["head"], "weight", amount=0.7)
+            from_torch_prune(model, block_size=BS)
+        elif adapter == "torch_ao":
+            sparsifier = WeightNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 4), zeros_per_block=4)
+            sparsifier.prepare(model, config=[{"tensor_fqn": "body.weight"}, {"tensor_fqn": "head.weight"}])
+            sparsifier.step()
+            from_torch_ao(model, block_size=BS)
+        else:
+            sd = {k: v.clone() for k, v in model.state_dict().items()}
+            sd["body.weight"][torch.rand(40, 40) < 0.7] = 0
+            sd["emb.weight"][~head_mask] = 0
+            sd["head.weight"] = sd["emb.weight"]
+            before = {k: v.clone() for k, v in model.state_dict().items()}
+            try:
+                from_checkpoint(model, sd, block_size=BS, modules=["head"] if adapter == "checkpoint_modules" else None)
+            finally:  # refused before loading: the model's values are untouched too
+                assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    if adapter in ("mask_dict", "checkpoint", "checkpoint_modules"):
+        assert_still_tied(model)
+    elif adapter == "torch_prune":
+        assert prune.is_pruned(model) and model["head"].weight_orig is model["emb"].weight
+    else:
+        assert model["head"].parametrizations.weight.original is model["emb"].weight
+
+
+def test_untied_layers_of_a_tied_model_convert():
+    model = tied_model()
+    out, rep = from_mask_dict(model, {"body": {"weight": torch.rand(40, 40) < 0.3}}, block_size=BS)
+    assert [row["name"] for row in rep.layers] == ["body"] and isinstance(out["body"], SparseLinear)
+    assert out["head"].weight is out["emb"].weight
+
+
+def test_a_parametrized_layer_left_dense_by_a_method_says_why():
+    """``register_parametrization`` makes a ``ParametrizedLinear`` subclass: the reason names the parametrization."""
+    model, _ = ao_model()
+    rep = sparsekern.sparsify(model, "magnitude", 0.5, block_size=BS)
+    reason = rep["0"].reason
+    assert not rep["0"].sparse and "a Linear with parametrizations on weight" in reason, reason
+    assert "subclasses" not in reason and "from_torch_ao" in reason

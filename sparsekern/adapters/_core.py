@@ -15,6 +15,10 @@ and bias, and an element mask) and hands them to :func:`convert_targets`, which
 4. reports, per layer, the FLOP fractions both choices would compute (``layout.flops``, the
    passes of ``sparsekern.flops.PASSES``).
 
+Tied weights (a layer whose Parameter another module holds, as an ``lm_head`` tied to the word
+embeddings) are refused with a ValueError naming the tie (:func:`check_untied`), before anything
+changes: a sparse layer would silently untie them.
+
 What stays the adapters' own, and why: a :class:`MaskedLayer` carries the source's weight, mask and
 bias (a method's ``targets.Target`` carries only a shape and a skip reason, since the method makes
 its masks itself); :func:`replacement_class` looks through torch.ao parametrizations
@@ -35,9 +39,9 @@ import sparsekern.nn as sknn
 from sparsekern.flops import PASSES
 from sparsekern.layout import BlockLayout, normalize_block_size
 from sparsekern.methods.blocks import REDUCTIONS, block_grid, expand_blocks, keep_top_blocks, pool_blocks, to_matrix
-from sparsekern.methods.targets import replace_module
+from sparsekern.methods.targets import replace_module, tie_reason, tied_parameters
 
-__all__ = ["ConversionReport", "GRANULARITIES", "MaskedLayer", "convert_targets", "replacement_class"]
+__all__ = ["ConversionReport", "GRANULARITIES", "MaskedLayer", "check_untied", "convert_targets", "replacement_class"]
 
 # Not methods.select.GRANULARITIES ("block", "element"): an adapter's masks are given, so its choice is
 # between keeping them exactly and re-scoring them into whole blocks.
@@ -112,6 +116,23 @@ def check_supported(targets: list[MaskedLayer]) -> None:
         raise TypeError(f"no sparse layer replaces these masked modules: {', '.join(bad)}")
 
 
+def check_untied(model: nn.Module, layers) -> None:
+    """A ValueError naming every ``(name, module)`` of ``layers`` whose parameters another module shares.
+
+    A tied weight (an ``lm_head`` holding the word embeddings' Parameter, as Hugging Face models tie them)
+    cannot become a sparse layer: the sparse layer holds its own value stores, so the embedding would
+    keep training a weight the head no longer reads. The adapters refuse such layers rather than untie
+    them; the tie rule is the methods' (``targets.tie_reason``), which leaves them dense.
+    """
+    tied = tied_parameters(model)
+    ties = [f"{name}: {why}" for name, mod in layers if name and (why := tie_reason(tied, name, mod)) is not None]
+    if ties:
+        raise ValueError(
+            f"tied weights, so nothing was converted: {'; '.join(ties)}. Leave these layers out of the masks "
+            "(from_checkpoint: name the others in modules=)"
+        )
+
+
 def check_options(granularity: str, block_size, reduce: str) -> tuple[int, int]:
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
@@ -175,6 +196,7 @@ def convert_targets(
     """
     block_size = check_options(granularity, block_size, reduce)
     check_supported(targets)
+    check_untied(model, [(t.name, t.module) for t in targets])
     report = ConversionReport(granularity, block_size)
     built = []
     for t in targets:

@@ -24,9 +24,16 @@ import os
 import torch
 from torch import nn
 
-from sparsekern.adapters._core import ConversionReport, MaskedLayer, check_options, convert_targets, replacement_class
+from sparsekern.adapters._core import (
+    ConversionReport,
+    MaskedLayer,
+    check_options,
+    check_untied,
+    convert_targets,
+    replacement_class,
+)
 from sparsekern.methods.select import check_fraction
-from sparsekern.nn.foreign_masks import dense_weight_and_mask
+from sparsekern.nn.foreign_masks import dense_weight_and_mask, nonzero_mask
 
 __all__ = ["from_checkpoint", "from_mask_dict"]
 
@@ -39,14 +46,6 @@ def _load(obj):
 
 def _shape(t) -> torch.Size | None:
     return t.shape if isinstance(t, torch.Tensor) else None
-
-
-def _mask_tensor(mask, shape, where: str) -> torch.Tensor:
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask for {where} must be a tensor, got {type(mask).__name__}")
-    if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"mask for {where} has shape {tuple(mask.shape)}, the tensor has shape {tuple(shape)}")
-    return mask.detach() != 0
 
 
 def _normalise(model: nn.Module, masks) -> dict[str, dict[str, torch.Tensor]]:
@@ -104,14 +103,14 @@ def from_mask_dict(
         if other or "weight" not in entry:
             raise ValueError(f"masks for {name!r} must hold a 'weight' mask and optionally 'bias', got {sorted(entry)}")
         weight, own = dense_weight_and_mask(mod, "weight")
-        mask = _mask_tensor(entry["weight"], weight.shape, f"{name}.weight").to(weight.device)
+        mask = nonzero_mask(entry["weight"], weight.shape, f"mask for {name}.weight", "the weight").to(weight.device)
         if own is not None:
             mask = mask & own
         bias = None
         if getattr(mod, "bias", None) is not None:
             bias = dense_weight_and_mask(mod, "bias")[0]
             if "bias" in entry:
-                keep = _mask_tensor(entry["bias"], bias.shape, f"{name}.bias").to(bias.device)
+                keep = nonzero_mask(entry["bias"], bias.shape, f"mask for {name}.bias", "the bias").to(bias.device)
                 bias = torch.where(keep, bias, 0)
         targets.append(MaskedLayer(name, mod, torch.where(mask, weight, 0), mask, bias))
     return convert_targets(model, targets, granularity, block_size, reduce)
@@ -172,15 +171,29 @@ def from_checkpoint(
         unsupported = sorted(n for n in modules if n in named and replacement_class(named[n]) is None)
         if unknown or unsupported:
             raise ValueError(f"modules: unknown {unknown}, not a supported layer type {unsupported}")
+
+    def chosen(name: str, mod: nn.Module, weight) -> bool:
+        if replacement_class(mod) is None or (modules is not None and name not in modules):
+            return False
+        if modules is not None:
+            return True
+        mask = weight != 0
+        return not (mask.all() or 1.0 - float(mask.float().mean()) < min_sparsity)
+
+    # Tied layers are refused before the checkpoint is loaded, so that the model is unchanged then too; the
+    # checkpoint's tensor of the weight says whether the layer would be converted. (convert_targets checks
+    # again, after loading, for a layer whose weight has another key: a parametrized one.)
+    saved = {n: sd.get(f"{n}.weight" if n else "weight") for n in named}
+    check_untied(
+        model, [(n, m) for n, m in named.items() if isinstance(saved[n], torch.Tensor) and chosen(n, m, saved[n])]
+    )
     model.load_state_dict(sd)
     targets = []
     for name, mod in named.items():
-        if replacement_class(mod) is None or (modules is not None and name not in modules):
+        weight = mod.weight.detach() if replacement_class(mod) is not None else None
+        if weight is None or not chosen(name, mod, weight):
             continue
-        weight = mod.weight.detach()
         mask = weight != 0
-        if modules is None and (mask.all() or 1.0 - float(mask.float().mean()) < min_sparsity):
-            continue
         bias = None if mod.bias is None else mod.bias.detach()
         targets.append(MaskedLayer(name, mod, weight, mask, bias, requires_grad=mod.weight.requires_grad))
     return convert_targets(model, targets, granularity, block_size, reduce)

@@ -299,6 +299,20 @@ def environment(device: torch.device) -> dict[str, object]:
     }
 
 
+#: The fields of :func:`environment` that every result row repeats (the rest go to the JSON header only).
+ROW_ENVIRONMENT = ("device", "torch", "triton", "git_sha", "date")
+
+
+def row_base(env: dict[str, object], **columns: object) -> dict[str, object]:
+    """The columns every row of one suite run shares: ``ROW_ENVIRONMENT`` from ``env``, then ``columns``.
+
+    Example:
+        >>> list(row_base(environment(torch.device("cpu")), dtype="fp32"))
+        ['device', 'torch', 'triton', 'git_sha', 'date', 'dtype']
+    """
+    return {**{k: env[k] for k in ROW_ENVIRONMENT}, **columns}
+
+
 # ----------------------------------------------------------------- output
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]], align: str | None = None) -> str:
     """A GitHub markdown table; ``align`` is one letter per column (``l``/``r``), default right but the first."""

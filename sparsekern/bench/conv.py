@@ -34,7 +34,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsekern.bench import roofline
-from sparsekern.bench.common import autotune_session, dtype_name, markdown_table, progress, time_phases_interleaved
+from sparsekern.bench.common import (
+    autotune_session,
+    dtype_name,
+    markdown_table,
+    progress,
+    row_base,
+    time_phases_interleaved,
+)
 from sparsekern.methods.blocks import block_grid, expand_blocks
 from sparsekern.nn import SparseConv2d
 
@@ -176,21 +183,17 @@ def run_case(case: ConvCase, cfg: SuiteConfig, device, env, gen: torch.Generator
     out = (case.size + 2 * case.padding - case.kernel) // case.stride + 1
     dy = torch.randn(cfg.batch, case.c_out, out, out, device=device, dtype=cfg.dtype).contiguous(memory_format=fmt)
     tokens = cfg.batch * out * out
-    common = {
-        "device": env["device"],
-        "torch": env["torch"],
-        "triton": env["triton"],
-        "git_sha": env["git_sha"],
-        "date": env["date"],
-        "dtype": dtype_name(cfg.dtype),
-        "shape": f"{cfg.batch}x{case.c_in}x{case.size}x{case.size} -> {case.c_out}, k{case.kernel} s{case.stride}",
-        "layer": case.name,
-        "tokens": tokens,
-        "warmup": cfg.warmup,
-        "repeats": cfg.repeats,
-        "frozen_fraction": 0.0,
-        "note": "",
-    }
+    common = row_base(
+        env,
+        dtype=dtype_name(cfg.dtype),
+        shape=f"{cfg.batch}x{case.c_in}x{case.size}x{case.size} -> {case.c_out}, k{case.kernel} s{case.stride}",
+        layer=case.name,
+        tokens=tokens,
+        warmup=cfg.warmup,
+        repeats=cfg.repeats,
+        frozen_fraction=0.0,
+        note="",
+    )
     rows: list[dict[str, object]] = []
 
     def add(provider, block, density, stats, module, fractions):

@@ -1,7 +1,8 @@
 """End-to-end suite: full training steps of small networks, dense against masked-dense against sparsekern.
 
-Why one file of this size: one suite (models, masks, timing, FLOP and roofline counts, tables),
-close to 500 lines; the peers and shared helpers are in ``providers.py``, timing in ``common.py``.
+Why one file of this size (about 570 lines): one suite, whose models, masks, timing, FLOP and
+roofline counts and tables serve it alone; the peers and shared helpers are in ``providers.py``,
+timing in ``common.py``.
 
 Models (``model`` column; ``shape`` describes its size):
 
@@ -59,7 +60,7 @@ from torch.nn.utils import parametrize
 import sparsekern
 from sparsekern import SparseLinear
 from sparsekern.bench import roofline
-from sparsekern.bench.common import Laps, autotune_session, dtype_name, markdown_table, progress, time_phases
+from sparsekern.bench.common import Laps, autotune_session, dtype_name, markdown_table, progress, row_base, time_phases
 from sparsekern.flops import PASSES
 from sparsekern.methods.blocks import block_grid, expand_blocks, keep_top_blocks, pool_blocks
 
@@ -412,8 +413,7 @@ def train_step(model, opt, x, target, loss_fn, laps: Laps) -> None:
 
 def run(cfg: SuiteConfig, device: torch.device, env: dict[str, object]) -> list[dict[str, object]]:
     """Measure every model, provider and density; return long-format rows."""
-    common = {k: env[k] for k in ("device", "torch", "triton", "git_sha", "date")}
-    common.update(dtype=dtype_name(cfg.dtype), warmup=cfg.warmup, repeats=cfg.repeats)
+    common = row_base(env, dtype=dtype_name(cfg.dtype), warmup=cfg.warmup, repeats=cfg.repeats)
     elem = torch.empty((), dtype=cfg.dtype).element_size()
     timing = {"device": device, "warmup": cfg.warmup, "repeats": cfg.repeats}
     rows: list[dict[str, object]] = []

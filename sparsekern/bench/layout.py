@@ -38,7 +38,7 @@ from types import SimpleNamespace
 import torch
 
 from sparsekern import SparseLinear
-from sparsekern.bench.common import dtype_name, markdown_table, progress, time_fn
+from sparsekern.bench.common import dtype_name, markdown_table, progress, row_base, time_fn
 from sparsekern.bench.providers import flop_fractions, half_frozen_mask
 from sparsekern.layout import BlockLayout
 from sparsekern.testing import random_block_mask
@@ -154,7 +154,7 @@ def training_step(layer: SparseLinear, opt: torch.optim.Optimizer, x: torch.Tens
 # --------------------------------------------------------------------- run
 def run(cfg: SuiteConfig, device: torch.device, env: dict[str, object]) -> list[dict[str, object]]:
     """Measure the build cases, then the mask-update case; return long-format rows."""
-    common = {k: env[k] for k in ("device", "torch", "triton", "git_sha", "date")}
+    common = row_base(env)
     rows: list[dict[str, object]] = []
 
     def add(mode, stats, *, shape, block, density, dtype, warmup, repeats, **extra):

@@ -59,6 +59,7 @@ from sparsekern.bench.common import (
     dtype_name,
     markdown_table,
     progress,
+    row_base,
     time_phases,
     time_phases_interleaved,
 )
@@ -176,18 +177,9 @@ def run(cfg: SuiteConfig, device: torch.device, env: dict[str, object]) -> list[
     base, x0, dy = make_base(cfg, device)
     x = x0.detach().requires_grad_(True)
     gen = torch.Generator().manual_seed(cfg.seed)
-    common = {
-        "device": env["device"],
-        "torch": env["torch"],
-        "triton": env["triton"],
-        "git_sha": env["git_sha"],
-        "date": env["date"],
-        "dtype": dtype_name(cfg.dtype),
-        "shape": cfg.shape,
-        "tokens": cfg.tokens,
-        "warmup": cfg.warmup,
-        "repeats": cfg.repeats,
-    }
+    common = row_base(
+        env, dtype=dtype_name(cfg.dtype), shape=cfg.shape, tokens=cfg.tokens, warmup=cfg.warmup, repeats=cfg.repeats
+    )
     rows: list[dict[str, object]] = []
     timing = {"device": device, "warmup": cfg.warmup, "repeats": cfg.repeats}
     wgrad_blocks = {b for b, _ in cfg.freeze}

@@ -26,6 +26,7 @@ from sparsekern.methods.planning import plan
 from sparsekern.methods.report import LayerReport, SparsifyReport, layer_report
 from sparsekern.methods.targets import (
     current_masks,
+    parametrized_reason,
     replace_module,
     sparse_class,
     tie_reason,
@@ -196,7 +197,8 @@ def apply_masks(
             continue
         cls = sparse_class(mod)
         if cls is None:
-            raise ValueError(f"layer {name} is a {type(mod).__name__}, which this sparsekern version cannot convert")
+            why = parametrized_reason(mod) or f"a {type(mod).__name__}, which this sparsekern version cannot convert"
+            raise ValueError(f"layer {name} is {why}")
         tie = tie_reason(tied, name, mod)
         if tie is not None:
             raise ValueError(f"layer {name} cannot be converted: {tie}")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from sparsekern.flops import PASSES
+from sparsekern.flops import LEVELS, PASSES
 from sparsekern.methods.targets import Target
 
 __all__ = ["LayerReport", "SparsifyReport", "layer_report"]
@@ -150,7 +150,7 @@ def layer_report(t: Target, mod: nn.Module, reason: str | None, note: str | None
     else:
         per_row = 2 * numel
         wgrad = per_row if mod.weight.requires_grad else 0
-        f = {p: dict.fromkeys(("dense", "element", "block"), per_row) for p in ("forward", "input_grad")}
+        f = {p: dict.fromkeys(LEVELS, per_row) for p in ("forward", "input_grad")}
         f["weight_grad"] = {"dense": per_row, "element": wgrad, "block": wgrad}
         element_density, trainable_fraction = 1.0, float(wgrad > 0)
         block_fraction, trainable_block_fraction = 1.0, float(wgrad > 0)

@@ -28,6 +28,11 @@ Subclasses of ``nn.Linear``/``nn.Conv2d`` are left dense: their forward (or
 their owner, as ``nn.MultiheadAttention`` does with ``out_proj.weight``) may
 not go through the module's ``forward``.
 
+Layers with ``torch.nn.utils.parametrize`` parametrizations (torch.ao.pruning's
+``FakeSparsity``, weight norm, ...) are left dense, and the reason says so
+(:func:`parametrized_reason`): ``sparsekern.adapters.from_torch_ao`` converts
+torch.ao masks.
+
 Known limits: grouped convolutions and ``padding_mode`` other than
 ``'zeros'`` are left dense (``SparseConv2d`` does not support them). A tie
 that exists only in a model's configuration (``tie_word_embeddings`` set
@@ -40,6 +45,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from sparsekern import nn as sknn
 from sparsekern.layout import normalize_block_size
@@ -54,6 +60,7 @@ __all__ = [
     "find_targets",
     "is_dense_target",
     "module_names",
+    "parametrized_reason",
     "replace_module",
     "sparse_class",
     "tie_reason",
@@ -186,7 +193,8 @@ def tie_reason(tied: dict[str, list[str]], name: str, module: nn.Module) -> str 
     prefix = f"{name}." if name else ""
     ties = [
         f"its {p} is tied to {', '.join(o for o in tied[prefix + p] if o != prefix + p)}"
-        for p, _ in module.named_parameters(recurse=False)
+        # recurse: a parametrized layer keeps its weight as parametrizations.weight.original
+        for p, _ in module.named_parameters(remove_duplicate=False)
         if prefix + p in tied
     ]
     if not ties:
@@ -194,6 +202,29 @@ def tie_reason(tied: dict[str, list[str]], name: str, module: nn.Module) -> str 
     return (
         f"{'; '.join(ties)} (one Parameter shared by several modules): a sparse layer would break the tie "
         "and model.tie_weights()"
+    )
+
+
+def parametrized_reason(module: nn.Module) -> str | None:
+    """Why a layer carrying ``torch.nn.utils.parametrize`` parametrizations is not converted, or ``None``.
+
+    ``register_parametrization`` swaps the layer's class for a generated subclass (``ParametrizedLinear``);
+    the layer is still an ``nn.Linear``/``nn.Conv2d``, so the reason names the parametrizations, not a
+    subclass. A sparse layer cannot carry them; torch.ao.pruning's masks are read by
+    ``sparsekern.adapters.from_torch_ao``.
+
+    Example:
+        >>> parametrize.register_parametrization(lin, "weight", FakeSparsity(mask))
+        >>> parametrized_reason(lin)
+        'a Linear with parametrizations on weight (torch.nn.utils.parametrize, e.g. torch.ao.pruning's ...'
+    """
+    if not parametrize.is_parametrized(module):
+        return None
+    kind = parametrize.type_before_parametrizations(module).__name__
+    return (
+        f"a {kind} with parametrizations on {', '.join(module.parametrizations.keys())} (torch.nn.utils.parametrize, "
+        "e.g. torch.ao.pruning's FakeSparsity), which a sparse layer cannot carry: convert torch.ao masks with "
+        "sparsekern.adapters.from_torch_ao, or remove the parametrizations first"
     )
 
 
@@ -266,6 +297,8 @@ def find_targets(
             t.skip = "excluded (last layer)"
         elif tie is not None:
             t.skip = f"{tie}, so it stays dense"
+        elif parametrized_reason(mod) is not None:
+            t.skip = f"{parametrized_reason(mod)}, so it stays dense"
         elif not isinstance(mod, BlockSparseWeight) and sparse_class(mod) is None:
             # e.g. MultiheadAttention's out_proj, whose weight is read directly, never through forward.
             t.skip = (

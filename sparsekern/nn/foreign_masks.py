@@ -32,14 +32,29 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["dense_weight_and_mask", "has_foreign_mask"]
+__all__ = ["dense_weight_and_mask", "has_foreign_mask", "nonzero_mask"]
 
 
-def _as_mask(mask: torch.Tensor, shape: torch.Size, what: str) -> torch.Tensor:
+def nonzero_mask(mask: torch.Tensor, shape, what: str, of: str = "the weight") -> torch.Tensor:
+    """A foreign mask as bool, nonzero = kept: torch prune's, torch.ao's and the mask files' convention.
+
+    Unlike ``layout.as_bool_mask`` (sparsekern's own masks, which must hold exactly 0 and 1), any
+    nonzero value counts as kept, as the libraries that wrote these masks read them. Used here and by
+    ``sparsekern.adapters`` (mask dicts and files).
+
+    Args:
+        mask: the mask; it must be a tensor of ``shape``.
+        shape: the shape of the tensor it masks.
+        what: how errors name the mask; ``of``: how they name the tensor it masks.
+
+    Example:
+        >>> nonzero_mask(torch.tensor([0.0, 0.5]), (2,), "weight_mask").tolist()
+        [False, True]
+    """
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{what} must be a tensor, got {type(mask).__name__}")
     if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"{what} has shape {tuple(mask.shape)}, but the weight has shape {tuple(shape)}")
+        raise ValueError(f"{what} has shape {tuple(mask.shape)}, but {of} has shape {tuple(shape)}")
     return mask.detach() != 0
 
 
@@ -67,7 +82,7 @@ def dense_weight_and_mask(module: nn.Module, name: str = "weight") -> tuple[torc
     """
     if hasattr(module, name + "_orig") and hasattr(module, name + "_mask"):
         orig = getattr(module, name + "_orig").detach()
-        mask = _as_mask(getattr(module, name + "_mask"), orig.shape, f"{name}_mask")
+        mask = nonzero_mask(getattr(module, name + "_mask"), orig.shape, f"{name}_mask")
         return torch.where(mask, orig, torch.zeros((), dtype=orig.dtype, device=orig.device)), mask
     if parametrize.is_parametrized(module, name):
         plist = module.parametrizations[name]
@@ -76,7 +91,7 @@ def dense_weight_and_mask(module: nn.Module, name: str = "weight") -> tuple[torc
         mask = None
         for p in plist:
             if hasattr(p, "mask"):
-                m = _as_mask(p.mask, weight.shape, f"parametrization {type(p).__name__}.mask")
+                m = nonzero_mask(p.mask, weight.shape, f"parametrization {type(p).__name__}.mask")
                 mask = m if mask is None else mask & m
         if mask is not None:
             weight = torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
