@@ -191,7 +191,10 @@ def default_config(kind: str, bm: int, bk: int, elem_bytes: int, cap: int = 90) 
     # tile in 178 / 199 registers without spilling.
     # The linear input gradient's mixed-block merge (two weight tiles and the element states) did the
     # same on sm_80 with 64x64 blocks: 255 registers and an 8 B spill at 4 warps, 185 and none at 8.
-    warps = 8 if (kind_in.startswith("conv_") or kind == "dx") and not wide else 4
+    # So did the linear forward's under Triton 3.6 (the GPU machine's): 32x32 blocks spilled 28 B at 4
+    # warps (128 registers), and 64x64 sat at 255; at 8 warps 94 and 184, and the plain kernels drop
+    # from 80/180 to 54/88 registers (fp16, 32x32/64x64; Triton 3.9 alike).
+    warps = 8 if (kind_in.startswith("conv_") or kind in ("fwd", "dx")) and not wide else 4
     return triton.Config(kw, num_warps=warps, num_stages=2 if wide else 3)
 
 
