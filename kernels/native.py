@@ -237,6 +237,12 @@ def group_mm(a, blocks, offsets, idx, sel, bias, out_cols, out=None, transposed=
     _require(blocks.is_contiguous(), "blocks must be contiguous")
     _in_range(idx, -(-a_cols // L), "idx", "column blocks of a")
     _in_range(sel, blocks.shape[0], "sel", "blocks")
+    # Without sel, position p reads block p: the kernel repacks blocks.shape[0] of them and would read
+    # stale workspace past that.
+    _require(
+        sel is not None or idx.numel() <= blocks.shape[0],
+        f"len(idx) {idx.numel()} exceeds the {blocks.shape[0]} blocks",
+    )
     _require(offsets.numel() >= 1 and int(offsets[-1]) == idx.numel(), "offsets must end at len(idx)")
     _require(
         out_cols <= (offsets.numel() - 1) * W, f"out_cols {out_cols} exceeds the groups' {offsets.numel() - 1} x {W}"
@@ -352,6 +358,10 @@ def conv_backward(dy, x, geom, vals, col_offsets, rows_t, sel_t, dx, t_rows, t_c
         "col_offsets must have one entry per block column plus one, ending at len(rows_t) == len(sel_t)",
     )
     _in_range(rows_t, -(-geom[4] // bm), "rows_t", "block rows")
+    # The kernel repacks col_offsets[-1] blocks for the input gradient and reads them through sel_t.
+    _require(
+        vals.shape[0] == int(col_offsets[-1]), f"vals holds {vals.shape[0]} blocks, the layout {int(col_offsets[-1])}"
+    )
     _in_range(sel_t, vals.shape[0], "sel_t", "blocks")
     nt = 0 if t_rows is None else t_rows.numel()
     _require(

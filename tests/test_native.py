@@ -134,6 +134,9 @@ def test_wrappers_refuse_what_the_kernels_would_misread(native_only):
         native.group_mm(p.x, wt, ro, torch.full_like(ci, 2), None, None, p.n)
     with pytest.raises(ValueError, match="out must be"):
         native.group_mm(p.x, wt, ro, ci, None, None, p.n, out=torch.empty(8, 31))
+    assert ci.numel() > 1  # without sel, more positions than blocks would read past the repacked ones
+    with pytest.raises(ValueError, match=r"len\(idx\) \d+ exceeds the \d+ blocks"):
+        native.group_mm(p.x, wt[:1].contiguous(), ro, ci, None, None, p.n)
     t = p.meta.train_index.long()
     rows, cols = p.meta.row_indices[t], p.meta.col_indices[t]
     with pytest.raises(ValueError, match="dy has 8 rows but x has 7"):
@@ -197,7 +200,8 @@ def test_a_failed_build_warns_once_and_falls_back(fresh_native_build, monkeypatc
         y = p.forward()  # no second warning
     assert_close(y, reference_linear(p.x, p.w, p.mask, p.bias), F32, p.k, "y")
     with pytest.raises(RuntimeError, match="native kernels are unavailable .*no C\\+\\+ compiler"):
-        native.group_mm(p.x, p.wt, p.meta.row_offsets, p.meta.col_indices, None, None, p.n)
+        sel = torch.zeros_like(p.meta.col_indices)  # valid operands: only the missing build is wrong
+        native.group_mm(p.x, p.wt, p.meta.row_offsets, p.meta.col_indices, sel, None, p.n)
 
 
 def test_build_from_scratch_and_release(fresh_native_build):

@@ -180,6 +180,13 @@ def test_bad_operands_are_errors_that_name_them():
         native.conv_forward(c.x[:1], list(g), wt, m.row_offsets, m.col_indices, None, y)
     with pytest.raises(ValueError, match="cols holds indices"):
         native.conv_forward(c.x, list(g), wt, m.row_offsets, m.col_indices + 1000, None, y)
+    # sel_t indexes the blocks the kernel repacks, exactly the layout's: a longer vals would be misread.
+    longer = torch.cat([torch.zeros_like(wt), wt]).contiguous()
+    with pytest.raises(ValueError, match="vals holds .* blocks, the layout"):
+        native.conv_backward(
+            c.dy, c.x, list(g), longer, m.col_offsets, m.row_indices_t, (m.block_index_t + wt.shape[0]).contiguous(),
+            torch.empty_like(c.x), None, None, None,
+        )  # fmt: skip
     with pytest.raises(ValueError, match="share one dtype"):
         native.conv_backward(
             c.dy.bfloat16(), c.x, list(g), c.vals.float().contiguous(), m.col_offsets, m.row_indices_t,

@@ -257,7 +257,7 @@ int sk_conv_fwd(const void* x, const int64_t* xs, const int64_t* geom, const flo
     float* Bs = Xp ? ws_b.get((size_t)nnzb * bm * bk) : nullptr;
     if (Bs) {
         pack_any(is_bf16, x, xs, g.n, g.c_in, g.h, g.w, Hp, Wp, g.ph, g.pw, bk, used, Xp, nthreads);
-        advise_huge(y, (size_t)M * ldy * (is_bf16 ? 2 : 4));
+        if (ldy == g.c_out) advise_huge(y, (size_t)M * ldy * (is_bf16 ? 2 : 4));  // gap-free: all of it is written
     }
     const int rc = !Bs ? 2 : by_width(bm, [&](auto nv, auto mr) {
         constexpr int NV = decltype(nv)::value, MR = decltype(mr)::value;
