@@ -204,6 +204,16 @@ def test_from_dense_reads_torch_prune_masks():
     assert torch.equal(sparse.bias, torch.where(lin.bias_mask.bool(), lin.bias_orig, 0))
 
 
+def test_a_nan_in_a_torch_prune_mask_is_refused_not_read_as_kept():
+    lin = nn.Linear(40, 48)
+    prune.random_unstructured(lin, "weight", amount=0.5)
+    lin.weight_mask[0, 0] = float("nan")  # NaN != 0: taken at face value it would count as kept
+    with pytest.raises(ValueError, match="weight_mask holds 1 NaN entries"):
+        SparseLinear.from_dense(lin, block_size=BS)
+    with pytest.raises(ValueError, match="1 NaN entries"):
+        from_torch_prune(nn.Sequential(lin), block_size=BS)
+
+
 # ------------------------------------------------------------- foreign_masks
 def test_ingest_forms():
     lin = nn.Linear(40, 48)
@@ -266,6 +276,7 @@ def test_mask_dict_block_and_bias_mask():
         ([torch.ones(48, 40)], ValueError, "align"),
         ({"1": {"weight": torch.ones(2)}}, TypeError, "ReLU"),
         ({"0": {"weight": [[1]]}}, TypeError, "tensor"),
+        ({"0": {"weight": torch.ones(48, 40).index_fill_(1, torch.tensor([3]), float("nan"))}}, ValueError, "48 NaN"),
         (42, TypeError, "dict"),
     ],
 )

@@ -39,7 +39,7 @@ def nonzero_mask(mask: torch.Tensor, shape, what: str, of: str = "the weight") -
     """A foreign mask as bool, nonzero = kept: torch prune's, torch.ao's and the mask files' convention.
 
     Unlike ``layout.as_bool_mask`` (sparsekern's own masks, which must hold exactly 0 and 1), any
-    nonzero value counts as kept, as the libraries that wrote these masks read them. Used here and by
+    nonzero value counts as kept, as the libraries that wrote these masks read them; NaN is refused. Used here and by
     ``sparsekern.adapters`` (mask dicts and files).
 
     Args:
@@ -55,7 +55,13 @@ def nonzero_mask(mask: torch.Tensor, shape, what: str, of: str = "the weight") -
         raise TypeError(f"{what} must be a tensor, got {type(mask).__name__}")
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{what} has shape {tuple(mask.shape)}, but {of} has shape {tuple(shape)}")
-    return mask.detach() != 0
+    mask = mask.detach()
+    # NaN != 0 is True: read as is, a NaN entry would silently count as kept.
+    if mask.is_floating_point() or mask.is_complex():
+        bad = int(torch.isnan(mask).sum())
+        if bad:
+            raise ValueError(f"{what} holds {bad} NaN entries: neither kept nor pruned, so nothing was converted")
+    return mask != 0
 
 
 def has_foreign_mask(module: nn.Module, name: str = "weight") -> bool:
