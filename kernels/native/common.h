@@ -59,10 +59,11 @@ inline thread_local Workspace ws_a, ws_b, ws_c;
 // Asks for 2 MiB pages over the whole 2 MiB pages inside [p, p + bytes): a kernel's fresh output
 // (torch allocates it untouched; glibc maps blocks above its mmap threshold, which grows to at most
 // 32 MiB, anew each call) then costs one page fault per 2 MiB instead of per 4 KiB. Below the
-// threshold glibc reuses its heap, where the advice outlives the tensor: harmless, as it only asks. Under KVM a 4 KiB fault costs about 2 us: the 32 MiB result
-// of a 4096x4096 linear forward over 2048 tokens spent 19 ms of 109 in them. Advice only (no effect
-// where transparent huge pages are off); the kernel writes every byte of the range anyway, so no
-// memory is committed that would not be.
+// threshold glibc reuses its heap, where the advice outlives the tensor: later blocks there may get
+// huge pages too (a memory cost, never a correctness one). Under KVM a 4 KiB fault costs about 2 us:
+// the 32 MiB result of a 4096x4096 linear forward over 2048 tokens spent 19 ms of 109 in them.
+// Advice only (no effect where transparent huge pages are off); the kernel writes every byte of the
+// range anyway, so no memory is committed that would not be.
 inline void advise_huge(void* p, size_t bytes) {
     const uintptr_t huge = uintptr_t(1) << 21;
     const uintptr_t s = ((uintptr_t)p + huge - 1) & ~(huge - 1), e = ((uintptr_t)p + bytes) & ~(huge - 1);
