@@ -114,13 +114,16 @@ Known limits:
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
 
+from . import bsconv_tma
 from . import configs as cfgs
 from .bsconv_tables import channel_order, forward_taps, input_grad_lines
-from .launch import check, check_bias, check_dtype, check_values, kernel_constexprs, use_tma, weight_operand
+from .launch import INTERPRET, check, check_bias, check_dtype, check_values, kernel_constexprs, use_tma, weight_operand
 from .meta import ConvGeom, Meta
 from .splits import launch_split
 from .store import store_matrix, value_store
@@ -567,6 +570,29 @@ def _new_act(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
 
 
+_warned_pointer: set[str] = set()
+
+
+def _rect_path(device: torch.device, what: str, geom: ConvGeom, bk: int, boxes, phased=None, store=None) -> bool:
+    """Whether this pass runs the descriptor kernels of ``bsconv_tma.py`` (sm_90 and newer).
+
+    Where the arch has TMA but these operands cannot sit behind descriptors, the pointer kernels run
+    instead, and a warning names the reason once per process and reason (not under the interpreter,
+    whose default run tests the pointer kernels on purpose).
+    """
+    if not use_tma(device):
+        return False
+    reason = bsconv_tma.rect_reason(geom, bk, boxes, phased, store)
+    if reason is not None and not INTERPRET and reason not in _warned_pointer:
+        _warned_pointer.add(reason)
+        warnings.warn(
+            f"sparsekern: the conv {what} runs the slower pointer kernels on this GPU: {reason}. "
+            "(Said once per reason.)",
+            stacklevel=3,
+        )
+    return reason is None
+
+
 def _check_grid(programs: int, what: str) -> None:
     if programs > INT32_MAX:
         raise ValueError(f"{what} needs {programs} programs, over the grid limit of {INT32_MAX}")
@@ -612,6 +638,15 @@ def bsconv_forward(
     if not (m and rb):
         return y
     store = value_store(w_train, w_frozen)
+    fixed_base = w_train.shape[0] + n_frozen
+    if _rect_path(x.device, "forward", geom, bk, {"y": y}, x, store):
+        boxes = bsconv_tma.forward_tables(meta, geom, bm, bk)
+
+        def run(cfg):
+            return bsconv_tma.forward(x, store, bias, y, meta, geom, bm, bk, fixed_base, cfg, boxes)
+
+        run(cfgs.pick_config("conv_fwd", x.dtype, x.device, bm, bk, m, run, config, variant="rect"))
+        return y
     tma = use_tma(x.device, store_matrix(store))
     taps = forward_taps(meta, geom, bk)
 
@@ -623,7 +658,7 @@ def bsconv_forward(
             x, weight_operand(store, tma, kw["BLOCK_N"], kw["BLOCK_K"]), meta.element_state,
             bias if bias is not None else x, y,
             meta.row_offsets, taps[0], meta.aux, taps[1], meta.row_order,
-            m, geom.c_in, geom.h, geom.w, geom.c_out, geom.h_out, geom.w_out, w_train.shape[0] + n_frozen,
+            m, geom.c_in, geom.h, geom.w, geom.c_out, geom.h_out, geom.w_out, fixed_base,
             geom.stride_h, geom.stride_w, geom.pad_h, geom.pad_w,
             *x.stride(), *y.stride(),
             HAS_BIAS=bias is not None, USE_TMA=tma, **kernel_constexprs(bm, bk, meta, x.dtype, x.device, cfg),
@@ -662,8 +697,17 @@ def bsconv_input_grad(
         return dx
     n_lines = geom.stride_h * geom.stride_w * cpb
     store = value_store(w_train, w_frozen)
+    fixed_base = w_train.shape[0] + n_frozen
+    lines = input_grad_lines(meta, geom, bk)
+    if _rect_path(dy.device, "input gradient", geom, bk, {"dy": dy}, store=store):
+
+        def run(cfg):
+            return bsconv_tma.input_grad(dy, store, dx, meta, geom, bm, bk, fixed_base, lines, cfg)
+
+        run(cfgs.pick_config("conv_dx", dy.dtype, dy.device, bm, bk, m, run, config, variant="rect"))
+        return dx
     tma = use_tma(dy.device, store_matrix(store))
-    offsets, pairs, aux, order = input_grad_lines(meta, geom, bk)
+    offsets, pairs, aux, order = lines
 
     def run(cfg):
         kw = cfg.kwargs
@@ -672,8 +716,7 @@ def bsconv_input_grad(
         return _bsconv_dx_kernel[(programs,)](
             dy, weight_operand(store, tma, kw["BLOCK_N"], kw["BLOCK_K"]), meta.element_state, dx,
             offsets, pairs[0], aux, pairs[1], order,
-            m, hq, wq, geom.c_in, geom.h, geom.w, geom.c_out, geom.h_out, geom.w_out, cpb,
-            w_train.shape[0] + n_frozen,
+            m, hq, wq, geom.c_in, geom.h, geom.w, geom.c_out, geom.h_out, geom.w_out, cpb, fixed_base,
             geom.stride_h, geom.stride_w, geom.pad_h, geom.pad_w,
             *dy.stride(), *dx.stride(),
             USE_TMA=tma, **kernel_constexprs(bm, bk, meta, dy.dtype, dy.device, cfg),
@@ -718,12 +761,23 @@ def bsconv_weight_grad(
         return dw
     if m == 0:
         return dw.zero_()
+    # The descriptor kernel runs one block per program: grouped configs (autotuning) take the pointer kernel.
+    rect = _rect_path(x.device, "weight gradient", geom, bk, {"dy": dy}, x)
 
     def run(cfg):
         kw = cfg.kwargs
         sub = (bm // kw["BLOCK_N"]) * (bk // kw["BLOCK_K"])
         _check_grid(n_train * sub, "the conv weight gradient")
         runs = triton.cdiv(n_train, kw.get("GROUP", 1)) * sub
+        if rect and kw.get("GROUP", 1) == 1:
+            bm_tok = kw["BLOCK_M"]
+            rects = bsconv_tma.rect_count(bm_tok, geom.n, geom.h_out, geom.w_out)
+
+            def launch_rect(target, rows_per_split, nsplit, stride_dws):
+                return bsconv_tma.weight_grad(dy, x, meta, geom, bm, bk, cfg, target, rows_per_split // bm_tok,
+                                              nsplit, stride_dws)  # fmt: skip
+
+            return launch_split(dw, (n_train, bm, bk), rects * bm_tok, runs, bm_tok, splits, launch_rect)
 
         def launch(target, rows_per_split, nsplit, stride_dws):
             return _bsconv_dw_kernel[(n_train * sub, nsplit)](
@@ -737,5 +791,6 @@ def bsconv_weight_grad(
 
         return launch_split(dw, (n_train, bm, bk), m, runs, kw["BLOCK_M"], splits, launch)
 
-    run(cfgs.pick_config("conv_wgrad", x.dtype, x.device, bm, bk, m, run, config, blocks=n_train))
+    variant = "rect" if rect else ""
+    run(cfgs.pick_config("conv_wgrad", x.dtype, x.device, bm, bk, m, run, config, blocks=n_train, variant=variant))
     return dw

@@ -14,11 +14,22 @@ those of ``bsconv.py``'s module docstring (matrix view ``(Cout, kh*kw*c_pad)``, 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .meta import ConvGeom, Meta
 
-__all__ = ["channel_order", "forward_taps", "input_grad_lines"]
+__all__ = [
+    "channel_order",
+    "forward_taps",
+    "input_grad_lines",
+    "padded_aux",
+    "pixel_tile",
+    "rect_forward_table",
+    "rect_input_grad_table",
+    "rect_table",
+]
 
 
 def _pack_pairs(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -110,3 +121,71 @@ def channel_order(meta: Meta, geom: ConvGeom, bk: int) -> torch.Tensor:
     """
     counts = meta.col_offsets.diff().view(geom.kh * geom.kw, geom.c_pad // bk).sum(0)
     return torch.argsort(counts, descending=True, stable=True).to(torch.int32)
+
+
+@functools.cache
+def pixel_tile(block_m: int, n: int, h: int, w: int) -> tuple[int, int, int]:
+    """``(TN, TH, TW)``, powers of two with ``TN*TH*TW = block_m``: the rectangle of the descriptor kernels
+    (``bsconv_tma.py``) that computes the fewest pixels past ``n`` images of ``h x w``.
+
+    Ties go to the wider rectangle (longer contiguous rows). Example: 256 tokens over 14x14 images is
+    ``(1, 16, 16)``, 1.31x the pixels; over 56x56 ``(1, 4, 64)``, 1.14x; over 7x7, batch 8, ``(4, 8, 8)``.
+    """
+    best = None
+    tw = 1
+    while tw <= block_m:
+        th = 1
+        while tw * th <= block_m:
+            tn = block_m // (tw * th)
+            cost = -(-n // tn) * tn * -(-h // th) * th * -(-w // tw) * tw
+            key = (cost, -tw, -th)
+            if best is None or key < best[0]:
+                best = (key, (tn, th, tw))
+            th *= 2
+        tw *= 2
+    return best[1]
+
+
+def rect_table(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Two ``(n,)`` int64 tensors of packed pairs as one ``(n + 1) x 2`` table, row-major, flattened, with a
+    zero sentinel row: the descriptor kernels (``bsconv_tma._table_row``) read both pairs of an entry
+    from one address and prefetch past a line's end without a clamp."""
+    table = torch.zeros(first.numel() + 1, 2, dtype=torch.int64, device=first.device)
+    table[:-1, 0], table[:-1, 1] = first, second
+    return table.view(-1)
+
+
+def padded_aux(aux: torch.Tensor) -> torch.Tensor:
+    """``aux`` with a trailing ``-1`` (not mixed), for the same unclamped prefetch."""
+    return torch.cat([aux, aux.new_full((1,), -1)])
+
+
+def rect_forward_table(meta: Meta, geom: ConvGeom, bm: int, bk: int) -> torch.Tensor:
+    """Per CSR position: where the descriptor forward (``bsconv_tma.py``) reads the block's ``x`` box.
+
+    A :func:`rect_table` of the pairs ``(inner | phase << 24, slot * bm)`` and ``(dh, dw)``. A tap's
+    input offset ``d = r*dil_h - pad_h`` is row ``dh = floor(d / stride_h)`` of phase ``d mod stride_h``
+    (columns likewise, ``pw``); ``inner = pw*C_in + (c % CPB)*bk`` is the box's first element of the
+    stride-phase view's last dimension. Example: stride 1, pad 1, dilation 1, 3x3, ``CPB = 1``: block
+    column 4 (the centre tap) reads box offsets ``(0, 0)``, column 0 ``(-1, -1)``.
+    """
+    cpb = geom.c_pad // bk
+    sh, sw = geom.stride_h, geom.stride_w
+    c = meta.col_indices.long()
+    tap = torch.div(c, cpb, rounding_mode="floor")
+    kr = torch.div(tap, geom.kw, rounding_mode="floor")
+    d_h = kr * geom.dil_h - geom.pad_h
+    d_w = (tap - kr * geom.kw) * geom.dil_w - geom.pad_w
+    ph, pw = d_h % sh, d_w % sw  # floor remainders: non-negative
+    inner = pw * geom.c_in + (c - tap * cpb) * bk
+    low = torch.stack([inner + (ph << 24), torch.div(d_h - ph, sh, rounding_mode="floor")])
+    high = torch.stack([meta.storage.long() * bm, torch.div(d_w - pw, sw, rounding_mode="floor")])
+    packed = _pack_pairs(low, high)
+    return rect_table(packed[0], packed[1])
+
+
+def rect_input_grad_table(pairs: torch.Tensor, bm: int) -> torch.Tensor:
+    """The lines of :func:`input_grad_lines` as the descriptor input gradient reads them: a :func:`rect_table`
+    of ``(r * bm, slot * bm)`` (the block's first ``dy`` channel and store row) and ``(oh, ow)``."""
+    row_slot = pairs[0].view(torch.int32).view(-1, 2).long() * bm
+    return rect_table(_pack_pairs(row_slot[:, 0], row_slot[:, 1]), pairs[1])

@@ -139,7 +139,7 @@ def prune(configs, elem_bytes: int, kind: str, smem: int) -> list[triton.Config]
     return [min(configs, key=lambda c: smem_bytes(c, elem_bytes, kind))]
 
 
-def default_config(kind: str, bm: int, bk: int, elem_bytes: int, cap: int = 90) -> triton.Config:
+def default_config(kind: str, bm: int, bk: int, elem_bytes: int, cap: int = 90, variant: str = "") -> triton.Config:
     """The config used without tuning (interpreter, offline check, first guess) on sm_``cap``.
 
     sm_90, 16-bit operands: the forward and input gradient put tokens on the
@@ -152,7 +152,10 @@ def default_config(kind: str, bm: int, bk: int, elem_bytes: int, cap: int = 90) 
     compute the union of their columns, twice the FLOPs at random layouts.
     Four stages fit in shared memory (4 x 40 KB for 64-wide blocks). The
     weight gradient steps through tokens 64 at a time (the reduction side of
-    its MMA) with one block per program, each through TMA.
+    its MMA) with one block per program, each through TMA. The conv kernels
+    take the same tiles: their descriptor kernels (``variant="rect"``,
+    ``bsconv_tma.py``) keep no per-token state, so 4 warps as for the linear
+    ones; the pointer kernels sm_90 falls back to gather rows and need 8.
 
     sm_80 and fp32 keep the tiles that ``python -m sparsekern.check`` finds
     spill-free there. fp32 needs smaller tiles: without TF32 ``tl.dot``
@@ -172,7 +175,7 @@ def default_config(kind: str, bm: int, bk: int, elem_bytes: int, cap: int = 90) 
             # The conv gathers keep per-token coordinates, pointers and masks in registers: with 4 warps
             # the 256-token tile spilled ~300 B at 255 registers (64x64 blocks, mixed); 8 warps hold it
             # in 208-215 without spilling (two warpgroups, m64n128k16 each).
-            warps = 8 if kind_in.startswith("conv_") else 4
+            warps = 8 if kind_in.startswith("conv_") and variant != "rect" else 4
             return triton.Config({"BLOCK_M": 256, "SWAP_AB": True, **tiles}, num_warps=warps, num_stages=4)
         tiles = {"BLOCK_N": min(bm, 64), "BLOCK_K": min(bk, 64)}
         return triton.Config({"BLOCK_M": 128, "SWAP_AB": False, **tiles}, num_warps=4, num_stages=4)
@@ -244,21 +247,25 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "interpreter"
 
 
-def pick_config(kind, dtype, device, bm, bk, m, run, config=None, blocks=None) -> triton.Config:
+def pick_config(kind, dtype, device, bm, bk, m, run, config=None, blocks=None, variant="") -> triton.Config:
     """Explicit override, then tuned data, then (CUDA) a one-off benchmark of the candidates.
 
     ``run(cfg)`` launches the kernel with ``cfg`` and returns the compiled
     kernel; ``blocks`` (a block count) joins the key for kinds whose best
-    config depends on it (the weight gradient's grouping and split).
+    config depends on it (the weight gradient's grouping and split);
+    ``variant`` names a second kernel of the same kind (``"rect"``: the conv
+    descriptor kernels of ``bsconv_tma.py``), tuned under its own key.
     """
     elem = torch.empty((), dtype=dtype).element_size()
     if config is not None:
         return config
     if INTERPRET or device.type != "cuda":
-        return default_config(kind, bm, bk, elem, device_capability(device))
+        return default_config(kind, bm, bk, elem, device_capability(device), variant)
     key = tuned_key(kind, str(dtype).removeprefix("torch."), bm, bk, m_bucket(m))
     if blocks is not None:
         key += f":b{count_bucket(blocks)}"
+    if variant:
+        key += f":{variant}"
     name = _device_name(device)
     cache_key = (name, key)
     if cache_key in _tuned_cache:
@@ -266,7 +273,7 @@ def pick_config(kind, dtype, device, bm, bk, m, run, config=None, blocks=None) -
     found = lookup(name, key)
     if found is None:
         cap = device_capability(device)
-        base = [default_config(kind, bm, bk, elem, cap)] + for_block(candidates(kind), bm, bk)
+        base = [default_config(kind, bm, bk, elem, cap, variant)] + for_block(candidates(kind), bm, bk)
         cands = prune(base, elem, kind, device_smem(device.index or 0))
         if os.environ.get("SPARSEKERN_AUTOTUNE", "1") == "0":
             found = cands[0]

@@ -9,25 +9,35 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from sparsekern.check.specs import PRECISIONS, Arch, KernelSpec, Precision, active_descriptors, kernel_fn, spec_for
+from sparsekern.check.specs import PRECISIONS, Arch, KernelSpec, Precision, active_descriptors, job_kernel, job_tiles
 
 # Metadata the kernels read as packed int64 pairs of int32: (index, slot) from layout.col_slot and
 # layout.row_slot_t, and the conv launchers' per-launch arrays (tap offsets, lines).
 PACKED_POINTERS = frozenset(
-    {"col_slot_ptr", "row_slot_t_ptr", "chan_slot_ptr", "tap_ptr", "line_row_slot_ptr", "line_out_ptr"}
+    {
+        "col_slot_ptr",
+        "row_slot_t_ptr",
+        "chan_slot_ptr",
+        "tap_ptr",
+        "line_row_slot_ptr",
+        "line_out_ptr",
+        "inner_slot_ptr",
+        "box_ptr",
+    }
 )
 
 
 def tile_value(name: str, kwargs: dict) -> int:
-    """A tile constexpr's value; ``WIDE`` is the weight-gradient width ``GROUP * BLOCK_K``."""
+    """A tile constexpr's value; ``WIDE`` is the weight-gradient width ``GROUP * BLOCK_K``
+    (``kwargs`` from ``specs.job_tiles``, which adds the rectangle of a descriptor conv kernel)."""
     if name == "WIDE":
         return kwargs.get("GROUP", 1) * kwargs["BLOCK_K"]
     return kwargs[name]
 
 
-def desc_type(elem: str, block: tuple[int, int]) -> str:
+def desc_type(elem: str, block: tuple[int, ...]) -> str:
     """The signature string of a host TensorDescriptor argument (Triton 3.6 and 3.9 both take it)."""
-    return f"tensordesc<{elem}[{block[0]}, {block[1]}]>"
+    return f"tensordesc<{elem}[{', '.join(str(b) for b in block)}]>"
 
 
 def _signature(
@@ -108,9 +118,9 @@ def compile_source(fn, signature: dict, consts: dict, divisible: list, cap: int,
 
 def compile_job(job: dict):
     """Compile one kernel job (see ``specs.make_job``); returns (compiled, aligned)."""
-    fn = kernel_fn(job["kind"])
-    spec = spec_for(job["kind"], fn)
+    fn, spec = job_kernel(job)
     prec = PRECISIONS[job["dtype"]]
+    tiles = job_tiles(job)
     constexprs = dict(
         BM=job["bm"],
         BK=job["bk"],
@@ -120,11 +130,13 @@ def compile_job(job: dict):
         **spec.extra_constexprs,
         **job["kwargs"],
     )
+    if spec.rect:
+        constexprs.update({k: tiles[k] for k in ("TN", "TH", "TW")})
     if "USE_TMA" in fn.arg_names:
         constexprs["USE_TMA"] = job.get("use_tma", False)
     descs = {
-        arg: tuple(tile_value(t, job["kwargs"]) for t in block)
-        for arg, block in active_descriptors(spec, job["kwargs"], constexprs.get("USE_TMA", False)).items()
+        arg: tuple(tile_value(t, tiles) for t in block)
+        for arg, block in active_descriptors(spec, job["kwargs"], spec.rect or constexprs.get("USE_TMA", False)).items()
     }
     signature, consts, divisible = _signature(fn, spec, prec, constexprs, descs)
     return compile_source(fn, signature, consts, divisible, job["cap"], job["num_warps"], job["num_stages"])
@@ -132,9 +144,9 @@ def compile_job(job: dict):
 
 def job_descriptors(job: dict) -> set[str]:
     """The kernel arguments a job passes as descriptors (imports the kernel to see whether it has USE_TMA)."""
-    fn = kernel_fn(job["kind"])
-    spec = spec_for(job["kind"], fn)
-    return set(active_descriptors(spec, job["kwargs"], "USE_TMA" in fn.arg_names and job.get("use_tma", False)))
+    fn, spec = job_kernel(job)
+    tma = spec.rect or ("USE_TMA" in fn.arg_names and job.get("use_tma", False))
+    return set(active_descriptors(spec, job["kwargs"], tma))
 
 
 # ---------------------------------------------------------------- NVIDIA tools

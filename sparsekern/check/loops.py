@@ -128,18 +128,34 @@ def ttgir_mma_loop(ttgir: str) -> dict | None:
     }
 
 
-def operand_buffers(ttgir: str, operand_tiles: list[tuple[int, int]], elem: str, loop: dict | None) -> list[int]:
-    """Shared-memory buffers of each operand tile (given as (rows, cols); either orientation matches).
+def operand_buffers(ttgir: str, operand_tiles: list[tuple[int, ...]], elem: str, loop: dict | None) -> list[int]:
+    """Shared-memory buffers of each operand tile (given as (rows, cols), either orientation matching, or
+    as an N-D descriptor box, matched exactly).
 
-    A multi-buffered alloc ``S x rows x cols`` gives S; a single-tile alloc inside the loop gives 1 (the
-    operand is staged but not pipelined); no alloc gives 0 (read from registers or not found). Allocs
-    of equal shape go to the operands in the order they appear.
+    A multi-buffered alloc ``S x rows x cols`` (``S x box``) gives S; a single-tile alloc inside the loop
+    gives 1 (the operand is staged but not pipelined); no alloc gives 0 (read from registers or not
+    found). Allocs of equal shape go to the operands in the order they appear.
     """
     allocs = [a for a in ttgir_allocs(ttgir) if a["elem"] == elem and len(a["shape"]) >= 2]
     inside = (lambda a: loop["lines"][0] < a["line"] < loop["lines"][1]) if loop else (lambda a: False)
     used, out = set(), []
-    for rows, cols in operand_tiles:
-        want = sorted((rows, cols))
+    for tile in operand_tiles:
+        if len(tile) > 2:  # a box: S x box, or the box itself inside the loop
+            best = 0
+            for k, a in enumerate(allocs):
+                if k in used:
+                    continue
+                if a["shape"][1:] == list(tile):
+                    used.add(k)
+                    best = a["shape"][0]
+                    break
+                if a["shape"] == list(tile) and inside(a):
+                    used.add(k)
+                    best = 1
+                    break
+            out.append(best)
+            continue
+        want = sorted(tile)
         best = 0
         for k, a in enumerate(allocs):
             if k in used or sorted(a["shape"][-2:]) != want:

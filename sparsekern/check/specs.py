@@ -60,7 +60,7 @@ class Desc:
     """
 
     arg: str
-    block: tuple[str, str]
+    block: tuple[str, ...]
     when: tuple[tuple[str, object], ...] = ()
 
 
@@ -78,6 +78,7 @@ class KernelSpec:
     # The dense twin's operands A, B and output C, as the kernel's argument names (see twins.py).
     operands: tuple[str, str, str] = ("", "", "")
     descriptors: tuple[Desc, ...] = ()  # only used when the kernel has a USE_TMA argument and it is True
+    rect: bool = False  # a descriptor conv kernel of kernels/bsconv_tma.py: always descriptors, TN/TH/TW tiles
 
 
 # ---- The kernels as they are in the tree today (two weight stores, pointers only).
@@ -221,12 +222,85 @@ TMA_SPECS = {
 }
 
 
-def kernel_fn(kind: str):
+# ---- The descriptor conv kernels (kernels/bsconv_tma.py): what sm_90 runs for aligned channels_last
+# activations. Every operand but the input gradient's output is a descriptor; x is the 5-D stride-phase view.
+# x is the plain NHWC box of a stride-1 conv (PHASED=False, what the gate compiles; strided convs read
+# the 5-D stride-phase view, reported as "-strided" rows).
+_RECT_X, _RECT_Y = ("TN", "TH", "TW", "BLOCK_K"), ("TN", "TH", "TW", "BLOCK_N")
+# Ints with no divisibility to assume: grid and image sizes, channel counts, conv strides/pads/dilations.
+_RECT_CONV = frozenset({"GH", "GW", "conv_stride_h", "conv_stride_w", "pad_h", "pad_w"})
+_RECT_FWD_INTS = _RECT_CONV - {"conv_stride_h", "conv_stride_w", "pad_h", "pad_w"} | {"M", "C_out", "fixed_base"}
+_RECT_DX_INTS = _RECT_CONV | {"M", "N", "C_in", "H", "W", "CPB", "fixed_base"}
+_RECT_DW_INTS = _RECT_CONV | {"n_rects", "C_in", "KW", "CPB", "rects_per_split", "dil_h", "dil_w"}
+RECT_SPECS = {
+    "conv_fwd": KernelSpec(
+        "conv_fwd",
+        "_bsconv_fwd_tma_kernel",
+        frozenset({"bias_ptr"}),
+        frozenset(),
+        _RECT_FWD_INTS,
+        {"HAS_BIAS": True, "PHASED": False},
+        module="bsconv_tma",
+        operands=("x_desc", "w_desc", "y_desc"),
+        descriptors=(Desc("x_desc", _RECT_X), Desc("w_desc", _W_TILE), Desc("y_desc", _RECT_Y)),
+        rect=True,
+    ),
+    "conv_dx": KernelSpec(
+        "conv_dx",
+        "_bsconv_dx_tma_kernel",
+        frozenset({"dx_ptr"}),
+        frozenset({"stride_dxc"}),
+        _RECT_DX_INTS,
+        module="bsconv_tma",
+        operands=("dy_desc", "w_desc", "dx_ptr"),
+        descriptors=(Desc("dy_desc", _RECT_Y), Desc("w_desc", _W_TILE)),
+        rect=True,
+    ),
+    "conv_wgrad": KernelSpec(
+        "conv_wgrad",
+        "_bsconv_dw_tma_kernel",
+        frozenset({"dw_ptr"}),
+        frozenset(),
+        _RECT_DW_INTS,
+        {"PHASED": False},
+        module="bsconv_tma",
+        operands=("dy_desc", "x_desc", "dw_ptr"),
+        descriptors=(Desc("dy_desc", _RECT_Y), Desc("x_desc", _RECT_X)),
+        rect=True,
+    ),
+}
+# The rectangle the check compiles the descriptor kernels with: that of 14x14 images (the issue's conv
+# layer, 3x3 256->256 @14), e.g. 16x16 pixels for 256 tokens. The loop code does not depend on it.
+RECT_IMAGE = (14, 14)
+
+
+def kernel_fn(kind: str, rect: bool = False):
     """The kernel function of a kind (imports the kernels: call it in a compiling process only)."""
     import importlib
 
-    spec = SPECS[kind]
+    spec = RECT_SPECS[kind] if rect else SPECS[kind]
     return getattr(importlib.import_module(f"sparsekern.kernels.{spec.module}"), spec.fn_name)
+
+
+def job_kernel(job: dict):
+    """``(kernel function, KernelSpec)`` of a job: the descriptor conv kernel when ``job["rect"]``."""
+    rect = bool(job.get("rect"))
+    fn = kernel_fn(job["kind"], rect)
+    return fn, (RECT_SPECS[job["kind"]] if rect else spec_for(job["kind"], fn))
+
+
+def job_tiles(job: dict) -> dict:
+    """The job's config kwargs plus, for a descriptor conv kernel, its rectangle ``TN``/``TH``/``TW``."""
+    kw = dict(job["kwargs"])
+    if job.get("rect"):
+        from sparsekern.kernels.bsconv_tables import pixel_tile
+
+        kw.update(zip(("TN", "TH", "TW"), pixel_tile(kw["BLOCK_M"], 1, *RECT_IMAGE), strict=True), ONE=1)
+    return kw
+
+
+def job_fn_name(job: dict) -> str:
+    return (RECT_SPECS if job.get("rect") else SPECS)[job["kind"]].fn_name
 
 
 def spec_for(kind: str, fn) -> KernelSpec:
@@ -241,11 +315,20 @@ def active_descriptors(spec: KernelSpec, kwargs: dict, use_tma: bool) -> dict[st
     return {d.arg: d.block for d in spec.descriptors if all(kwargs.get(k) == v for k, v in d.when)}
 
 
-def default_config(kind: str, bm: int, bk: int, elem_bytes: int, cap: int):
-    """``configs.default_config`` for an arch (the redesign takes ``cap``; the old one has no arch argument)."""
+def default_config(kind: str, bm: int, bk: int, elem_bytes: int, cap: int, variant: str | None = None):
+    """``configs.default_config`` for an arch (the redesign takes ``cap``; the old one has no arch argument).
+
+    ``variant`` defaults to what the launcher runs on aligned channels_last activations: the descriptor
+    conv kernels (``"rect"``) on sm_90, the pointer kernels elsewhere.
+    """
     from sparsekern.kernels import configs as cfgs
 
-    if "cap" in inspect.signature(cfgs.default_config).parameters:
+    params = inspect.signature(cfgs.default_config).parameters
+    if variant is None:
+        variant = "rect" if cap >= 90 and kind.startswith("conv_") else ""
+    if "variant" in params:
+        return cfgs.default_config(kind, bm, bk, elem_bytes, cap=cap, variant=variant)
+    if "cap" in params:
         return cfgs.default_config(kind, bm, bk, elem_bytes, cap=cap)
     return cfgs.default_config(kind, bm, bk, elem_bytes)
 
@@ -327,6 +410,9 @@ def make_job(kind: str, mixed: bool, cap: int, dtype: str, bm: int, bk: int, lab
         "num_warps": cfg.num_warps,
         "num_stages": cfg.num_stages,
         "use_tma": cap >= 90,
+        # sm_90 runs the descriptor conv kernels for aligned channels_last activations (one block per
+        # weight-gradient program: grouped configs run the pointer kernel).
+        "rect": cap >= 90 and kind.startswith("conv_") and cfg.kwargs.get("GROUP", 1) == 1,
     }
 
 

@@ -14,9 +14,9 @@ from sparsekern.check.specs import (
     REGS_PER_SM,
     SM_PARTITIONS,
     SMEM_RESERVED_PER_BLOCK,
-    SPECS,
     Arch,
     Precision,
+    job_fn_name,
 )
 
 
@@ -69,7 +69,7 @@ def check_one(job: dict) -> dict:
 def describe_job(job: dict) -> dict:
     kw = job["kwargs"]
     return {
-        "kernel": SPECS[job["kind"]].fn_name,
+        "kernel": job_fn_name(job),
         "kind": job["kind"],
         "has_mixed": job["has_mixed"],
         "arch": f"sm_{job['cap']}",

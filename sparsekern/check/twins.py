@@ -14,8 +14,10 @@ activations). A kernel (``HAS_MIXED=False``) FAILS the proof when, in its MMA lo
 * it has more than the twin's non-MMA instructions per iteration + ``NON_MMA_SLACK``,
 * it spills.
 
-``HAS_MIXED=True`` variants are compiled and reported (a slower path is allowed there). On sm_80
-the kernel alone is judged: buffers and no wait-all.
+``HAS_MIXED=True`` variants are compiled and reported (a slower path is allowed there), and so are the
+pointer conv kernels that sm_90 falls back to when the activations cannot sit behind descriptors (NCHW,
+unaligned channels; ``-pointer`` rows): the gated conv kernels on sm_90 are the descriptor kernels of
+``kernels/bsconv_tma.py``. On sm_80 the kernel alone is judged: buffers and no wait-all.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sparsekern.check.specs import ARCHS, PRECISIONS, SPECS, default_config, make_job
+from sparsekern.check.specs import ARCHS, PRECISIONS, SPECS, default_config, job_fn_name, make_job
 
 NON_MMA_SLACK = 16
 PROOF_KINDS = ("fwd", "dx", "wgrad", "conv_fwd", "conv_dx", "conv_wgrad")
@@ -62,6 +64,8 @@ def label(job: dict) -> str:
     text = f"{job['kind']}-{job['bm']}x{job['bk']}-{job['dtype']}"
     if job.get("config", "default").split("=")[0] != "default":
         text += "-" + job["config"]
+    if job.get("proof") == "fallback":
+        return text + "-pointer"
     return text + ("-twin" if job.get("twin") else "-mixed" if job.get("has_mixed") else "")
 
 
@@ -87,6 +91,13 @@ def build_proof_jobs(scope: str = "default", only: str | None = None, dump: str 
                         twin = dict(kernel, twin=True, proof="twin")
                         twin["label"] = kernel["twin_label"] = mixed["twin_label"] = label(twin)
                         group += [mixed, twin]
+                        if kernel.get("rect"):  # the pointer kernel sm_90 falls back to (NCHW, unaligned C)
+                            pcfg = default_config(kind, b, b, PRECISIONS[dtype].elem_bytes, cap, variant="")
+                            fallback = dict(make_job(kind, False, cap, dtype, b, b, "default", pcfg), proof="fallback")
+                            fallback["rect"] = False
+                            fallback["label"] = label(fallback)
+                            fallback["twin_label"] = twin["label"]
+                            group.append(fallback)
                     for job in group:
                         job["dump"] = dump
                     jobs += group
@@ -103,11 +114,10 @@ def twin_fn(job: dict):
 def twin_descriptors(job: dict) -> tuple[bool, bool, bool]:
     """Which of the twin's A, B, C are descriptors: those whose kernel argument is one in the same launch."""
     from sparsekern.check.compile import job_descriptors
-    from sparsekern.check.specs import kernel_fn, spec_for
+    from sparsekern.check.specs import job_kernel
 
     descs = job_descriptors(job)
-    spec = spec_for(job["kind"], kernel_fn(job["kind"]))
-    return tuple(arg in descs for arg in spec.operands)
+    return tuple(arg in descs for arg in job_kernel(job)[1].operands)
 
 
 def compile_twin(job: dict):
@@ -135,12 +145,19 @@ def compile_twin(job: dict):
     return compiled, tma
 
 
-def operand_tiles(job: dict) -> list[tuple[int, int]]:
-    """(rows, cols) of the A and B tiles, for matching shared buffers (kernel and twin share them)."""
+def operand_tiles(job: dict) -> list[tuple[int, ...]]:
+    """Block shapes of the A and B tiles, for matching shared buffers: (rows, cols) for the twins and the
+    2-D kernels, the descriptor boxes for the descriptor conv kernels (``TN, TH, 1, TW, BLOCK_K``...)."""
     from sparsekern.check.compile import tile_value
+    from sparsekern.check.specs import job_kernel, job_tiles
 
+    tiles = job_tiles(job)
+    if job.get("rect") and not job.get("twin"):
+        spec = job_kernel(job)[1]
+        boxes = {d.arg: d.block for d in spec.descriptors}
+        return [tuple(tile_value(t, tiles) for t in boxes[arg]) for arg in spec.operands[:2]]
     twin = TWINS[base_kind(job["kind"])]
-    return [tuple(tile_value(t, job["kwargs"]) for t in tile) for tile in twin.tiles[:2]]
+    return [tuple(tile_value(t, tiles) for t in tile) for tile in twin.tiles[:2]]
 
 
 # ------------------------------------------------------------------ one job
@@ -189,7 +206,7 @@ def error_text(exc: Exception, limit: int = 300) -> str:
 
 def describe(job: dict) -> dict:
     return {
-        "kernel": TWINS[base_kind(job["kind"])].fn_name if job.get("twin") else SPECS[job["kind"]].fn_name,
+        "kernel": TWINS[base_kind(job["kind"])].fn_name if job.get("twin") else job_fn_name(job),
         **{k: job[k] for k in ("label", "proof", "kind", "has_mixed", "dtype", "kwargs", "num_warps", "num_stages")},
         "twin_label": job.get("twin_label"),
         "arch": f"sm_{job['cap']}",
@@ -208,7 +225,7 @@ def write_dump(root: Path, job: dict, ttgir: str, sass: str) -> None:
     meta = {
         "kind": job["kind"],
         "role": job["proof"],
-        "kernel": TWINS[base_kind(job["kind"])].fn_name if job.get("twin") else SPECS[job["kind"]].fn_name,
+        "kernel": TWINS[base_kind(job["kind"])].fn_name if job.get("twin") else job_fn_name(job),
         "has_mixed": job["has_mixed"],
         "block": [job["bm"], job["bk"]],
         "dtype": job["dtype"],
@@ -270,7 +287,8 @@ def judge_all(rows: list[dict]) -> list[dict]:
             r["problems"] = judge_proof(r, twins.get(r["twin_label"]))
             r["status"] = "FAIL" if r["problems"] else "ok"
         else:  # reported, not gated: the problems are listed as notes
-            notes = judge_proof(r, twins.get(r["twin_label"])) if r["proof"] == "mixed" else _loop_problems(r)
+            gated_like = r["proof"] in ("mixed", "fallback")
+            notes = judge_proof(r, twins.get(r["twin_label"])) if gated_like else _loop_problems(r)
             r["notes"] = notes
             r["status"] = "info"
     return rows
