@@ -97,9 +97,16 @@ Known limits:
   (``W`` likewise); when ``stride_h`` does not divide ``H`` some phases have a
   masked last row. Pixels no tap reaches (``stride > dilation*(k-1)+1``) are
   still visited and written as zeros.
-* The activation gather (and ``dy``, the outputs and the weight gradient's
-  operands) stay on pointers: a descriptor cannot express the per-pixel
-  bounds of a tap. Only the weight tile goes through TMA.
+* These kernels gather activations with pointers (the weight tile goes
+  through TMA on sm_90). On sm_90 the launchers run the descriptor kernels
+  of ``bsconv_tma.py`` instead whenever the activations allow it (channels
+  contiguous, 16-byte pixels; strided convs also need ``H``, ``W`` multiples
+  of the stride): there a program's tokens are a rectangle of pixels and
+  TMA's zero fill does the image bounds, so no per-row mask is left in the
+  loop. Otherwise a warning names the reason once and these kernels run.
+  Pointwise convs (1x1, stride 1, no padding) with channels_last operands
+  run on the linear kernels of ``bsmm.py`` instead, on every device: their
+  pixels are the tokens of a matmul (:func:`token_matrix`).
 * The per-launch arrays cost a few small torch ops per call (no host sync).
 * The weight gradient decodes its tokens ``(n, ho, wo)`` per token step (two
   divisions by runtime sizes per token of the tile); the forward and input
@@ -120,7 +127,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import bsconv_tma
+from . import bsconv_tma, bsmm
 from . import configs as cfgs
 from .bsconv_tables import channel_order, forward_taps, input_grad_lines
 from .launch import INTERPRET, check, check_bias, check_dtype, check_values, kernel_constexprs, use_tma, weight_operand
@@ -573,6 +580,35 @@ def _new_act(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 _warned_pointer: set[str] = set()
 
 
+def pointwise(geom: ConvGeom) -> bool:
+    """A 1x1 conv with stride 1 and no padding: one pixel is one token, the conv is a matmul."""
+    g = geom
+    return (g.kh, g.kw, g.stride_h, g.stride_w, g.pad_h, g.pad_w) == (1, 1, 1, 1, 0, 0)
+
+
+def token_matrix(t: torch.Tensor) -> torch.Tensor | None:
+    """``t`` ``(N, C, H, W)`` as the ``(N*H*W, C)`` matrix of its pixels, a view; ``None`` unless its
+    channels are contiguous and its pixels evenly spaced (channels_last, possibly a channel slice)."""
+    n, c, h, w = t.shape
+    sn, sc, sh, sw = t.stride()
+    if sc != 1 or sh != w * sw or sn != h * sh:
+        return None
+    return t.as_strided((n * h * w, c), (sw, 1))
+
+
+def _matmul_views(geom: ConvGeom, *acts: torch.Tensor) -> list[torch.Tensor] | None:
+    """The token matrices of a pointwise conv's activations, when each has one (see :func:`token_matrix`).
+
+    Such a conv runs on the linear kernels of ``bsmm.py``: its matrix view ``(Cout, c_pad)`` is a linear
+    layer's block grid over ``Cin`` inputs (the overhang past ``Cin`` is masked there as here), and those
+    kernels read and write these views through descriptors on sm_90 with no reshaped operand.
+    """
+    if not pointwise(geom):
+        return None
+    views = [token_matrix(t) for t in acts]
+    return None if any(v is None for v in views) else views
+
+
 def _rect_path(device: torch.device, what: str, geom: ConvGeom, bk: int, boxes, phased=None, store=None) -> bool:
     """Whether this pass runs the descriptor kernels of ``bsconv_tma.py`` (sm_90 and newer).
 
@@ -637,6 +673,10 @@ def bsconv_forward(
     rb = meta.row_offsets.numel() - 1
     if not (m and rb):
         return y
+    views = _matmul_views(geom, x, y)
+    if views is not None:
+        bsmm.bsmm_forward(views[0], w_train, w_frozen, bias, meta, geom.c_out, n_frozen, out=views[1], config=config)
+        return y
     store = value_store(w_train, w_frozen)
     fixed_base = w_train.shape[0] + n_frozen
     if _rect_path(x.device, "forward", geom, bk, {"y": y}, x, store):
@@ -694,6 +734,10 @@ def bsconv_input_grad(
     hq, wq = triton.cdiv(geom.h, geom.stride_h), triton.cdiv(geom.w, geom.stride_w)
     m = geom.n * hq * wq
     if not (m and cpb):
+        return dx
+    views = _matmul_views(geom, dy, dx)
+    if views is not None:
+        bsmm.bsmm_input_grad(views[0], w_train, w_frozen, meta, geom.c_in, n_frozen, out=views[1], config=config)
         return dx
     n_lines = geom.stride_h * geom.stride_w * cpb
     store = value_store(w_train, w_frozen)
@@ -761,6 +805,9 @@ def bsconv_weight_grad(
         return dw
     if m == 0:
         return dw.zero_()
+    views = _matmul_views(geom, dy, x)
+    if views is not None:
+        return bsmm.bsmm_weight_grad(views[0], views[1], meta, (bm, bk), out=dw, config=config, splits=splits)
     # The descriptor kernel runs one block per program: grouped configs (autotuning) take the pointer kernel.
     rect = _rect_path(x.device, "weight gradient", geom, bk, {"dy": dy}, x)
 

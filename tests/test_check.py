@@ -29,6 +29,7 @@ KERNELS = (
     "_bsconv_dx_kernel",
     "_bsconv_dw_kernel",
 )
+RECT_KERNELS = ("_bsconv_fwd_tma_kernel", "_bsconv_dx_tma_kernel", "_bsconv_dw_tma_kernel")
 
 
 def _table_rows(stdout: str) -> list[list[str]]:
@@ -51,9 +52,10 @@ def test_quick_check_compiles_every_kernel_without_spills():
     )
     rows = _table_rows(proc.stdout)
     seen = {(cells[0].split()[0], cells[1]) for cells in rows}
-    for kernel in KERNELS:
-        for arch in ("sm_80", "sm_90"):
-            assert (kernel, arch) in seen, f"no row for {kernel} on {arch}:\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    wanted = [(k, arch) for k in KERNELS for arch in ("sm_80", "sm_90")]
+    wanted += [(k, "sm_90") for k in RECT_KERNELS]  # the descriptor conv kernels are sm_90's
+    for kernel, arch in wanted:
+        assert (kernel, arch) in seen, f"no row for {kernel} on {arch}:\n{proc.stdout}\n{proc.stderr[-3000:]}"
     assert proc.returncode == 0, f"the kernel check found problems:\n{proc.stdout}"
 
 
@@ -182,6 +184,15 @@ def test_operand_buffers_match_tiles_by_shape():
     staged = staged.replace("memdesc<2x64x64xbf16", "memdesc<2x64x32xbf16")
     assert check.operand_buffers(staged, [(128, 64), (64, 64)], "bf16", check.ttgir_mma_loop(staged)) == [3, 1]
     assert check.operand_buffers(TTGIR, [(128, 64), (128, 64)], "bf16", loop) == [3, 0]
+
+
+def test_operand_buffers_match_descriptor_boxes_exactly():
+    """A descriptor conv kernel's x box ``1x16x16x64`` pipelined 4 deep is ``4x1x16x16x64``; the
+    epilogue's ``1x16x16x64`` store tile (no leading buffer count) is not an operand buffer."""
+    ttgir = TTGIR.replace("memdesc<3x128x64xbf16", "memdesc<4x1x16x16x64xbf16")
+    loop = check.ttgir_mma_loop(ttgir)
+    assert check.operand_buffers(ttgir, [(1, 16, 16, 64), (64, 64)], "bf16", loop) == [4, 2]
+    assert check.operand_buffers(ttgir, [(16, 16, 64), (64, 64)], "bf16", loop) == [0, 2]  # rank must match
 
 
 def test_ptxas_wgmma_serialization_warning():

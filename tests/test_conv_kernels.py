@@ -483,3 +483,36 @@ def test_compiled_conv_kernels_on_cuda(case):
     check_input_grad(p)
     check_weight_grad(p)
     check_weight_grad(p, splits=2)
+
+
+# ------------------------------------------------------- pointwise convs
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_NAME.get)
+def test_pointwise_convs_run_the_linear_kernels(dtype, monkeypatch):
+    """A 1x1 stride-1 conv on channels_last operands is the linear kernels' matmul over pixels, here
+    with odd channel counts (the layout's overhang past Cin), mixed blocks, a bias and every pass."""
+    dev = _need()
+    from sparsekern.kernels import bsmm
+
+    calls = []
+    for name in ("bsmm_forward", "bsmm_input_grad", "bsmm_weight_grad"):
+        real = getattr(bsmm, name)
+        monkeypatch.setattr(bsmm, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+    p = ConvProblem(3, 33, (5, 4), 40, (1, 1), bs=(16, 32), dtype=dtype, density=0.7, kind="mixed", device=dev)
+    check_forward(p, out=p.nan_full(p.y_shape))
+    check_input_grad(p, out=p.nan_full(tuple(p.x.shape)))
+    check_weight_grad(p, splits=2)
+    assert calls == ["bsmm_forward", "bsmm_input_grad", "bsmm_weight_grad"]
+    calls.clear()
+    p.fmt = NCHW  # NCHW outputs have no token matrix: the conv kernels run
+    check_forward(p, out=p.nan_full(p.y_shape))
+    assert calls == []
+
+
+def test_token_matrix_views_only_evenly_spaced_pixels():
+    x = torch.randn(2, 6, 3, 4).to(memory_format=CL)
+    v = bsconv.token_matrix(x)
+    assert v.data_ptr() == x.data_ptr() and torch.equal(v, x.permute(0, 2, 3, 1).reshape(24, 6))
+    sliced = torch.randn(2, 10, 3, 4).to(memory_format=CL)[:, 2:8]  # a channel slice: pixels 10 apart
+    assert torch.equal(bsconv.token_matrix(sliced), sliced.permute(0, 2, 3, 1).reshape(24, 6))
+    assert bsconv.token_matrix(torch.randn(2, 6, 3, 4)) is None  # NCHW
+    assert bsconv.token_matrix(x[:, :, :, :3]) is None  # a spatial crop: rows not evenly spaced

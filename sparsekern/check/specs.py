@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass, field
 
@@ -227,6 +228,7 @@ TMA_SPECS = {
 # x is the plain NHWC box of a stride-1 conv (PHASED=False, what the gate compiles; strided convs read
 # the 5-D stride-phase view, reported as "-strided" rows).
 _RECT_X, _RECT_Y = ("TN", "TH", "TW", "BLOCK_K"), ("TN", "TH", "TW", "BLOCK_N")
+_RECT_X_PHASED = ("TN", "TH", "ONE", "TW", "BLOCK_K")
 # Ints with no divisibility to assume: grid and image sizes, channel counts, conv strides/pads/dilations.
 _RECT_CONV = frozenset({"GH", "GW", "conv_stride_h", "conv_stride_w", "pad_h", "pad_w"})
 _RECT_FWD_INTS = _RECT_CONV - {"conv_stride_h", "conv_stride_w", "pad_h", "pad_w"} | {"M", "C_out", "fixed_base"}
@@ -286,7 +288,11 @@ def job_kernel(job: dict):
     """``(kernel function, KernelSpec)`` of a job: the descriptor conv kernel when ``job["rect"]``."""
     rect = bool(job.get("rect"))
     fn = kernel_fn(job["kind"], rect)
-    return fn, (RECT_SPECS[job["kind"]] if rect else spec_for(job["kind"], fn))
+    spec = RECT_SPECS[job["kind"]] if rect else spec_for(job["kind"], fn)
+    if rect and job.get("phased"):  # a strided conv: x through the 5-D stride-phase view
+        descs = tuple(Desc(d.arg, _RECT_X_PHASED) if d.arg == "x_desc" else d for d in spec.descriptors)
+        spec = dataclasses.replace(spec, extra_constexprs={**spec.extra_constexprs, "PHASED": True}, descriptors=descs)
+    return fn, spec
 
 
 def job_tiles(job: dict) -> dict:
@@ -368,14 +374,16 @@ def _code_path(cfg) -> tuple:
     return tuple(sorted((k, v) for k, v in cfg.kwargs.items() if k not in TILE_KEYS))
 
 
-def _pick_configs(kind: str, bm: int, bk: int, elem_bytes: int, arch: Arch, scope: str) -> list[tuple[str, object]]:
+def _pick_configs(
+    kind: str, bm: int, bk: int, elem_bytes: int, arch: Arch, scope: str, variant: str | None = None
+) -> list[tuple[str, object]]:
     """The default config and the largest pruned candidate (by shared memory, then tile size).
 
     ``full`` takes the largest candidate of every code path instead of the largest overall.
     """
     from sparsekern.kernels import configs as cfgs
 
-    default = default_config(kind, bm, bk, elem_bytes, arch.cap)
+    default = default_config(kind, bm, bk, elem_bytes, arch.cap, variant)
     picked = {_config_key(default): ["default", default]}
     if scope == "quick":
         return [tuple(v) for v in picked.values()]
@@ -396,7 +404,7 @@ def _pick_configs(kind: str, bm: int, bk: int, elem_bytes: int, arch: Arch, scop
     return [tuple(v) for v in picked.values()]
 
 
-def make_job(kind: str, mixed: bool, cap: int, dtype: str, bm: int, bk: int, label: str, cfg) -> dict:
+def make_job(kind: str, mixed: bool, cap: int, dtype: str, bm: int, bk: int, label: str, cfg, rect=None) -> dict:
     """One kernel compile, as a picklable dict. ``use_tma``: the launcher's choice for aligned operands."""
     return {
         "kind": kind,
@@ -412,7 +420,7 @@ def make_job(kind: str, mixed: bool, cap: int, dtype: str, bm: int, bk: int, lab
         "use_tma": cap >= 90,
         # sm_90 runs the descriptor conv kernels for aligned channels_last activations (one block per
         # weight-gradient program: grouped configs run the pointer kernel).
-        "rect": cap >= 90 and kind.startswith("conv_") and cfg.kwargs.get("GROUP", 1) == 1,
+        "rect": (cap >= 90 and kind.startswith("conv_") if rect is None else rect) and cfg.kwargs.get("GROUP", 1) == 1,
     }
 
 
@@ -443,6 +451,9 @@ def build_jobs(scope: str = "default", only: str | None = None) -> list[dict]:
                 cfg_scope = scope if scope == "full" or prec in LARGEST_PRECISIONS else "quick"
                 for bm, bk in blocks:
                     elem = PRECISIONS[prec].elem_bytes
-                    for label, cfg in _pick_configs(kind, bm, bk, elem, ARCHS[cap], cfg_scope):
-                        jobs.append(make_job(kind, mixed, cap, prec, bm, bk, label, cfg))
+                    # sm_90 conv: the descriptor kernels and the pointer kernels they fall back to.
+                    paths = [(None, None), ("", False)] if cap >= 90 and kind.startswith("conv_") else [(None, None)]
+                    for variant, rect in paths:
+                        for label, cfg in _pick_configs(kind, bm, bk, elem, ARCHS[cap], cfg_scope, variant):
+                            jobs.append(make_job(kind, mixed, cap, prec, bm, bk, label, cfg, rect))
     return jobs

@@ -16,8 +16,9 @@ activations). A kernel (``HAS_MIXED=False``) FAILS the proof when, in its MMA lo
 
 ``HAS_MIXED=True`` variants are compiled and reported (a slower path is allowed there), and so are the
 pointer conv kernels that sm_90 falls back to when the activations cannot sit behind descriptors (NCHW,
-unaligned channels; ``-pointer`` rows): the gated conv kernels on sm_90 are the descriptor kernels of
-``kernels/bsconv_tma.py``. On sm_80 the kernel alone is judged: buffers and no wait-all.
+unaligned channels; ``-pointer`` rows) and the descriptor kernels of strided convs (``-strided``: ``x``
+through the 5-D stride-phase view): the gated conv kernels on sm_90 are the stride-1 descriptor kernels
+of ``kernels/bsconv_tma.py``. On sm_80 the kernel alone is judged: buffers and no wait-all.
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ def label(job: dict) -> str:
     text = f"{job['kind']}-{job['bm']}x{job['bk']}-{job['dtype']}"
     if job.get("config", "default").split("=")[0] != "default":
         text += "-" + job["config"]
-    if job.get("proof") == "fallback":
-        return text + "-pointer"
+    if job.get("proof") in ("fallback", "strided"):
+        return text + ("-pointer" if job["proof"] == "fallback" else "-strided")
     return text + ("-twin" if job.get("twin") else "-mixed" if job.get("has_mixed") else "")
 
 
@@ -98,6 +99,10 @@ def build_proof_jobs(scope: str = "default", only: str | None = None, dump: str 
                             fallback["label"] = label(fallback)
                             fallback["twin_label"] = twin["label"]
                             group.append(fallback)
+                        if kernel.get("rect") and kind != "conv_dx":  # dx reads dy, a plain box, at any stride
+                            strided = dict(kernel, phased=True, proof="strided")
+                            strided["label"] = label(strided)
+                            group.append(strided)
                     for job in group:
                         job["dump"] = dump
                     jobs += group
@@ -287,7 +292,7 @@ def judge_all(rows: list[dict]) -> list[dict]:
             r["problems"] = judge_proof(r, twins.get(r["twin_label"]))
             r["status"] = "FAIL" if r["problems"] else "ok"
         else:  # reported, not gated: the problems are listed as notes
-            gated_like = r["proof"] in ("mixed", "fallback")
+            gated_like = r["proof"] in ("mixed", "fallback", "strided")
             notes = judge_proof(r, twins.get(r["twin_label"])) if gated_like else _loop_problems(r)
             r["notes"] = notes
             r["status"] = "info"
