@@ -40,8 +40,21 @@ chosen per geometry to waste least (``bsconv_tables.pixel_tile``): 14x14 images 
 ``dy`` as zero (the weight gradient adds ``0 * x``) and ``x`` as real neighbouring pixels, never memory
 outside ``x``.
 
-Limits: the weight gradient runs one block per program (``GROUP == 1``; grouped configs run the pointer
-kernel); the input gradient's store stays on pointers (a stride phase's pixels are not a box of ``dx``).
+Limits:
+
+* The weight gradient runs one block per program (``GROUP == 1``; grouped configs run the pointer
+  kernel); the input gradient's store stays on pointers (a stride phase's pixels are not a box of ``dx``).
+* Where an activation box is the MMA's *A* operand, Triton (3.6 and 3.9 alike) does not keep it in
+  shared memory: a box whose rectangle merges two dimensions (``TH x TW`` into ``BLOCK_M``) reaches a
+  wgmma's A side as ``local_load``, ``reshape``, ``convert_layout`` to registers, while on the B side it
+  stays a ``memdesc_reshape`` of the TMA buffer. That is the case of the weight gradient (``dy^T`` or
+  ``x^T`` must be A) and of 32-wide blocks in the forward and input gradient (the block's 32 rows cannot
+  be the 64-row A side, so the activation is). There the loop has ``ldmatrix`` copies, and for 32-wide
+  blocks ptxas serializes the wgmma (C7515); ``python -m sparsekern.check --twins`` shows both. A box
+  that only drops unit dimensions (``[1, TW, C]``) stays in shared memory, so rectangles of one row
+  would avoid it, at the price of computing up to ``BLOCK_M / W`` times the pixels of a narrow image.
+* Pointwise convs (1x1, stride 1, no padding) never come here: ``bsconv.py`` runs them on the linear
+  kernels, whose tokens are pixels.
 """
 
 from __future__ import annotations
