@@ -413,10 +413,25 @@ def _x_desc(x: torch.Tensor, geom: ConvGeom, tile: tuple[int, int, int], block_k
     return TensorDescriptor(x, shape, [x.stride(0), sh * x.stride(2), x.stride(2), sw * x.stride(3), 1], block)
 
 
+INT32_MAX = 2**31 - 1
+
+
 def _grid_of(block_m: int, n: int, h: int, w: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """``((TN, TH, TW), (GN, GH, GW))``: the rectangle for ``block_m`` tokens and how many cover the images."""
+    """``((TN, TH, TW), (GN, GH, GW))``: the rectangle for ``block_m`` tokens and how many cover the images.
+
+    The rectangles' tokens, past-image pixels included, are counted in int32 by the kernels.
+    """
     tn, th, tw = pixel_tile(block_m, n, h, w)
-    return (tn, th, tw), (triton.cdiv(n, tn), triton.cdiv(h, th), triton.cdiv(w, tw))
+    grid = (triton.cdiv(n, tn), triton.cdiv(h, th), triton.cdiv(w, tw))
+    if grid[0] * grid[1] * grid[2] * block_m > INT32_MAX:
+        raise ValueError(f"{n}x{h}x{w} pixels in {tn}x{th}x{tw} rectangles exceed the int32 token index")
+    return (tn, th, tw), grid
+
+
+def _programs(count: int, what: str) -> int:
+    if count > INT32_MAX:
+        raise ValueError(f"{what} needs {count} programs, over the grid limit of {INT32_MAX}")
+    return count
 
 
 def forward_tables(meta: Meta, geom: ConvGeom, bm: int, bk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -435,7 +450,7 @@ def forward(x, store, bias, y, meta: Meta, geom: ConvGeom, bm: int, bk: int, fix
     tab, aux = forward_tables(meta, geom, bm, bk) if boxes is None else boxes
     rb = meta.row_offsets.numel() - 1
     m = gn * gh * gw * kw["BLOCK_M"]
-    programs = gn * gh * gw * rb * (bm // kw["BLOCK_N"])
+    programs = _programs(gn * gh * gw * rb * (bm // kw["BLOCK_N"]), "the conv forward")
     return _bsconv_fwd_tma_kernel[(programs,)](
         _x_desc(x, geom, (tn, th, tw), kw["BLOCK_K"]),
         descriptor(store_matrix(store), [kw["BLOCK_N"], kw["BLOCK_K"]]), meta.element_state,
@@ -456,7 +471,7 @@ def input_grad(dy, store, dx, meta: Meta, geom: ConvGeom, bm: int, bk: int, fixe
     offsets, pairs, aux, order = lines
     tab, aux = rect_input_grad_table(pairs, bm), padded_aux(aux)
     n_lines = geom.stride_h * geom.stride_w * cpb
-    programs = gn * gh * gw * n_lines * (bk // kw["BLOCK_K"])
+    programs = _programs(gn * gh * gw * n_lines * (bk // kw["BLOCK_K"]), "the conv input gradient")
     return _bsconv_dx_tma_kernel[(programs,)](
         _box_desc(dy, [tn, th, tw, kw["BLOCK_N"]]),
         descriptor(store_matrix(store), [kw["BLOCK_N"], kw["BLOCK_K"]]), meta.element_state, dx,

@@ -72,7 +72,7 @@ GEOMS = [
     ("3x3-s1-ctail", 1, 24, (5, 7), 40, (3, 3), 1, 1, 1),  # c_pad 32: the last channel block is half zero fill
     ("2x4-same", 1, 8, (6, 7), 8, (2, 4), 1, "same", 1),  # Cin < bk and asymmetric padding
     ("3x3-valid-d2", 2, 16, (9, 9), 16, (3, 3), 1, "valid", 2),
-    ("1x1", 3, 24, (5, 4), 40, (1, 1), 1, 0, 1),
+    ("1x1-p1", 3, 24, (5, 4), 40, (1, 1), 1, 1, 1),  # padded: not pointwise (those run the linear kernels)
     ("3x3-s2-p1", 2, 32, (8, 8), 24, (3, 3), 2, 1, 1),  # the stride-phase view in both dimensions
     ("3x2-s2x1-p1x2", 2, 32, (8, 6), 16, (3, 2), (2, 1), (1, 2), 1),
     ("1x1-s2", 2, 32, (6, 6), 24, (1, 1), 2, 0, 1),
