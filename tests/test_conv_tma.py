@@ -36,15 +36,8 @@ from sparsekern.kernels.meta import Meta  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths:UserWarning")
 
 
-@pytest.fixture
-def rect(monkeypatch):
-    """Route the launchers to the descriptor kernels and count their launches per pass."""
-    if launch.TensorDescriptor is None:
-        pytest.skip("this Triton has no tensor descriptors")
-    dev = _need()
-    if dev != "cpu":
-        pytest.skip("the descriptor path is forced only under the interpreter here")
-    monkeypatch.setenv("SPARSEKERN_TMA", "1")
+def _count_launches(monkeypatch) -> dict:
+    """Wrap the descriptor launchers so that a test can see which passes ran them."""
     calls = {"forward": 0, "input_grad": 0, "weight_grad": 0}
     for name in calls:
         real = getattr(bsconv_tma, name)
@@ -55,6 +48,17 @@ def rect(monkeypatch):
 
         monkeypatch.setattr(bsconv_tma, name, counted)
     return calls
+
+
+@pytest.fixture
+def rect(monkeypatch):
+    """Route the launchers to the descriptor kernels (interpreter) and count their launches per pass."""
+    if launch.TensorDescriptor is None:
+        pytest.skip("this Triton has no tensor descriptors")
+    if _need() != "cpu":
+        pytest.skip("the descriptor path is forced only under the interpreter here")
+    monkeypatch.setenv("SPARSEKERN_TMA", "1")
+    return _count_launches(monkeypatch)
 
 
 def _all_passes(p, calls, splits=None):
@@ -245,3 +249,32 @@ def test_forward_table_worked_example():
     tab = bsconv_tables.rect_forward_table(meta, geom, 16, 16).view(torch.int32).view(-1, 4)
     # rows: (inner | phase << 24, slot * bm, dh, dw); the last row is the sentinel
     assert tab.tolist() == [[0, 16, 0, 0], [0, 0, -1, -1], [0, 0, 0, 0]]
+
+
+# ---------------------------------------------------------------------- GPU
+GPU_CASES = [
+    pytest.param(c, id=c[0])
+    for c in [
+        ("b64-s1-bf16-14x14", 4, 64, (14, 14), 128, (3, 3), 1, 1, 1, 64, BF16, 0.3, "block"),
+        ("b32-s2-fp16", 4, 64, (16, 16), 96, (3, 3), 2, 1, 1, 32, F16, 0.5, "mixed"),
+        ("b128-d2-bf16", 2, 128, (15, 13), 136, (3, 3), 1, 2, 2, 128, BF16, 0.5, "block"),
+        ("b32-fp32-unstructured", 2, 32, (9, 9), 64, (3, 3), 1, 1, 1, 32, F32, 0.5, "unstructured"),
+    ]
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_compiled_descriptor_kernels_on_sm90(case, monkeypatch):
+    """What sm_90 runs for aligned channels_last activations, compiled (``pytest -m gpu``)."""
+    from sparsekern import kernels as sk
+
+    if sk.INTERPRET or not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("needs an sm_90 GPU without the interpreter")
+    calls = _count_launches(monkeypatch)
+    _, n, c_in, hw, c_out, k, stride, padding, dilation, bs, dtype, density, kind = case
+    p = ConvProblem(n, c_in, hw, c_out, k, stride, padding, dilation, bs, dtype, density, kind, CL, device="cuda")
+    check_forward(p, out=p.nan_full(p.y_shape))
+    check_input_grad(p, out=p.nan_full(tuple(p.x.shape)))
+    check_weight_grad(p, splits=2)
+    assert all(v >= 1 for v in calls.values()), calls
