@@ -2,11 +2,12 @@
 
 Why one file of this size: it is one operation family (STYLE.md 2), the three implicit-GEMM
 kernels (forward, input gradient, weight gradient) and their launchers, which must agree on the
-same channel order and store layout: about 110 lines are this docstring, 410 the kernels and 210
-their launchers.
+same channel order and store layout: about 120 lines are this docstring, 420 the kernels and 250
+their launchers (which also send a launch to the linear or the sm_90 descriptor kernels).
 The host-side tables the kernels index are in ``bsconv_tables.py`` (re-exported here), shared
 tile code in ``tiles.py``, operand checks in ``launch.py``, token splits in ``splits.py``,
-configs in ``configs.py``.
+configs in ``configs.py``, the choice of kernels in ``conv_routes.py``, the sm_90 descriptor
+kernels in ``bsconv_tma.py``.
 
 Import path: ``sparsekern.kernels.bsconv`` (this folder, ``kernels/``, installs as ``sparsekern.kernels``).
 
@@ -106,7 +107,7 @@ Known limits:
   loop. Otherwise a warning names the reason once and these kernels run.
   Pointwise convs (1x1, stride 1, no padding) with channels_last operands
   run on the linear kernels of ``bsmm.py`` instead, on every device: their
-  pixels are the tokens of a matmul (:func:`token_matrix`).
+  pixels are the tokens of a matmul (``conv_routes.py``).
 * The per-launch arrays cost a few small torch ops per call (no host sync).
 * The weight gradient decodes its tokens ``(n, ho, wo)`` per token step (two
   divisions by runtime sizes per token of the tile); the forward and input
@@ -121,8 +122,6 @@ Known limits:
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import triton
 import triton.language as tl
@@ -130,7 +129,8 @@ import triton.language as tl
 from . import bsconv_tma, bsmm
 from . import configs as cfgs
 from .bsconv_tables import channel_order, forward_taps, input_grad_lines
-from .launch import INTERPRET, check, check_bias, check_dtype, check_values, kernel_constexprs, use_tma, weight_operand
+from .conv_routes import matmul_views, rect_path
+from .launch import check, check_bias, check_dtype, check_values, kernel_constexprs, use_tma, weight_operand
 from .meta import ConvGeom, Meta
 from .splits import launch_split
 from .store import store_matrix, value_store
@@ -577,58 +577,6 @@ def _new_act(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
 
 
-_warned_pointer: set[str] = set()
-
-
-def pointwise(geom: ConvGeom) -> bool:
-    """A 1x1 conv with stride 1 and no padding: one pixel is one token, the conv is a matmul."""
-    g = geom
-    return (g.kh, g.kw, g.stride_h, g.stride_w, g.pad_h, g.pad_w) == (1, 1, 1, 1, 0, 0)
-
-
-def token_matrix(t: torch.Tensor) -> torch.Tensor | None:
-    """``t`` ``(N, C, H, W)`` as the ``(N*H*W, C)`` matrix of its pixels, a view; ``None`` unless its
-    channels are contiguous and its pixels evenly spaced (channels_last, possibly a channel slice)."""
-    n, c, h, w = t.shape
-    sn, sc, sh, sw = t.stride()
-    if sc != 1 or sh != w * sw or sn != h * sh:
-        return None
-    return t.as_strided((n * h * w, c), (sw, 1))
-
-
-def _matmul_views(geom: ConvGeom, *acts: torch.Tensor) -> list[torch.Tensor] | None:
-    """The token matrices of a pointwise conv's activations, when each has one (see :func:`token_matrix`).
-
-    Such a conv runs on the linear kernels of ``bsmm.py``: its matrix view ``(Cout, c_pad)`` is a linear
-    layer's block grid over ``Cin`` inputs (the overhang past ``Cin`` is masked there as here), and those
-    kernels read and write these views through descriptors on sm_90 with no reshaped operand.
-    """
-    if not pointwise(geom):
-        return None
-    views = [token_matrix(t) for t in acts]
-    return None if any(v is None for v in views) else views
-
-
-def _rect_path(device: torch.device, what: str, geom: ConvGeom, bk: int, boxes, phased=None, store=None) -> bool:
-    """Whether this pass runs the descriptor kernels of ``bsconv_tma.py`` (sm_90 and newer).
-
-    Where the arch has TMA but these operands cannot sit behind descriptors, the pointer kernels run
-    instead, and a warning names the reason once per process and reason (not under the interpreter,
-    whose default run tests the pointer kernels on purpose).
-    """
-    if not use_tma(device):
-        return False
-    reason = bsconv_tma.rect_reason(geom, bk, boxes, phased, store)
-    if reason is not None and not INTERPRET and reason not in _warned_pointer:
-        _warned_pointer.add(reason)
-        warnings.warn(
-            f"sparsekern: the conv {what} runs the slower pointer kernels on this GPU: {reason}. "
-            "(Said once per reason.)",
-            stacklevel=3,
-        )
-    return reason is None
-
-
 def _check_grid(programs: int, what: str) -> None:
     if programs > INT32_MAX:
         raise ValueError(f"{what} needs {programs} programs, over the grid limit of {INT32_MAX}")
@@ -673,13 +621,13 @@ def bsconv_forward(
     rb = meta.row_offsets.numel() - 1
     if not (m and rb):
         return y
-    views = _matmul_views(geom, x, y)
+    views = matmul_views(geom, x, y)
     if views is not None:
         bsmm.bsmm_forward(views[0], w_train, w_frozen, bias, meta, geom.c_out, n_frozen, out=views[1], config=config)
         return y
     store = value_store(w_train, w_frozen)
     fixed_base = w_train.shape[0] + n_frozen
-    if _rect_path(x.device, "forward", geom, bk, {"y": y}, x, store):
+    if rect_path(x.device, "forward", geom, bk, {"y": y}, x, store):
         boxes = bsconv_tma.forward_tables(meta, geom, bm, bk)
 
         def run(cfg):
@@ -735,7 +683,7 @@ def bsconv_input_grad(
     m = geom.n * hq * wq
     if not (m and cpb):
         return dx
-    views = _matmul_views(geom, dy, dx)
+    views = matmul_views(geom, dy, dx)
     if views is not None:
         bsmm.bsmm_input_grad(views[0], w_train, w_frozen, meta, geom.c_in, n_frozen, out=views[1], config=config)
         return dx
@@ -743,7 +691,7 @@ def bsconv_input_grad(
     store = value_store(w_train, w_frozen)
     fixed_base = w_train.shape[0] + n_frozen
     lines = input_grad_lines(meta, geom, bk)
-    if _rect_path(dy.device, "input gradient", geom, bk, {"dy": dy}, store=store):
+    if rect_path(dy.device, "input gradient", geom, bk, {"dy": dy}, store=store):
 
         def run(cfg):
             return bsconv_tma.input_grad(dy, store, dx, meta, geom, bm, bk, fixed_base, lines, cfg)
@@ -805,11 +753,11 @@ def bsconv_weight_grad(
         return dw
     if m == 0:
         return dw.zero_()
-    views = _matmul_views(geom, dy, x)
+    views = matmul_views(geom, dy, x)
     if views is not None:
         return bsmm.bsmm_weight_grad(views[0], views[1], meta, (bm, bk), out=dw, config=config, splits=splits)
     # The descriptor kernel runs one block per program: grouped configs (autotuning) take the pointer kernel.
-    rect = _rect_path(x.device, "weight gradient", geom, bk, {"dy": dy}, x)
+    rect = rect_path(x.device, "weight gradient", geom, bk, {"dy": dy}, x)
 
     def run(cfg):
         kw = cfg.kwargs

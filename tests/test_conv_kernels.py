@@ -509,10 +509,12 @@ def test_pointwise_convs_run_the_linear_kernels(dtype, monkeypatch):
 
 
 def test_token_matrix_views_only_evenly_spaced_pixels():
+    from sparsekern.kernels import conv_routes
+
     x = torch.randn(2, 6, 3, 4).to(memory_format=CL)
-    v = bsconv.token_matrix(x)
+    v = conv_routes.token_matrix(x)
     assert v.data_ptr() == x.data_ptr() and torch.equal(v, x.permute(0, 2, 3, 1).reshape(24, 6))
     sliced = torch.randn(2, 10, 3, 4).to(memory_format=CL)[:, 2:8]  # a channel slice: pixels 10 apart
-    assert torch.equal(bsconv.token_matrix(sliced), sliced.permute(0, 2, 3, 1).reshape(24, 6))
-    assert bsconv.token_matrix(torch.randn(2, 6, 3, 4)) is None  # NCHW
-    assert bsconv.token_matrix(x[:, :, :, :3]) is None  # a spatial crop: rows not evenly spaced
+    assert torch.equal(conv_routes.token_matrix(sliced), sliced.permute(0, 2, 3, 1).reshape(24, 6))
+    assert conv_routes.token_matrix(torch.randn(2, 6, 3, 4)) is None  # NCHW
+    assert conv_routes.token_matrix(x[:, :, :, :3]) is None  # a spatial crop: rows not evenly spaced

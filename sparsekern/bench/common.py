@@ -314,6 +314,18 @@ def row_base(env: dict[str, object], **columns: object) -> dict[str, object]:
 
 
 # ----------------------------------------------------------------- output
+def fmt_ms(v: float | None) -> str:
+    """A time in ms for the suites' tables: three significant figures or so, ``—`` when not measured."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    return f"{v:.3f}" if v < 1 else f"{v:.1f}" if v >= 100 else f"{v:.2f}"
+
+
+def fmt_x(v: float | None) -> str:
+    """A speedup (``1.23x``), ``—`` when not measured."""
+    return "—" if v is None or math.isnan(v) else f"{v:.2f}x"
+
+
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]], align: str | None = None) -> str:
     """A GitHub markdown table; ``align`` is one letter per column (``l``/``r``), default right but the first."""
     rows = [[str(c) for c in r] for r in rows]

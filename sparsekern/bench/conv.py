@@ -37,6 +37,7 @@ from sparsekern.bench import roofline
 from sparsekern.bench.common import (
     autotune_session,
     dtype_name,
+    fmt_ms,
     markdown_table,
     progress,
     row_base,
@@ -224,12 +225,6 @@ def run_case(case: ConvCase, cfg: SuiteConfig, device, env, gen: torch.Generator
     return rows
 
 
-def _fmt(v: float) -> str:
-    if v is None or math.isnan(v):
-        return "—"
-    return f"{v:.3f}" if v < 1 else f"{v:.1f}" if v >= 100 else f"{v:.2f}"
-
-
 def tables(rows: list[dict[str, object]]) -> str:
     """One markdown table: per layer, block and density, each provider's step time and speedups."""
     by = {(r["layer"], r["provider"], r["block"], r["density"], r["mode"]): r for r in rows}
@@ -250,7 +245,7 @@ def tables(rows: list[dict[str, object]]) -> str:
         vs_masked = masked["p50"] / step_ms if masked and prov == "sparsekern" else math.nan
         body.append(
             [layer, block or "—", f"{density:g}", prov]
-            + [_fmt(got[m]["p50"]) for m in TRAIN_MODES]
+            + [fmt_ms(got[m]["p50"]) for m in TRAIN_MODES]
             + [f"{vs_dense:.2f}x", "—" if math.isnan(vs_masked) else f"{vs_masked:.2f}x"]
             + [f"{got['step']['flop_fraction']:.3f}"]
         )

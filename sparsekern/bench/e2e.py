@@ -1,8 +1,8 @@
 """End-to-end suite: full training steps of small networks, dense against masked-dense against sparsekern.
 
-Why one file of this size (about 570 lines): one suite, whose models, masks, timing, FLOP and
-roofline counts and tables serve it alone; the peers and shared helpers are in ``providers.py``,
-timing in ``common.py``.
+The networks and the providers' copies are in ``e2e_models.py``, the FLOP and roofline counts in
+``e2e_counts.py``, timing in ``common.py``; this file holds the suite (its config, the run, the tables,
+tuning).
 
 Models (``model`` column; ``shape`` describes its size):
 
@@ -27,13 +27,11 @@ Providers at every density (dense once per model):
 
 Sparsification is one-shot magnitude pruning in blocks, the same density in
 every layer: ``sparsekern.sparsify(model, method="magnitude",
-granularity="block", ...)`` when the package has it (it decides which layers
-are worth converting and keeps the rest dense); else ``|W|`` pooled per block
-(``sparsekern.methods.blocks.pool_blocks``), the top ``round(density x blocks)``
-blocks kept (``keep_top_blocks``) and expanded back (``expand_blocks``) for
-every linear and conv layer whose output and input (matrix view) dimensions
-are at least one block. The masked peer prunes exactly the sparse model's
-masks (``layer.mask``).
+granularity="block", ...)`` (it decides which layers are worth converting and
+keeps the rest dense). The masked peer prunes exactly the sparse model's
+masks (``layer.mask``); when no layer was converted, the top ``round(density x
+blocks)`` blocks of ``|W|`` of every linear and conv layer at least one block
+wide (``e2e_models.block_masks``).
 
 Modes: ``forward`` (including the loss), ``backward``, ``optimizer``
 (``AdamW.step``) and ``step``, their sum per step; the gradients are set to
@@ -47,27 +45,56 @@ elements of bytes; norms, activations and the loss are left out.
 
 from __future__ import annotations
 
-import copy
 import gc
 import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.nn.utils import parametrize
 
-import sparsekern
-from sparsekern import SparseLinear
-from sparsekern.bench import roofline
-from sparsekern.bench.common import Laps, autotune_session, dtype_name, markdown_table, progress, row_base, time_phases
-from sparsekern.flops import PASSES
-from sparsekern.methods.blocks import block_grid, expand_blocks, keep_top_blocks, pool_blocks
+from sparsekern.bench.common import (
+    Laps,
+    autotune_session,
+    dtype_name,
+    fmt_ms,
+    markdown_table,
+    progress,
+    row_base,
+    time_phases,
+)
+from sparsekern.bench.e2e_counts import gemm_costs, gemm_layers
+from sparsekern.bench.e2e_models import (
+    MASK_METHOD,
+    MODELS,
+    block_masks,
+    build,
+    masked_model,
+    sparse_masks,
+    sparse_model,
+)
 
-MODELS = ("mlp", "cnn", "transformer")
+# The suite's public names: cli.py reads the suite protocol, tests and bench/ the model helpers.
+__all__ = [
+    "MODELS",
+    "MODES",
+    "ROOFLINE_MODES",
+    "SuiteConfig",
+    "build",
+    "default_config",
+    "footnotes",
+    "gemm_costs",
+    "gemm_layers",
+    "headline",
+    "masked_model",
+    "run",
+    "sparse_masks",
+    "sparse_model",
+    "tables",
+    "tune",
+    "write_tuned",
+]
+
 MODES = ("forward", "backward", "optimizer", "step")
 ROOFLINE_MODES = MODES
-CONV_MISSING = "conv layers stay dense: SparseConv2d not available"
 
 
 @dataclass
@@ -131,271 +158,8 @@ def describe(cfg: SuiteConfig) -> str:
     return (
         "training steps (forward + loss, backward, AdamW): " + "; ".join(parts) + f"; {cfg.block}x{cfg.block} "
         f"blocks, densities {'/'.join(f'{d:g}' for d in cfg.densities)}, {dtype_name(cfg.dtype)}, "
-        f"{cfg.warmup} warmup + {cfg.repeats} timed steps; masks: {mask_method()}"
+        f"{cfg.warmup} warmup + {cfg.repeats} timed steps; masks: {MASK_METHOD}"
     )
-
-
-# ------------------------------------------------------------------ models
-class BasicBlock(nn.Module):
-    """conv3x3 -> BN -> ReLU -> conv3x3 -> BN, plus the shortcut (1x1 strided conv + BN on a shape change), ReLU."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
-
-
-class ResNetish(nn.Module):
-    """A 3x3 stem, one basic block per entry of ``channels`` (stride 2 from the second on), pool, classifier."""
-
-    def __init__(self, channels: tuple[int, ...], classes: int):
-        super().__init__()
-        c0 = channels[0]
-        self.stem = nn.Sequential(nn.Conv2d(3, c0, 3, 1, 1, bias=False), nn.BatchNorm2d(c0), nn.ReLU())
-        blocks, c_in = [], channels[0]
-        for i, c in enumerate(channels):
-            blocks.append(BasicBlock(c_in, c, 1 if i == 0 else 2))
-            c_in = c
-        self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Linear(c_in, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
-
-
-class TransformerMLP(nn.Module):
-    """``x + fc2(GELU(fc1(LayerNorm(x))))`` with ``fc1: d -> 4d``, ``fc2: 4d -> d``."""
-
-    def __init__(self, d: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(d)
-        self.fc1 = nn.Linear(d, 4 * d)
-        self.fc2 = nn.Linear(4 * d, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
-
-
-def build(name: str, cfg: SuiteConfig, device: torch.device):
-    """``(model, x, target, loss_fn, shape text)`` of one model, seeded."""
-    torch.manual_seed(cfg.seed)
-    kw = {"device": device, "dtype": cfg.dtype}
-    if name == "mlp":
-        d = cfg.mlp_dims
-        layers: list[nn.Module] = []
-        for i in range(len(d) - 1):
-            layers += [nn.Linear(d[i], d[i + 1]), nn.ReLU()]
-        model = nn.Sequential(*layers[:-1])
-        x, target = torch.randn(cfg.tokens, d[0], **kw), torch.randn(cfg.tokens, d[-1], **kw)
-        return model.to(**kw), x, target, F.mse_loss, f"{cfg.tokens}x{'-'.join(map(str, d))}"
-    if name == "cnn":
-        model = ResNetish(cfg.cnn_channels, cfg.classes)
-        x = torch.randn(cfg.batch, 3, cfg.image, cfg.image, **kw)
-        target = torch.randint(0, cfg.classes, (cfg.batch,), device=device)
-        shape = f"{cfg.batch}x3x{cfg.image}x{cfg.image}/{'-'.join(map(str, cfg.cnn_channels))}"
-        return model.to(**kw), x, target, F.cross_entropy, shape
-    if name == "transformer":
-        model = TransformerMLP(cfg.d_model)
-        x, target = torch.randn(cfg.tokens, cfg.d_model, **kw), torch.randn(cfg.tokens, cfg.d_model, **kw)
-        return model.to(**kw), x, target, F.mse_loss, f"{cfg.tokens}x{cfg.d_model}-{4 * cfg.d_model}-{cfg.d_model}"
-    raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
-
-
-# ------------------------------------------------------------ sparsifying
-def mask_method() -> str:
-    if hasattr(sparsekern, "sparsify"):
-        return (
-            'sparsekern.sparsify(method="magnitude", granularity="block"), the same density in every layer it '
-            "converts; the masked peer uses the same masks"
-        )
-    return "block magnitude, layer by layer (pool_blocks on |W|, keep_top_blocks, expand_blocks)"
-
-
-def conv_supported() -> bool:
-    return hasattr(sparsekern.nn, "SparseConv2d")
-
-
-def targets(model: nn.Module, block: int) -> dict[str, nn.Module]:
-    """The linear and conv layers to sparsify: both matrix-view dimensions at least one block."""
-    out = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear):
-            n, k = mod.out_features, mod.in_features
-        elif isinstance(mod, nn.Conv2d) and mod.groups == 1:
-            n, k = mod.out_channels, mod.in_channels  # a block spans bk input channels at one filter tap
-        else:
-            continue
-        if n >= block and k >= block:
-            out[name] = mod
-    return out
-
-
-def block_masks(model: nn.Module, density: float, block: int) -> dict[str, torch.Tensor]:
-    """Weight-shaped bool masks keeping the top ``round(density x blocks)`` blocks of ``|W|`` per layer."""
-    masks = {}
-    for name, mod in targets(model, block).items():
-        w = mod.weight.detach()
-        rb, cb = block_grid(tuple(w.shape), block)
-        keep = keep_top_blocks(pool_blocks(w.abs(), block), round(density * rb * cb))
-        masks[name] = expand_blocks(keep, tuple(w.shape), block).to(w.device)
-    return masks
-
-
-class _Mask(nn.Module):
-    def __init__(self, mask: torch.Tensor):
-        super().__init__()
-        self.register_buffer("mask", mask)
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return w * self.mask
-
-
-def masked_model(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
-    """A copy of ``model`` whose masked weights are parametrized as ``weight * mask`` (what pruning libraries do)."""
-    out = copy.deepcopy(model)
-    mods = dict(out.named_modules())
-    for name, mask in masks.items():
-        parametrize.register_parametrization(mods[name], "weight", _Mask(mask.to(mods[name].weight.dtype)))
-    return out
-
-
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
-def sparse_model(model: nn.Module, density: float, block: int):
-    """``(copy with sparsekern layers, note)``; ``note`` says why layers that should be sparse stayed dense.
-
-    With ``sparsekern.sparsify`` (magnitude, block granularity, the same density
-    in every layer) when the package has it; if that call fails, or without it,
-    from :func:`block_masks` with ``SparseLinear.from_dense`` (and
-    ``SparseConv2d.from_dense`` when it exists).
-    """
-    if hasattr(sparsekern, "sparsify"):
-        out = copy.deepcopy(model)
-        try:
-            sparsekern.sparsify(out, method="magnitude", density=density, granularity="block", block_size=block)
-        except Exception as exc:  # fall back to this suite's own masks, and say so
-            progress(f"  sparsekern.sparsify failed ({type(exc).__name__}: {exc}); using the block-magnitude masks")
-        else:
-            return out, ""
-    out = copy.deepcopy(model)
-    mods = dict(out.named_modules())
-    note = ""
-    for name, mask in block_masks(model, density, block).items():
-        mod = mods[name]
-        if isinstance(mod, nn.Linear):
-            _replace(out, name, SparseLinear.from_dense(mod, mask=mask, block_size=block))
-        elif not conv_supported():
-            note = CONV_MISSING
-        else:
-            try:
-                _replace(out, name, sparsekern.nn.SparseConv2d.from_dense(mod, mask=mask, block_size=block))
-            except Exception as exc:  # keep the layer dense and say why
-                note = f"conv layers stay dense: SparseConv2d.from_dense failed ({type(exc).__name__}: {exc})"[:200]
-    return out, note
-
-
-def sparse_masks(sparse: nn.Module) -> dict[str, torch.Tensor]:
-    """Weight-shaped masks of the sparse layers of ``sparse``, by module name (for the masked peer)."""
-    return {name: m.mask for name, m in sparse.named_modules() if hasattr(m, "layout") and hasattr(m, "mask")}
-
-
-# ---------------------------------------------------------------- counting
-def gemm_layers(model: nn.Module, x: torch.Tensor) -> list[dict]:
-    """Each linear/conv layer's name, activation sizes and whether its input gradient is computed.
-
-    One untimed forward with hooks, autograd on (so each input's ``requires_grad``
-    says whether autograd computes its gradient). Sparsifying keeps names and
-    activation sizes, so the dense model's records serve every provider.
-    """
-    seen: list[dict] = []
-
-    def hook(name):
-        def record(mod, args, out):
-            weight_elems = _weight_elems(mod)
-            seen.append(
-                {
-                    "name": name,
-                    "in_elems": args[0].numel(),
-                    "out_elems": out.numel(),
-                    "input_grad": args[0].requires_grad,
-                    "weight_elems": weight_elems,
-                    "dense_flops": 2.0 * out.numel() * (weight_elems // _out_features(mod)),
-                }
-            )
-
-        return record
-
-    handles = [
-        m.register_forward_hook(hook(name))
-        for name, m in model.named_modules()
-        if isinstance(m, (nn.Linear, nn.Conv2d, SparseLinear)) or hasattr(m, "layout")
-    ]
-    try:
-        model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
-
-
-def gemm_costs(model: nn.Module, layers: list[dict], elem_bytes: int) -> dict[str, roofline.Cost]:
-    """Roofline costs per mode of one training step of ``model`` (see the module docstring).
-
-    ``layers`` come from :func:`gemm_layers` (of this model or its dense original);
-    a layer with a ``layout`` (sparsekern) computes its block fraction per pass,
-    any other layer everything.
-    """
-    passes = {p: roofline.Cost() for p in PASSES}
-    for rec in layers:
-        try:
-            fractions = _fractions(model.get_submodule(rec["name"]))
-        except AttributeError:  # a sparsifier that renamed the layer: count it dense
-            fractions = dict.fromkeys(PASSES, 1.0)
-        for p in PASSES:
-            if p == "input_grad" and not rec["input_grad"]:
-                continue  # autograd never computes it (the network's first layer)
-            passes[p] = passes[p] + roofline.layer_pass(
-                rec["dense_flops"], rec["in_elems"], rec["out_elems"], rec["weight_elems"], fractions[p], elem_bytes
-            )
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return roofline.mode_costs(passes, roofline.adamw(trainable, elem_bytes))
-
-
-def _out_features(mod: nn.Module) -> int:
-    for attr in ("out_features", "out_channels"):
-        if hasattr(mod, attr):
-            return getattr(mod, attr)
-    raise TypeError(f"cannot count {type(mod).__name__}")
-
-
-def _weight_elems(mod: nn.Module) -> int:
-    if isinstance(mod, (nn.Linear, SparseLinear)):
-        return mod.out_features * mod.in_features
-    if hasattr(mod, "kernel_size"):
-        kh, kw = mod.kernel_size
-        return mod.out_channels * (mod.in_channels // getattr(mod, "groups", 1)) * kh * kw
-    return mod.weight.numel()
-
-
-def _fractions(mod: nn.Module) -> dict[str, float]:
-    layout = getattr(mod, "layout", None)
-    if layout is None or not hasattr(layout, "flops"):
-        return dict.fromkeys(PASSES, 1.0)
-    f = layout.flops(1)
-    return {p: f[p]["block"] / max(1, f[p]["dense"]) for p in PASSES}
 
 
 # --------------------------------------------------------------------- run
@@ -417,9 +181,7 @@ def run(cfg: SuiteConfig, device: torch.device, env: dict[str, object]) -> list[
     elem = torch.empty((), dtype=cfg.dtype).element_size()
     timing = {"device": device, "warmup": cfg.warmup, "repeats": cfg.repeats}
     rows: list[dict[str, object]] = []
-    progress(f"e2e suite on {env['device']}: {', '.join(cfg.models)}; masks: {mask_method()}")
-    if "cnn" in cfg.models and not conv_supported():
-        progress(f"  cnn: {CONV_MISSING}")
+    progress(f"e2e suite on {env['device']}: {', '.join(cfg.models)}; masks: {MASK_METHOD}")
 
     for name in cfg.models:
         base, x, target, loss_fn, shape = build(name, cfg, device)
@@ -463,7 +225,7 @@ def run(cfg: SuiteConfig, device: torch.device, env: dict[str, object]) -> list[
             add("masked", density, stats, gemm_costs(masked, layers, elem))
             del masked
             if not any(hasattr(m, "layout") for m in sparse.modules()):
-                # Nothing became sparse (the CNN without SparseConv2d): timing the dense model again says nothing.
+                # Nothing became sparse (sparsify failed or kept every layer dense): timing it again says nothing.
                 why = note or "no layer was sparsified"
             else:
                 why = None
@@ -517,12 +279,6 @@ def write_tuned(records: dict[str, dict]) -> list[str]:
 
 
 # ------------------------------------------------------------------ tables
-def _fmt_ms(v) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "—"
-    return f"{v:.3f}" if v < 1 else f"{v:.1f}" if v >= 100 else f"{v:.2f}"
-
-
 def tables(rows: list[dict[str, object]]) -> str:
     """Markdown: per model, provider and density, each mode's p50 and the step's speedup over dense."""
     by = {(r["model"], r["provider"], r["density"], r["mode"]): r for r in rows}
@@ -544,7 +300,7 @@ def tables(rows: list[dict[str, object]]) -> str:
         note = (step or {}).get("note", "")
         body.append(
             [model, f"{density:g}", provider]
-            + [_fmt_ms(got[m]["p50"]) if got[m] else "—" for m in MODES]
+            + [fmt_ms(got[m]["p50"]) if got[m] else "—" for m in MODES]
             + [speed, "—" if math.isnan(frac) else f"{frac:.3f}", note]
         )
     text = markdown_table(head, body, align="lrl" + "r" * (len(MODES) + 2) + "l")
@@ -567,8 +323,5 @@ def headline(rows: list[dict[str, object]]) -> str | None:
 
 
 def footnotes(cfg: SuiteConfig, device: torch.device) -> list[str]:
-    """Lines the printed report ends with: how the masks were made, whether conv layers could be sparse."""
-    lines = [f"Masks: {mask_method()}."]
-    if "cnn" in cfg.models and not conv_supported():
-        lines.append(f"CNN: {CONV_MISSING} in this checkout; its sparsekern rows are empty.")
-    return lines
+    """Lines the printed report ends with: how the masks were made."""
+    return [f"Masks: {MASK_METHOD}."]

@@ -57,15 +57,15 @@ from sparsekern.bench import roofline
 from sparsekern.bench.common import (
     autotune_session,
     dtype_name,
-    markdown_table,
     progress,
     row_base,
     time_phases,
     time_phases_interleaved,
 )
+from sparsekern.bench.linear_tables import headline as headline  # the suite protocol (cli.py): suite.headline
+from sparsekern.bench.linear_tables import tables as tables  # the suite protocol (cli.py): suite.tables
 from sparsekern.bench.providers import (
     STK_BLOCK,
-    TRAIN_MODES,
     MaskedLinear,
     flop_fractions,
     half_frozen_mask,
@@ -295,14 +295,6 @@ def run(cfg: SuiteConfig, device: torch.device, env: dict[str, object]) -> list[
     return rows
 
 
-ELEMENT_ROWS = (
-    "Block `elem`: `torch.nn.utils.prune.l1_unstructured` at amount 1 - density; `masked` is torch's prune "
-    "hook (`W * mask` every step), `sparsekern` that layer converted by "
-    '`sparsekern.adapters.from_torch_prune(..., granularity="exact")` (identical math; the CPU runs it '
-    "on the element-sparse kernels, `kernels/csr_cpu.py`)."
-)
-
-
 def unstructured_layers(base: nn.Linear, amount: float) -> tuple[nn.Module, nn.Module]:
     """``(masked, sparse)``: copies of ``base`` pruned by ``l1_unstructured(amount)`` (torch's hook), and
     that pruned layer converted by ``from_torch_prune(..., granularity="exact")`` (exact math)."""
@@ -315,107 +307,6 @@ def unstructured_layers(base: nn.Linear, amount: float) -> tuple[nn.Module, nn.M
         prune.l1_unstructured(layer, "weight", amount=amount)
     holder, _ = from_torch_prune(holder, granularity="exact", block_size=32)
     return masked, holder[0]
-
-
-# ------------------------------------------------------------------ tables
-def _fmt_ms(v: float) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "—"
-    return f"{v:.3f}" if v < 1 else f"{v:.1f}" if v >= 100 else f"{v:.2f}"
-
-
-def _fmt_x(v: float | None) -> str:
-    return "—" if v is None or math.isnan(v) else f"{v:.2f}x"
-
-
-def dense_for(by: dict, r: dict | None, mode: str) -> dict | None:
-    """The dense row a provider's row is measured against: the same case's interleaved dense
-    steps when the run took them, else the run's one dense measurement (``block`` empty)."""
-    if r is not None:
-        own = by.get(("dense", r["block"], r["density"], mode))
-        if own is not None:
-            return own
-    return by.get(("dense", "", 1.0, mode))
-
-
-def tables(rows: list[dict[str, object]]) -> str:
-    """Markdown: main table (forward/backward/step) and, when measured, the weight-gradient table."""
-    by = {(r["provider"], r["block"], r["density"], r["mode"]): r for r in rows}
-
-    def speedup(r, mode):
-        d = dense_for(by, r, mode)
-        if r is None or d is None or not r["p50"] or math.isnan(r["p50"]) or math.isnan(d["p50"]):
-            return math.nan
-        return d["p50"] / r["p50"]
-
-    configs = []
-    for r in rows:
-        key = (r["provider"], r["block"], r["density"])
-        if key not in configs:
-            configs.append(key)
-    head = ["block", "density", "provider", *(f"{m} ms" for m in TRAIN_MODES)]
-    head += [f"{m} speedup" for m in TRAIN_MODES] + ["FLOP fraction"]
-    body = []
-    for prov, block, density in configs:
-        got = {m: by.get((prov, block, density, m)) for m in TRAIN_MODES}
-        present = [r for r in got.values() if r is not None]
-        if not present:
-            continue
-        note = next((r["note"] for r in present if r.get("note")), "")
-        frac_row = got["step"] or got["forward"]
-        cells = [block or "—", f"{density:g}", prov]
-        if note:
-            cells += [note.split(":")[0], "—", "—", "—", "—", "—"]
-        else:
-            cells += [_fmt_ms(got[m]["p50"]) if got[m] else "—" for m in TRAIN_MODES]
-            cells += [_fmt_x(speedup(got[m], m)) if got[m] else "—" for m in TRAIN_MODES]
-        cells.append(f"{frac_row['flop_fraction']:.3f}")
-        body.append(cells)
-    text = markdown_table(head, body, align="rrl" + "r" * (len(head) - 3))
-    text += "\n\nTimes are p50 ms; speedup = dense time / provider time (same mode), where dense is the "
-    text += "same case's dense row (dense, masked and sparsekern steps are taken in turn per case); "
-    text += "FLOP fraction = computed FLOPs / dense FLOPs for a full step (forward for forward-only providers)."
-    if any(r["block"] == "elem" for r in rows):
-        text += "\n\n" + ELEMENT_ROWS
-
-    wg = [r for r in rows if r["mode"] == "weight_grad"]
-    if wg:
-        all_train = {(r["block"], r["density"]): r for r in wg if r["provider"] == "sparsekern"}
-        head = ["block", "density", "provider", "frozen blocks", "weight_grad ms", "vs dense", "vs all-trainable"]
-        head.append("dW FLOP fraction")
-        body = []
-        for r in wg:
-            ref = all_train.get((r["block"], r["density"]))
-            vs_train = ref["p50"] / r["p50"] if ref is not None and r["provider"] != "dense" else math.nan
-            body.append(
-                [
-                    r["block"] or "—",
-                    f"{r['density']:g}",
-                    r["provider"],
-                    f"{r['frozen_fraction']:.2f}",
-                    _fmt_ms(r["p50"]),
-                    _fmt_x(speedup(r, "weight_grad")),
-                    _fmt_x(vs_train),
-                    f"{r['flop_fraction']:.3f}",
-                ]
-            )
-        text += "\n\nWeight gradient only (backward with x not requiring grad), all-trainable vs half the kept "
-        text += "blocks frozen:\n\n" + markdown_table(head, body, align="rrl" + "r" * (len(head) - 3))
-    return text
-
-
-def headline(rows: list[dict[str, object]]) -> str | None:
-    """The project's headline figures, when this run measured them (stated, never judged)."""
-    by = {(r["provider"], r["block"], r["density"], r["mode"]): r for r in rows}
-    parts = []
-    for density in (0.1, 0.5):
-        sk = by.get(("sparsekern", 64, density, "step"))
-        dense = dense_for(by, sk, "step")
-        if dense and sk and not math.isnan(sk["p50"]):
-            parts.append(f"density {density:g}: {dense['p50'] / sk['p50']:.2f}x dense")
-    if not parts:
-        return None
-    return "Headline, sparsekern full step (fwd+bwd), 64x64 blocks: " + "; ".join(parts) + "."
 
 
 def footnotes(cfg: SuiteConfig, device: torch.device) -> list[str]:
