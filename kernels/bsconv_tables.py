@@ -29,6 +29,7 @@ __all__ = [
     "rect_forward_table",
     "rect_input_grad_table",
     "rect_table",
+    "table_reason",
 ]
 
 
@@ -146,13 +147,43 @@ def pixel_tile(block_m: int, n: int, h: int, w: int) -> tuple[int, int, int]:
     return best[1]
 
 
-def rect_table(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """Two ``(n,)`` int64 tensors of packed pairs as one ``(n + 1) x 2`` table, row-major, flattened, with a
-    zero sentinel row: the descriptor kernels (``bsconv_tma._table_row``) read both pairs of an entry
-    from one address and prefetch past a line's end without a clamp."""
-    table = torch.zeros(first.numel() + 1, 2, dtype=torch.int64, device=first.device)
-    table[:-1, 0], table[:-1, 1] = first, second
-    return table.view(-1)
+# The descriptor kernels' table entry, one int64: ``row24 | a8 << 24`` low, ``field24 | b8 << 24`` high.
+FIELD_BITS, OFFSET_LIMIT = 24, 127
+PHASE_SHIFT = 20  # a strided forward's field: the channel offset below bit 20, the row phase above
+
+
+def rect_table(row: torch.Tensor, field: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """One int64 per entry plus a zero sentinel, as ``bsconv_tma._table_row`` reads it.
+
+    ``row`` and ``field`` are 24 unsigned bits (the block's first store row; a channel offset), ``a``
+    and ``b`` signed 8-bit offsets above them (:func:`table_reason` checks that the geometry keeps them
+    so). One word means one load and two register moves per block in the kernels' main loops; each
+    field comes out with one mask or one arithmetic shift (which sm_90 fuses into the add that uses it).
+    The zero sentinel lets the prefetch past a line's last entry run without a clamp.
+    """
+    mask = (1 << FIELD_BITS) - 1
+    low = (row & mask) | ((a & 0xFF) << FIELD_BITS)
+    high = (field & mask) | ((b & 0xFF) << FIELD_BITS)
+    packed = _pack_pairs(low, high)
+    return torch.cat([packed, packed.new_zeros(1)])
+
+
+def table_reason(geom: ConvGeom, bm: int, bk: int, store_rows: int) -> str | None:
+    """Why a geometry's entries do not fit :func:`rect_table` (``None``: they do)."""
+    sh, sw = geom.stride_h, geom.stride_w
+    limit = 1 << FIELD_BITS
+    if store_rows > limit:
+        return f"the value store has {store_rows} rows, past the tables' {FIELD_BITS}-bit store row"
+    phased = sh > 1 or sw > 1
+    inner_end = sw * geom.c_in if phased else geom.c_pad
+    if inner_end > (1 << PHASE_SHIFT if phased else limit) or (phased and sh > 1 << (FIELD_BITS - PHASE_SHIFT)):
+        return f"{inner_end} channels (times the stride) exceed the tables' channel field"
+    if -(-geom.c_out // bm) * bm > limit:
+        return f"C_out={geom.c_out} exceeds the tables' channel field"
+    reach = max(geom.pad_h, geom.pad_w, (geom.kh - 1) * geom.dil_h, (geom.kw - 1) * geom.dil_w)
+    if reach > OFFSET_LIMIT:
+        return f"a tap offset of {reach} pixels exceeds the tables' 8-bit offsets"
+    return None
 
 
 def padded_aux(aux: torch.Tensor) -> torch.Tensor:
@@ -163,11 +194,12 @@ def padded_aux(aux: torch.Tensor) -> torch.Tensor:
 def rect_forward_table(meta: Meta, geom: ConvGeom, bm: int, bk: int) -> torch.Tensor:
     """Per CSR position: where the descriptor forward (``bsconv_tma.py``) reads the block's ``x`` box.
 
-    A :func:`rect_table` of the pairs ``(inner | phase << 24, slot * bm)`` and ``(dh, dw)``. A tap's
-    input offset ``d = r*dil_h - pad_h`` is row ``dh = floor(d / stride_h)`` of phase ``d mod stride_h``
-    (columns likewise, ``pw``); ``inner = pw*C_in + (c % CPB)*bk`` is the box's first element of the
-    stride-phase view's last dimension. Example: stride 1, pad 1, dilation 1, 3x3, ``CPB = 1``: block
-    column 4 (the centre tap) reads box offsets ``(0, 0)``, column 0 ``(-1, -1)``.
+    A :func:`rect_table` of ``slot * bm`` (the block's first store row), the channel field and the
+    offsets ``(dh, dw)``. A tap's input offset ``d = r*dil_h - pad_h`` is row ``dh = floor(d / stride_h)``
+    of phase ``d mod stride_h`` (columns likewise, ``pw``); the field is ``inner = pw*C_in + (c % CPB)*bk``,
+    the box's first element of the stride-phase view's last dimension, with the row phase above
+    :data:`PHASE_SHIFT` for a strided conv. Example: stride 1, pad 1, dilation 1, 3x3, ``CPB = 1``:
+    block column 4 (the centre tap) reads box offsets ``(0, 0)``, column 0 ``(-1, -1)``.
     """
     cpb = geom.c_pad // bk
     sh, sw = geom.stride_h, geom.stride_w
@@ -177,15 +209,15 @@ def rect_forward_table(meta: Meta, geom: ConvGeom, bm: int, bk: int) -> torch.Te
     d_h = kr * geom.dil_h - geom.pad_h
     d_w = (tap - kr * geom.kw) * geom.dil_w - geom.pad_w
     ph, pw = d_h % sh, d_w % sw  # floor remainders: non-negative
-    inner = pw * geom.c_in + (c - tap * cpb) * bk
-    low = torch.stack([inner + (ph << 24), torch.div(d_h - ph, sh, rounding_mode="floor")])
-    high = torch.stack([meta.storage.long() * bm, torch.div(d_w - pw, sw, rounding_mode="floor")])
-    packed = _pack_pairs(low, high)
-    return rect_table(packed[0], packed[1])
+    field = pw * geom.c_in + (c - tap * cpb) * bk + (ph << PHASE_SHIFT)
+    dh = torch.div(d_h - ph, sh, rounding_mode="floor")
+    dw = torch.div(d_w - pw, sw, rounding_mode="floor")
+    return rect_table(meta.storage.long() * bm, field, dh, dw)
 
 
 def rect_input_grad_table(pairs: torch.Tensor, bm: int) -> torch.Tensor:
     """The lines of :func:`input_grad_lines` as the descriptor input gradient reads them: a :func:`rect_table`
-    of ``(r * bm, slot * bm)`` (the block's first ``dy`` channel and store row) and ``(oh, ow)``."""
-    row_slot = pairs[0].view(torch.int32).view(-1, 2).long() * bm
-    return rect_table(_pack_pairs(row_slot[:, 0], row_slot[:, 1]), pairs[1])
+    of ``slot * bm`` (the block's first store row), ``r * bm`` (its first ``dy`` channel) and ``(oh, ow)``."""
+    row_slot = pairs[0].view(torch.int32).view(-1, 2).long()
+    out = pairs[1].view(torch.int32).view(-1, 2).long()
+    return rect_table(row_slot[:, 1] * bm, row_slot[:, 0] * bm, out[:, 0], out[:, 1])

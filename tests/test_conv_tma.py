@@ -246,9 +246,28 @@ def test_forward_table_worked_example():
     meta = Meta(*[torch.zeros(0, dtype=torch.int32)] * len(Meta._fields))._replace(
         col_indices=torch.tensor([4, 0], dtype=torch.int32), storage=torch.tensor([1, 0], dtype=torch.int32)
     )
-    tab = bsconv_tables.rect_forward_table(meta, geom, 16, 16).view(torch.int32).view(-1, 4)
-    # rows: (inner | phase << 24, slot * bm, dh, dw); the last row is the sentinel
-    assert tab.tolist() == [[0, 16, 0, 0], [0, 0, -1, -1], [0, 0, 0, 0]]
+    words = bsconv_tables.rect_forward_table(meta, geom, 16, 16).view(torch.int32).view(-1, 2).long()
+    # (low, high) = (store row | dh << 24, channel field | dw << 24); the last entry is the sentinel
+    low, high = words[:, 0], words[:, 1]
+    assert (low & 0xFFFFFF).tolist() == [16, 0, 0] and (high & 0xFFFFFF).tolist() == [0, 0, 0]
+    assert (low >> 24).tolist() == [0, -1, 0] and (high >> 24).tolist() == [0, -1, 0]
+
+
+@pytest.mark.parametrize(
+    "conv, why",
+    [
+        (dict(kernel=(3, 3), padding=130), "tap offset of 130 pixels"),
+        (dict(kernel=(1, 300), dilation=1), "tap offset of 299 pixels"),
+    ],
+)
+def test_table_reason_names_what_does_not_fit(conv, why):
+    """Geometries past the tables' 8-bit offsets run the pointer kernels, and the reason says why."""
+    k, pad, dil = conv["kernel"], conv.get("padding", 0), conv.get("dilation", 1)
+    geom = convview.conv_geometry((1, 16, 400, 400), (16, 16, *k), 1, pad, dil, 16)
+    assert why in bsconv_tables.table_reason(geom, 16, 16, 64)
+    fine = convview.conv_geometry((1, 16, 9, 9), (16, 16, 3, 3), 1, 1, 1, 16)
+    assert bsconv_tables.table_reason(fine, 16, 16, 64) is None
+    assert "store row" in bsconv_tables.table_reason(fine, 16, 16, 1 << 25)
 
 
 # ---------------------------------------------------------------------- GPU

@@ -12,7 +12,7 @@ from pathlib import Path
 from sparsekern.check.specs import PRECISIONS, Arch, KernelSpec, Precision, active_descriptors, job_kernel, job_tiles
 
 # Metadata the kernels read as packed int64 pairs of int32: (index, slot) from layout.col_slot and
-# layout.row_slot_t, and the conv launchers' per-launch arrays (tap offsets, lines).
+# layout.row_slot_t, and the conv launchers' per-launch arrays (tap offsets, lines, descriptor tables).
 PACKED_POINTERS = frozenset(
     {
         "col_slot_ptr",
@@ -21,8 +21,7 @@ PACKED_POINTERS = frozenset(
         "tap_ptr",
         "line_row_slot_ptr",
         "line_out_ptr",
-        "inner_slot_ptr",
-        "box_ptr",
+        "tab_ptr",  # bsconv_tma's padded tables: rows of two packed pairs
     }
 )
 
