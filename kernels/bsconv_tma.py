@@ -333,6 +333,7 @@ def _bsconv_dw_tma_kernel(
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     PHASED: tl.constexpr,
+    WRAP_W: tl.constexpr,
     TN: tl.constexpr,
     TH: tl.constexpr,
     TW: tl.constexpr,
@@ -346,7 +347,8 @@ def _bsconv_dw_tma_kernel(
     Grid ``(n_train * (BM // BLOCK_N) * (BK // BLOCK_K), splits)``; split ``j`` reduces rectangles
     ``[j * rects_per_split, (j + 1) * rects_per_split)`` of the ``GN x GH x GW`` grid into ``dw[j]``.
     The rectangle's origin is carried in mixed radix (one conditional carry per digit), so the loop
-    divides by nothing and its boxes' coordinates are scalars.
+    divides by nothing and its boxes' coordinates are scalars; ``WRAP_W`` is False when one rectangle
+    spans the row (``GW == 1``), which drops the column digit.
     """
     tl.static_assert(GROUP == 1, "one block per program: a run's members have different taps")
     tl.static_assert(TN * TH * TW == BLOCK_M, "the rectangle must hold BLOCK_M tokens")
@@ -385,10 +387,13 @@ def _bsconv_dw_tma_kernel(
         else:
             x = x_desc.load([n0, h0 + dh, w0 + dw, inner]).reshape(BLOCK_M, BLOCK_K)
         acc = _mma(tl.trans(dyt), x, acc, DOT_PRECISION, UPCAST)
-        w0 += TW
-        wrap_w = w0 == w_end
-        w0 = tl.where(wrap_w, 0, w0)
-        h0 += tl.where(wrap_w, TH, 0)
+        if WRAP_W:
+            w0 += TW
+            wrap_w = w0 == w_end
+            w0 = tl.where(wrap_w, 0, w0)
+            h0 += tl.where(wrap_w, TH, 0)
+        else:  # one rectangle spans the row (GW == 1, the usual case): w0 stays 0
+            h0 += TH
         wrap_h = h0 == h_end
         h0 = tl.where(wrap_h, 0, h0)
         n0 += tl.where(wrap_h, TN, 0)
@@ -532,7 +537,8 @@ def weight_grad(dy, x, meta: Meta, geom: ConvGeom, bm: int, bk: int, cfg, target
         meta.train_index, meta.train_rank, meta.train_left, meta.row_indices, meta.col_indices, meta.aux,
         gh, gw, gn * gh * gw, geom.c_in, geom.kw, geom.c_pad // bk, rects_per_split,
         geom.stride_h, geom.stride_w, geom.pad_h, geom.pad_w, geom.dil_h, geom.dil_w, stride_dws,
-        PHASED=_phased(geom), TN=tn, TH=th, TW=tw, **kernel_constexprs(bm, bk, meta, x.dtype, x.device, cfg),
+        PHASED=_phased(geom), WRAP_W=gw > 1, TN=tn, TH=th, TW=tw,
+        **kernel_constexprs(bm, bk, meta, x.dtype, x.device, cfg),
     )  # fmt: skip
 
 

@@ -264,7 +264,7 @@ RECT_SPECS = {
         frozenset({"dw_ptr"}),
         frozenset(),
         _RECT_DW_INTS,
-        {"PHASED": False},
+        {"PHASED": False, "WRAP_W": False},  # RECT_IMAGE's rows fit one rectangle (GW == 1)
         module="bsconv_tma",
         operands=("dy_desc", "x_desc", "dw_ptr"),
         descriptors=(Desc("dy_desc", _RECT_Y), Desc("x_desc", _RECT_X)),
