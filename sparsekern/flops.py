@@ -24,15 +24,16 @@ Known limits: only ``nn.Linear``, ``transformers``' ``Conv1D``, ``nn.Conv2d``
 (``groups=1``) and the sparse layers are counted; other modules (attention, norms, pooling) are left out of
 the totals.
 
+The result is a :class:`~sparsekern.reports.Report` (``FlopReport`` is its old name): one
+``LayerRecord`` per counted layer, with ``tokens``, ``flops[pass][level]`` and ``memory``.
+
 Example:
     >>> rep = sparsekern.report(model, torch.randn(32, 1024))
     >>> print(rep.table())
-    >>> rep.total["block"]["forward"] / rep.total["dense"]["forward"]
+    >>> rep.total().flops["forward"]["block"] / rep.total().flops["forward"]["dense"]
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -40,52 +41,15 @@ from sparsekern.nn.conv import SparseConv2d
 from sparsekern.nn.hf import conv1d_features, is_conv1d
 from sparsekern.nn.linear import SparseLinear
 from sparsekern.nn.sparse_weight import BlockSparseWeight
+from sparsekern.reports import FLOP_COLUMNS, LayerRecord, Report
+from sparsekern.reports import LEVELS as LEVELS
+from sparsekern.reports import PASSES as PASSES
+from sparsekern.reports import FlopReport as FlopReport
 
 __all__ = ["FlopReport", "LEVELS", "OPTIMIZER_STATES", "PASSES", "report"]
 
-PASSES = ("forward", "input_grad", "weight_grad")
-LEVELS = ("dense", "element", "block")
 # Optimizer state tensors kept per trainable element.
 OPTIMIZER_STATES = {"sgd": 0, "sgd_momentum": 1, "adam": 2, "adamw": 2}
-
-
-@dataclass
-class FlopReport:
-    """Per-layer and total counts; see the module docstring for the definitions."""
-
-    layers: list[dict] = field(default_factory=list)
-    total: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return {"layers": self.layers, "total": self.total}
-
-    def table(self) -> str:
-        """A markdown table: FLOP fractions of each pass (block and element) and memory."""
-        head = (
-            "| layer | tokens | fwd block | fwd element | dX block | dW block | dW element "
-            "| params MB | grads MB | optim MB | dense params+grads+optim MB |"
-        )
-        lines = [head, "|" + "---|" * 11]
-        for row in [*self.layers, {"name": "total", "tokens": "", **self.total}]:
-            f = row["flops"] if "flops" in row else row
-
-            def frac(level, p, f=f):
-                dense = f["dense"][p]
-                return f"{f[level][p] / dense:.3f}" if dense else "-"
-
-            mem = row["memory"]
-            mb = 1 / 2**20
-            lines.append(
-                f"| {row['name']} | {row['tokens']} | {frac('block', 'forward')} | {frac('element', 'forward')} "
-                f"| {frac('block', 'input_grad')} | {frac('block', 'weight_grad')} | {frac('element', 'weight_grad')} "
-                f"| {mem['params'] * mb:.2f} | {mem['grads'] * mb:.2f} | {mem['optimizer'] * mb:.2f} "
-                f"| {mem['dense_total'] * mb:.2f} |"
-            )
-        return "\n".join(lines)
-
-
-def _zero() -> dict:
-    return {level: dict.fromkeys(PASSES, 0) for level in LEVELS}
 
 
 COUNTED = (nn.Linear, nn.Conv2d, SparseLinear, SparseConv2d)  # and transformers' Conv1D (is_conv1d)
@@ -112,23 +76,32 @@ def _tokens(mod: nn.Module, x, y) -> int:
     return y.numel() // mod.out_channels
 
 
+def _kind_and_shape(mod: nn.Module) -> tuple[str, tuple[int, ...]]:
+    """The layer's kind and its weight's shape, from its sizes (a sparse layer's weight is a computed view)."""
+    n_out, fan_in = _fan(mod)
+    if is_conv1d(mod):
+        return "conv1d", (fan_in, n_out)
+    if isinstance(mod, (nn.Linear, SparseLinear)):
+        return "linear", (n_out, fan_in)
+    return "conv2d", (n_out, mod.in_channels, *mod.kernel_size)
+
+
 def _layer_flops(mod: nn.Module, tokens: int, input_grad: bool) -> dict:
+    """``{pass: {level: FLOPs}}`` of one layer over ``tokens``."""
     n_out, fan_in = _fan(mod)
     dense = 2 * tokens * n_out * fan_in
     if isinstance(mod, BlockSparseWeight):
-        f = mod.layout.flops(tokens)
-        out = {level: {p: f[p][level] for p in PASSES} for level in LEVELS}
-        # The layout's own dense count is its matrix view's (padded for conv): use the layer's.
-        out["dense"] = dict.fromkeys(PASSES, dense)
+        out = mod.layout.flops(tokens)
+        for p in PASSES:  # the layout's own dense count is its matrix view's (padded for conv): use the layer's
+            out[p]["dense"] = dense
         if not mod.weight_train.requires_grad:
-            for level in ("element", "block"):
-                out[level]["weight_grad"] = 0
+            out["weight_grad"].update(element=0, block=0)
     else:
         wgrad = dense if mod.weight.requires_grad else 0
-        out = {level: {"forward": dense, "input_grad": dense, "weight_grad": wgrad} for level in LEVELS}
+        out = {p: dict.fromkeys(LEVELS, dense) for p in ("forward", "input_grad")}
+        out["weight_grad"] = dict.fromkeys(LEVELS, wgrad)
     if not input_grad:
-        for level in LEVELS:
-            out[level]["input_grad"] = 0
+        out["input_grad"] = dict.fromkeys(LEVELS, 0)
     return out
 
 
@@ -160,12 +133,12 @@ def report(model: nn.Module, example_input, optimizer: str = "adamw") -> FlopRep
             many state tensors each trainable element carries.
 
     Returns:
-        A :class:`FlopReport`. ``rep.layers[i]["flops"][level][pass]`` and
-        ``rep.total[level][pass]`` hold FLOPs; ``["memory"]`` holds bytes.
+        A :class:`~sparsekern.reports.Report`: ``rep[name].flops[pass][level]`` and
+        ``rep.total().flops[pass][level]`` hold FLOPs, ``.memory`` bytes, ``.tokens`` the rows seen.
 
     Example:
         >>> rep = report(nn.Sequential(SparseLinear(64, 64, block_size=16)), torch.randn(8, 64))
-        >>> rep.total["block"]["forward"]
+        >>> rep.total().flops["forward"]["block"]
         65536
     """
     if optimizer not in OPTIMIZER_STATES:
@@ -192,17 +165,20 @@ def report(model: nn.Module, example_input, optimizer: str = "adamw") -> FlopRep
         for h in handles:
             h.remove()
 
-    rep = FlopReport()
-    total_flops = _zero()
-    total_mem = dict.fromkeys(("params", "frozen", "grads", "optimizer", "dense_total"), 0)
+    rep = Report(columns=FLOP_COLUMNS)
     for name, (mod, tokens, input_grad) in seen.items():
-        flops = _layer_flops(mod, tokens, input_grad)
-        mem = _layer_memory(mod, states)
-        rep.layers.append({"name": name, "tokens": tokens, "flops": flops, "memory": mem})
-        for level in LEVELS:
-            for p in PASSES:
-                total_flops[level][p] += flops[level][p]
-        for key in total_mem:
-            total_mem[key] += mem[key]
-    rep.total = {**total_flops, "memory": total_mem}
+        kind, shape = _kind_and_shape(mod)
+        sparse = isinstance(mod, BlockSparseWeight)
+        rep.add(
+            LayerRecord(
+                name=name,
+                kind=kind,
+                shape=shape,
+                sparse=sparse,
+                block_size=tuple(mod.layout.block_size) if sparse else None,
+                tokens=tokens,
+                flops=_layer_flops(mod, tokens, input_grad),
+                memory=_layer_memory(mod, states),
+            )
+        )
     return rep

@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 LAYERS = (
     ("kernels", ("sparsekern.kernels",)),
     ("layout", ("sparsekern.layout", "sparsekern.convview")),
+    ("reports", ("sparsekern.reports",)),
     ("functional", ("sparsekern.functional",)),
     ("nn", ("sparsekern.nn",)),
     ("flops", ("sparsekern.flops",)),

@@ -5,7 +5,7 @@ returns ``(model, report)``. ``granularity="exact"`` keeps the element masks,
 so outputs and gradients are unchanged but only wholly empty blocks are
 skipped (few, for unstructured masks); ``granularity="block"`` re-scores by
 magnitude pooled per block at each layer's density, so the kernels skip
-``1 - density`` of the work. ``report.table()`` shows what each choice saves.
+``1 - density`` of the work. ``report.table()`` shows what each choice saves (``report[name].choices``).
 
 =====================  =========================================================
 adapter                source
@@ -17,8 +17,8 @@ adapter                source
 =====================  =========================================================
 """
 
-from sparsekern.adapters._core import ConversionReport
 from sparsekern.adapters.masks import from_checkpoint, from_mask_dict
 from sparsekern.adapters.torch_pruning import from_torch_ao, from_torch_prune
+from sparsekern.reports import ConversionReport as ConversionReport
 
 __all__ = ["ConversionReport", "from_checkpoint", "from_mask_dict", "from_torch_ao", "from_torch_prune"]

@@ -12,8 +12,9 @@ and bias, and an element mask) and hands them to :func:`convert_targets`, which
    from a plain copy of the dense layer, before touching the model;
 3. swaps them in only when all were built (nothing changes on failure), through the methods'
    ``targets.replace_module``, so a module registered under several names stays one module;
-4. reports, per layer, the FLOP fractions both choices would compute (``layout.flops``, the
-   passes of ``sparsekern.flops.PASSES``).
+4. reports, per layer, a :class:`~sparsekern.reports.LayerRecord` of the layer built (its
+   ``mask_density``, ``granularity`` and densities) whose ``choices`` hold what both
+   granularities would compute (``layout.flops``, the passes of ``sparsekern.reports.PASSES``).
 
 Tied weights (a layer whose Parameter another module holds, as an ``lm_head`` tied to the word
 embeddings) are refused with a ValueError naming the tie (:func:`check_untied`), before anything
@@ -28,7 +29,7 @@ subclass and leaves it dense; and the report compares both granularities for mas
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -36,10 +37,11 @@ from torch.nn.utils import skip_init
 from torch.nn.utils.parametrize import type_before_parametrizations
 
 import sparsekern.nn as sknn
-from sparsekern.flops import PASSES
 from sparsekern.layout import BlockLayout, normalize_block_size
 from sparsekern.methods.blocks import REDUCTIONS, block_grid, expand_blocks, keep_top_blocks, pool_blocks, to_matrix
 from sparsekern.methods.targets import replace_module, tie_reason, tied_parameters
+from sparsekern.reports import CONVERSION_COLUMNS, LayerRecord, Report
+from sparsekern.reports import ConversionReport as ConversionReport
 
 __all__ = ["ConversionReport", "GRANULARITIES", "MaskedLayer", "check_untied", "convert_targets", "replacement_class"]
 
@@ -58,37 +60,6 @@ class MaskedLayer:
     mask: torch.Tensor
     bias: torch.Tensor | None
     requires_grad: bool = True
-
-
-@dataclass
-class ConversionReport:
-    """What an adapter did, per converted layer.
-
-    ``layers[i]`` holds ``name``, ``type``, ``shape``, ``density`` (kept
-    elements of the source mask), ``applied`` (the granularity used) and, for
-    both ``"exact"`` and ``"block"``, the layout summary
-    (``block_density``, ``element_density``, ``forward_flop_fraction``,
-    ``input_grad_flop_fraction``, ``weight_grad_flop_fraction``: computed FLOPs
-    over dense; one minus these is what the choice saves) and
-    ``saved_flops_per_token``: ``{pass: FLOPs}`` skipped per input row (per
-    output position for a convolution), from ``BlockLayout.flops``.
-    """
-
-    granularity: str
-    block_size: tuple[int, int]
-    layers: list[dict] = field(default_factory=list)
-
-    def table(self) -> str:
-        """A markdown table of the FLOPs each choice saves, per layer and pass."""
-        head = "| layer | shape | density | applied | " + " | ".join(
-            f"{g} {p} saved" for g in GRANULARITIES for p in ("fwd", "dX", "dW")
-        )
-        lines = [head + " |", "|" + "---|" * (4 + 2 * len(PASSES))]
-        for row in self.layers:
-            saved = " | ".join(f"{1 - row[g][p + '_flop_fraction']:.3f}" for g in GRANULARITIES for p in PASSES)
-            shape = "x".join(str(s) for s in row["shape"])
-            lines.append(f"| {row['name']} | {shape} | {row['density']:.3f} | {row['applied']} | {saved} |")
-        return "\n".join(lines)
 
 
 def _unsupported_reason(module: nn.Module) -> str | None:
@@ -152,11 +123,10 @@ def block_mask(weight: torch.Tensor, mask: torch.Tensor, block_size, reduce: str
     return expand_blocks(keep_top_blocks(scores, n_keep), tuple(weight.shape), block_size)
 
 
-def _summary(mask: torch.Tensor, block_size) -> dict:
+def _choice(mask: torch.Tensor, block_size, name: str, kind: str) -> LayerRecord:
+    """What the kernels would compute for ``mask``: the record of its layout."""
     layout = BlockLayout.from_masks(to_matrix(mask, block_size[1], fill=False), block_size=block_size)
-    flops = layout.flops(1)
-    saved = {p: flops[p]["dense"] - flops[p]["block"] for p in PASSES}
-    return {**layout.summary(), "saved_flops_per_token": saved}
+    return LayerRecord.from_layout(layout, name, kind, tuple(mask.shape))
 
 
 def _plain_copy(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
@@ -187,17 +157,19 @@ def _plain_copy(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | No
 
 def convert_targets(
     model: nn.Module, targets: list[MaskedLayer], granularity: str, block_size, reduce: str
-) -> tuple[nn.Module, ConversionReport]:
+) -> tuple[nn.Module, Report]:
     """Build a sparse layer for every target, then swap them all into ``model``.
 
     Returns:
         ``(model, report)``; ``model`` is the same object unless a target is
-        the model itself.
+        the model itself. ``report[name]`` is the record of the layer built (``mask_density``:
+        kept elements of the given mask; ``granularity``: the choice applied) and
+        ``report[name].choices[g]`` what granularity ``g`` computes; ``report.table()`` compares them.
     """
     block_size = check_options(granularity, block_size, reduce)
     check_supported(targets)
     check_untied(model, [(t.name, t.module) for t in targets])
-    report = ConversionReport(granularity, block_size)
+    report = Report(columns=CONVERSION_COLUMNS)
     built = []
     for t in targets:
         if tuple(t.mask.shape) != tuple(t.weight.shape):
@@ -213,16 +185,22 @@ def convert_targets(
             for p in new.parameters():
                 p.requires_grad_(False)
         built.append((t.name, new))
-        report.layers.append(
-            {
-                "name": t.name,
-                "type": type(new).__name__,
-                "shape": tuple(t.weight.shape),
-                "density": float(exact.float().mean()),
-                "applied": granularity,
-                "exact": _summary(exact, block_size),
-                "block": _summary(blocky, block_size),
-            }
+        kind = "linear" if isinstance(new, sknn.SparseLinear) else "conv2d"
+        shape = tuple(t.weight.shape)
+        choices = {
+            "exact": _choice(exact, block_size, t.name, kind),
+            "block": _choice(blocky, block_size, t.name, kind),
+        }
+        report.add(
+            LayerRecord.from_layout(
+                new.layout,
+                t.name,
+                kind,
+                shape,
+                mask_density=float(exact.float().mean()),
+                granularity=granularity,
+                choices=choices,
+            )
         )
     # Nothing below can fail: the model changes only once every layer was built. The swap is the methods'
     # (targets.replace_module: a module registered under several names is replaced at all of them); only

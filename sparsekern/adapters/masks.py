@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from sparsekern.adapters._core import (
-    ConversionReport,
     MaskedLayer,
     check_options,
     check_untied,
@@ -34,6 +33,7 @@ from sparsekern.adapters._core import (
 )
 from sparsekern.methods.select import check_fraction
 from sparsekern.nn.foreign_masks import dense_weight_and_mask, nonzero_mask
+from sparsekern.reports import Report
 
 __all__ = ["from_checkpoint", "from_mask_dict"]
 
@@ -71,7 +71,7 @@ def _normalise(model: nn.Module, masks) -> dict[str, dict[str, torch.Tensor]]:
 
 def from_mask_dict(
     model: nn.Module, masks, granularity: str = "exact", block_size=32, reduce: str = "l1"
-) -> tuple[nn.Module, ConversionReport]:
+) -> tuple[nn.Module, Report]:
     """Replace the layers named in ``masks`` by sparse layers cut to those masks, in place.
 
     Args:
@@ -124,7 +124,7 @@ def from_checkpoint(
     reduce: str = "l1",
     min_sparsity: float = 0.5,
     modules=None,
-) -> tuple[nn.Module, ConversionReport]:
+) -> tuple[nn.Module, Report]:
     """Load a dense checkpoint and turn its pruned layers (zeros in the weight) into sparse layers.
 
     Args:

@@ -18,8 +18,9 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.utils import parametrize
 
-from sparsekern.adapters._core import ConversionReport, MaskedLayer, convert_targets
+from sparsekern.adapters._core import MaskedLayer, convert_targets
 from sparsekern.nn.foreign_masks import dense_weight_and_mask
+from sparsekern.reports import Report
 
 __all__ = ["from_torch_prune", "from_torch_ao"]
 
@@ -39,7 +40,7 @@ def _target(name: str, module: nn.Module) -> MaskedLayer | None:
 
 def from_torch_prune(
     model: nn.Module, granularity: str = "exact", block_size=32, reduce: str = "l1"
-) -> tuple[nn.Module, ConversionReport]:
+) -> tuple[nn.Module, Report]:
     """Replace every layer pruned with ``torch.nn.utils.prune`` by a sparse layer, in place.
 
     Args:
@@ -53,7 +54,9 @@ def from_torch_prune(
 
     Returns:
         ``(model, report)``: the model (the same object, unless the model is
-        itself a pruned layer) and a :class:`ConversionReport`.
+        itself a pruned layer) and a :class:`~sparsekern.reports.Report` (old name
+        ``ConversionReport``): ``report[name].mask_density``, ``.granularity`` and
+        ``.choices["exact" | "block"].flops_saved[pass]``.
 
     Raises:
         TypeError: a pruned module that no sparse layer replaces.
@@ -73,7 +76,7 @@ def from_torch_prune(
 
 def from_torch_ao(
     model: nn.Module, granularity: str = "exact", block_size=32, reduce: str = "l1"
-) -> tuple[nn.Module, ConversionReport]:
+) -> tuple[nn.Module, Report]:
     """Replace every layer with a ``torch.ao.pruning`` mask parametrization by a sparse layer, in place.
 
     Works on a model prepared and stepped by a sparsifier (``FakeSparsity`` or

@@ -4,7 +4,7 @@
   (for dynamic sparse training, adapters and benchmarks);
 * :func:`apply_masks` converts layers (or calls ``set_masks`` on sparse ones,
   or re-blocks them at a new block size, :func:`reblock`);
-* :func:`sparsify` does both and returns a :class:`SparsifyReport`;
+* :func:`sparsify` does both and returns a :class:`~sparsekern.reports.Report` (``SparsifyReport``);
 * :class:`MethodConfig` holds a method's settings (the named arguments of ``masks`` and
   ``sparsify``) and :func:`plan` turns a model and a config into masks (``config.py``, ``planning.py``);
 * :func:`imp` finds lottery tickets by iterative magnitude pruning with rewinding;
@@ -12,7 +12,7 @@
 * :func:`select`, :func:`layer_densities` and :func:`find_targets` are the building
   blocks, for code that brings its own scores (dynamic sparse training).
 
-``api.py`` holds the verbs, ``report.py`` the report types, ``blocks.py`` pools
+``api.py`` holds the verbs, ``report.py`` fills the report's records, ``blocks.py`` pools
 per-element scores per block, ``select.py`` turns scores into masks (densities,
 distributions, granularity), ``scores.py`` holds the scores,
 ``targets.py`` picks the layers (``nn.Linear``, ``nn.Conv2d``, ``transformers``'

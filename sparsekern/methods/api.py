@@ -23,7 +23,7 @@ from sparsekern.layout import BlockLayout, normalize_block_size
 from sparsekern.methods.blocks import from_matrix, to_matrix
 from sparsekern.methods.config import ARGS_DOC, FREEZE, METHODS, MethodConfig
 from sparsekern.methods.planning import plan
-from sparsekern.methods.report import LayerReport, SparsifyReport, layer_report
+from sparsekern.methods.report import layer_report, sparsify_report
 from sparsekern.methods.targets import (
     current_masks,
     parametrized_reason,
@@ -32,6 +32,9 @@ from sparsekern.methods.targets import (
     tie_reason,
     tied_parameters,
 )
+from sparsekern.reports import LayerReport as LayerReport
+from sparsekern.reports import Report
+from sparsekern.reports import SparsifyReport as SparsifyReport
 
 __all__ = [
     "FREEZE",
@@ -303,7 +306,7 @@ def sparsify(
     example_input: torch.Tensor | None = None,
     temperature: float = 200.0,
     min_blocks: int = 4,
-) -> SparsifyReport:
+) -> Report:
     """Prune and freeze ``model`` in place: its layers become ``SparseLinear`` (``SparseConv2d``) modules.
 
     Masks are computed on the dense model (see :func:`masks`), then every
@@ -323,9 +326,10 @@ def sparsify(
     Args:{args}
 
     Returns:
-        A :class:`SparsifyReport`: ``report[name]`` is a :class:`LayerReport`
-        (densities, computed-block fraction, FLOPs saved per pass),
-        ``report.table()`` a markdown table.
+        A :class:`~sparsekern.reports.Report` (old name ``SparsifyReport``): ``report[name]`` is a
+        :class:`~sparsekern.reports.LayerRecord` (densities, computed-block fraction,
+        ``flops_per_token[pass][level]``, ``flops_saved[pass]``), ``report.total()`` the same over
+        all reported layers, ``report.table()`` a markdown table.
 
     Raises:
         ValueError: unknown method, distribution, granularity or layer name; a
@@ -369,7 +373,7 @@ def sparsify(
     for name in chosen.frozen_dense:
         model.get_submodule(name).weight.requires_grad_(False)
     modules = dict(model.named_modules())
-    return SparsifyReport({t.name: layer_report(t, modules[t.name], t.skip, notes.get(t.name)) for t in chosen.targets})
+    return sparsify_report(layer_report(t, modules[t.name], t.skip, notes.get(t.name)) for t in chosen.targets)
 
 
 if sparsify.__doc__:

@@ -31,10 +31,11 @@ from torch import nn
 from sparsekern.methods.api import apply_masks
 from sparsekern.methods.config import MethodConfig
 from sparsekern.methods.planning import plan
-from sparsekern.methods.report import SparsifyReport, layer_report
+from sparsekern.methods.report import layer_report, sparsify_report
 from sparsekern.methods.select import check_fraction
 from sparsekern.methods.targets import current_masks
 from sparsekern.nn.hf import is_conv1d
+from sparsekern.reports import Report
 
 __all__ = ["ImpResult", "ImpRound", "imp"]
 
@@ -106,13 +107,13 @@ class ImpResult:
         model: the pruned, trained model (the object passed in).
         masks: ``{name: mask}`` of the last round, shaped as the sparse layers' weights
             (``(out, in)`` for a layer that was a ``Conv1D``).
-        history: one :class:`SparsifyReport` per pruning round.
+        history: one :class:`~sparsekern.reports.Report` per pruning round (as ``sparsify`` returns).
         rewind_state: the stored rewind point (dense ``state_dict``), or ``None`` for ``"lr"``.
     """
 
     model: nn.Module
     masks: dict[str, torch.Tensor]
-    history: list[SparsifyReport]
+    history: list[Report]
     rewind_state: dict[str, torch.Tensor] | None
 
 
@@ -205,7 +206,7 @@ def imp(
     if rewind == "weights" and "state" not in saved:
         raise RuntimeError(f"train_fn never called info.checkpoint() in round 0 (rewind_step={rewind_step})")
 
-    history: list[SparsifyReport] = []
+    history: list[Report] = []
     kept: dict[str, torch.Tensor] | None = None
     for r in range(1, rounds + 1):
         density = (1.0 - prune_fraction) ** r
@@ -217,6 +218,6 @@ def imp(
         # The layers' own masks: a Conv1D's plan mask is (in, out), the SparseLinear it became is (out, in).
         kept = {n: model.get_submodule(n).mask for n in new}
         modules = dict(model.named_modules())
-        history.append(SparsifyReport({t.name: layer_report(t, modules[t.name], t.skip) for t in chosen.targets}))
+        history.append(sparsify_report(layer_report(t, modules[t.name], t.skip) for t in chosen.targets))
         train_fn(model, ImpRound(r, rounds, density, rewind, rewind_step, rewind_step))
     return ImpResult(model, kept or {}, history, saved.get("state"))
