@@ -156,7 +156,7 @@ def train(variant: str, data, args) -> dict:
     with torch.no_grad():
         acc = (model(x_te).argmax(1) == y_te).float().mean().item()
     rep = sparsekern.report(model, x_tr[: args.batch].clone())
-    saved = {p: 1 - rep.total["block"][p] / rep.total["dense"][p] for p in ("forward", "input_grad", "weight_grad")}
+    saved = rep.total().flops_saved
     hidden = model[2]
     info = {"variant": variant, "acc": acc, "wall": wall, "steps": total, "saved": saved}
     if isinstance(hidden, SparseLinear):

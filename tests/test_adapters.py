@@ -107,15 +107,19 @@ def test_torch_prune_exact():
     assert_no_foreign_masks(model)
     check_exact(model, model, refs)
     compare_models(before, model, x)
-    assert [row["name"] for row in rep.layers] == ["0", "2"]
-    row = rep.layers[1]
-    assert row["exact"]["block_density"] == pytest.approx(model[2].layout.block_density)
-    assert row["exact"]["forward_flop_fraction"] < 0.75  # the block mask skips about half
+    assert list(rep.layers) == ["0", "2"]
+    row = rep["2"]
+    assert (row.kind, row.shape, row.granularity, row.block_size) == ("linear", (32, 48), "exact", (BS, BS))
+    assert row.mask_density == pytest.approx(masks["2"].float().mean().item())
+    exact = row.choices["exact"]
+    assert exact.block_fraction == row.block_fraction == pytest.approx(model[2].layout.block_density)
+    assert exact.flops_saved["forward"] > 0.25  # the block mask skips about half
     flops = model[2].layout.flops(1)
     for p in ("forward", "input_grad", "weight_grad"):
-        assert row["exact"]["saved_flops_per_token"][p] == flops[p]["dense"] - flops[p]["block"] > 0
-    assert rep.layers[0]["exact"]["forward_flop_fraction"] == pytest.approx(1.0)  # unstructured: nothing empty
-    assert "saved" in rep.table()
+        assert exact.flops_per_token[p] == row.flops_per_token[p] == flops[p]
+        assert exact.flops_saved[p] == pytest.approx(1 - flops[p]["block"] / flops[p]["dense"])
+    assert rep["0"].choices["exact"].flops_saved["forward"] == pytest.approx(0.0)  # unstructured: nothing empty
+    assert "exact fwd saved" in rep.table() and "| total |" in rep.table()
 
 
 def test_torch_prune_block_keeps_density():
@@ -128,10 +132,13 @@ def test_torch_prune_block_keeps_density():
         layer = out.get_submodule(name)
         assert layer.layout.nnz_blocks == round(density * grid[0] * grid[1])
         assert layer.layout.n_mixed == 0
-        row = next(r for r in rep.layers if r["name"] == name)
-        assert row["density"] == pytest.approx(density, abs=1e-6) and row["applied"] == "block"
-        assert row["block"]["block_density"] == pytest.approx(layer.layout.block_density)
-        assert row["block"]["forward_flop_fraction"] < row["exact"]["forward_flop_fraction"]
+        row = rep[name]
+        assert row.mask_density == pytest.approx(density, abs=1e-6) and row.granularity == "block"
+        assert row.choices["block"].block_fraction == row.block_fraction == pytest.approx(layer.layout.block_density)
+        assert row.choices["block"].flops_saved["forward"] > row.choices["exact"].flops_saved["forward"]
+    total = rep.total()
+    assert total.granularity == "block" and total.mask_density == pytest.approx((0.25 * 48 * 40 + 0.5 * 32 * 48) / 3456)
+    assert total.choices["block"].flops_saved["forward"] > total.choices["exact"].flops_saved["forward"]
     # The kept blocks are those of largest pooled |W * mask|; pruned weights inside them start at zero.
     assert out[0].weight[out[0].mask].count_nonzero() <= int(0.25 * 48 * 40) + 1
 
@@ -167,14 +174,14 @@ def test_torch_ao_exact():
     assert_no_foreign_masks(out)
     check_exact(model, out, refs)
     compare_models(before, out, x)
-    assert len(rep.layers) == 2
+    assert len(rep) == 2
 
 
 def test_torch_ao_block():
     model, _ = ao_model()
     out, rep = from_torch_ao(model, granularity="block", block_size=BS)
     assert_no_foreign_masks(out)
-    assert out[0].layout.nnz_blocks == round(rep.layers[0]["density"] * 9)
+    assert out[0].layout.nnz_blocks == round(rep["0"].mask_density * 9)
 
 
 def test_sparsifier_convert_keeps_exact_mask():
@@ -252,7 +259,7 @@ def test_mask_dict_exact(form, tmp_path):
     out, rep = from_mask_dict(model, src, granularity="exact", block_size=BS)
     check_exact(model, out, refs)
     compare_models(before, out, x)
-    assert [r["name"] for r in rep.layers] == ["0", "2"]
+    assert list(rep.layers) == ["0", "2"]
 
 
 def test_mask_dict_block_and_bias_mask():
@@ -261,7 +268,7 @@ def test_mask_dict_block_and_bias_mask():
     out, rep = from_mask_dict(
         model, {"0": {"weight": torch.rand(48, 40) < 0.4, "bias": bias_mask}}, granularity="block", block_size=BS
     )
-    assert out[0].layout.nnz_blocks == round(rep.layers[0]["density"] * 9)
+    assert out[0].layout.nnz_blocks == round(rep["0"].mask_density * 9)
     assert not out[0].bias[~bias_mask].any()
     assert isinstance(out[2], nn.Linear)
 
@@ -331,7 +338,7 @@ def test_checkpoint_layer_selection():
     assert isinstance(out[0], SparseLinear) and isinstance(out[2], nn.Linear)
     out, rep = from_checkpoint(make_model(), sd, block_size=BS, modules=["2"], granularity="block")
     assert isinstance(out[0], nn.Linear) and isinstance(out[2], SparseLinear)
-    assert out[2].layout.nnz_blocks == round(rep.layers[0]["density"] * 6)
+    assert out[2].layout.nnz_blocks == round(rep["2"].mask_density * 6)
 
 
 def test_checkpoint_bad_input_leaves_model_unchanged():
@@ -374,10 +381,12 @@ def test_conv_torch_prune(cpu_path, granularity):
     assert isinstance(conv, SparseConv2d) and isinstance(out[2], nn.Conv2d)
     assert_no_foreign_masks(out)
     if granularity == "block":
-        assert conv.layout.nnz_blocks == round(rep.layers[0]["density"] * 18) and conv.layout.n_mixed == 0
+        assert conv.layout.nnz_blocks == round(rep["0"].mask_density * 18) and conv.layout.n_mixed == 0
         return
     assert torch.equal(conv.mask, mask)
-    assert rep.layers[0]["exact"]["block_density"] == pytest.approx(conv.layout.block_density)
+    assert rep["0"].kind == "conv2d" and rep["0"].shape == (32, 16, 3, 3)
+    assert rep["0"].choices["exact"].block_fraction == pytest.approx(conv.layout.block_density)
+    assert rep["0"].element_density == pytest.approx(mask.float().mean().item())  # of the real weights
     x = torch.randn(2, 16, 5, 5, requires_grad=True)
     y = conv(x)
     dy = torch.randn_like(y)
@@ -408,7 +417,7 @@ def test_a_shared_module_is_replaced_at_every_name():
     prune.l1_unstructured(lin, "weight", amount=0.7)
     model = nn.ModuleDict({"a": lin, "b": lin})
     model, rep = from_torch_prune(model, block_size=BS)
-    assert [row["name"] for row in rep.layers] == ["a"]
+    assert list(rep.layers) == ["a"]
     assert isinstance(model["a"], SparseLinear) and model["b"] is model["a"]
 
 
@@ -472,7 +481,7 @@ def test_tied_weights_are_refused_naming_the_tie_and_the_model_is_unchanged(adap
 def test_untied_layers_of_a_tied_model_convert():
     model = tied_model()
     out, rep = from_mask_dict(model, {"body": {"weight": torch.rand(40, 40) < 0.3}}, block_size=BS)
-    assert [row["name"] for row in rep.layers] == ["body"] and isinstance(out["body"], SparseLinear)
+    assert list(rep.layers) == ["body"] and isinstance(out["body"], SparseLinear)
     assert out["head"].weight is out["emb"].weight
 
 

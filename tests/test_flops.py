@@ -1,4 +1,4 @@
-"""``sparsekern.report``: FLOP and memory accounting against hand-counted cases."""
+"""``sparsekern.report``: FLOP and memory accounting against hand-counted cases (FLOPs ``[pass][level]``)."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ from torch import nn
 
 import sparsekern
 from sparsekern import SparseLinear
-from sparsekern.flops import PASSES
+from sparsekern.flops import LEVELS, PASSES
 from sparsekern.layout import BlockLayout
 
 
@@ -20,18 +20,18 @@ def test_dense_layer_counts_every_level_the_same():
     layer = _one_layer(torch.ones(n, k, dtype=torch.bool))
     rep = sparsekern.report(layer, torch.randn(m, k, requires_grad=True))
     expect = 2 * m * n * k
-    for level in ("dense", "element", "block"):
-        assert rep.total[level] == dict.fromkeys(PASSES, expect), level
+    assert rep.total().flops == {p: dict.fromkeys(LEVELS, expect) for p in PASSES}
 
 
 def test_all_pruned_counts_zero_but_dense():
     m, n, k = 3, 32, 32
     layer = _one_layer(torch.zeros(n, k, dtype=torch.bool))
     rep = sparsekern.report(layer, torch.randn(m, k, requires_grad=True))
-    assert rep.total["block"] == dict.fromkeys(PASSES, 0)
-    assert rep.total["element"] == dict.fromkeys(PASSES, 0)
-    assert rep.total["dense"]["forward"] == 2 * m * n * k
-    assert rep.total["memory"]["grads"] == 4 * n  # only the bias trains
+    total = rep.total()
+    assert all(total.flops[p]["block"] == total.flops[p]["element"] == 0 for p in PASSES)
+    assert total.flops["forward"]["dense"] == 2 * m * n * k
+    assert total.flops_saved == dict.fromkeys(PASSES, 1.0)
+    assert total.memory["grads"] == 4 * n  # only the bias trains
 
 
 def test_one_partial_edge_block():
@@ -41,8 +41,8 @@ def test_one_partial_edge_block():
     mask[39, 35] = True
     rep = sparsekern.report(_one_layer(mask, block=bs), torch.randn(m, k, requires_grad=True))
     for p in PASSES:
-        assert rep.total["element"][p] == 2 * m * 1
-        assert rep.total["block"][p] == 2 * m * 8 * 4
+        assert rep.total().flops[p]["element"] == 2 * m * 1
+        assert rep.total().flops[p]["block"] == 2 * m * 8 * 4
 
 
 def test_frozen_only_layer_has_no_weight_gradient():
@@ -50,9 +50,10 @@ def test_frozen_only_layer_has_no_weight_gradient():
     keep = torch.ones(n, k, dtype=torch.bool)
     rep = sparsekern.report(_one_layer(keep, frozen=keep, bias=False), torch.randn(m, k, requires_grad=True))
     dense = 2 * m * n * k
-    assert rep.total["block"] == {"forward": dense, "input_grad": dense, "weight_grad": 0}
-    assert rep.total["element"]["weight_grad"] == 0
-    mem = rep.total["memory"]
+    total = rep.total()
+    assert {p: total.flops[p]["block"] for p in PASSES} == {"forward": dense, "input_grad": dense, "weight_grad": 0}
+    assert total.flops["weight_grad"]["element"] == 0
+    mem = total.memory
     assert mem["params"] == 0 and mem["grads"] == 0 and mem["optimizer"] == 0
     assert mem["frozen"] == 4 * n * k
 
@@ -61,12 +62,18 @@ def test_first_layer_input_grad_is_not_counted_and_totals_add_up():
     model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), _one_layer(torch.rand(32, 64) < 0.5))
     m = 6
     rep = sparsekern.report(model, torch.randn(m, 20))
-    first, second = rep.layers
-    assert first["flops"]["dense"]["input_grad"] == 0  # model input does not require grad
-    assert second["flops"]["dense"]["input_grad"] == 2 * m * 32 * 64
-    for level in ("dense", "element", "block"):
+    first, second = rep
+    assert list(rep.layers) == ["0", "2"] and rep.sparse_layers == ["2"]
+    assert (first.kind, first.shape, first.block_size) == ("linear", (64, 20), None)
+    assert second.sparse and second.block_size == (16, 16)
+    assert first.flops["input_grad"]["dense"] == 0  # model input does not require grad
+    assert second.flops["input_grad"]["dense"] == 2 * m * 32 * 64
+    total = rep.total()
+    assert total.tokens == 2 * m
+    for level in LEVELS:
         for p in PASSES:
-            assert rep.total[level][p] == first["flops"][level][p] + second["flops"][level][p]
+            assert total.flops[p][level] == first.flops[p][level] + second.flops[p][level]
+    assert all(total.memory[key] == first.memory[key] + second.memory[key] for key in first.memory)
     assert "| total |" in rep.table()
 
 
@@ -96,7 +103,7 @@ def test_optimizer_state_memory_scales_with_trainable_blocks():
     mask = blocks.repeat_interleave(bs, 0).repeat_interleave(bs, 1)
     layer = _one_layer(mask, block=bs, bias=False)
     rep = sparsekern.report(layer, torch.randn(2, k), optimizer="adamw")
-    mem = rep.total["memory"]
+    mem = rep.total().memory
     assert mem["optimizer"] == 2 * 4 * int(blocks.sum()) * bs * bs
     assert mem["dense_total"] == 4 * n * k * 4  # params + grads + two AdamW states
 
@@ -118,11 +125,12 @@ def test_conv_layers_count_output_positions_and_padding_channels():
         SparseConv2d(cin, cout, 3, stride=2, padding=1, block_size=16, mask=mask),
     )
     rep = sparsekern.report(model, torch.randn(n, 3, size, size))
-    first, second = rep.layers
-    assert first["tokens"] == n * size * size and second["tokens"] == n * 5 * 5
-    assert first["flops"]["dense"]["input_grad"] == 0  # the model input does not require grad
-    t = second["tokens"]
-    assert second["flops"]["dense"] == dict.fromkeys(PASSES, 2 * t * cout * cin * 9)
-    assert second["flops"]["element"]["forward"] == 2 * t * 16 * cin
-    assert second["flops"]["block"]["forward"] == 2 * t * 16 * 32  # two 16x16 blocks, padding included
-    assert second["memory"]["dense_total"] == (cout * cin * 9 + cout) * 4 * 4
+    first, second = rep["0"], rep["1"]
+    assert first.kind == second.kind == "conv2d" and second.shape == (cout, cin, 3, 3)
+    assert first.tokens == n * size * size and second.tokens == n * 5 * 5
+    assert first.flops["input_grad"]["dense"] == 0  # the model input does not require grad
+    t = second.tokens
+    assert all(second.flops[p]["dense"] == 2 * t * cout * cin * 9 for p in PASSES)
+    assert second.flops["forward"]["element"] == 2 * t * 16 * cin
+    assert second.flops["forward"]["block"] == 2 * t * 16 * 32  # two 16x16 blocks, padding included
+    assert second.memory["dense_total"] == (cout * cin * 9 + cout) * 4 * 4

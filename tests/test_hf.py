@@ -20,6 +20,7 @@ import sparsekern  # noqa: E402
 from sparsekern import SparseLinear  # noqa: E402
 from sparsekern.methods import imp, masks  # noqa: E402
 from sparsekern.nn.hf import is_conv1d  # noqa: E402
+from sparsekern.reports import PASSES  # noqa: E402
 from sparsekern.testing import assert_chain_close, assert_close, reference_linear  # noqa: E402
 
 VOCAB, SEQ, BATCH = 128, 16, 2
@@ -119,7 +120,7 @@ def test_sparsified_hf_model_trains_like_the_masked_dense_model(arch):
     # The totals cover every reported layer (converted ones and the dense head), weighted by size.
     numel = {n: r.shape[0] * r.shape[1] for n, r in rep.layers.items()}
     expect = sum(r.element_density * numel[n] for n, r in rep.layers.items()) / sum(numel.values())
-    assert rep.total()["element_density"] == pytest.approx(expect)
+    assert rep.total().element_density == pytest.approx(expect)
     assert len(rep) == len(convertible) + 1
 
     with torch.no_grad():
@@ -211,11 +212,15 @@ def test_flop_report_counts_conv1d_layers_dense_and_sparse():
     model, _, _ = gpt2()
     ids = torch.randint(0, VOCAB, (BATCH, SEQ))
     dense = sparsekern.report(model, ids)
-    names = [layer["name"] for layer in dense.layers]
+    names = list(dense.layers)
     assert sum(".c_" in n for n in names) == 8 and "lm_head" in names
+    c_fc_name = next(n for n in names if n.endswith("h.0.mlp.c_fc"))
+    assert dense[c_fc_name].kind == "conv1d" and dense[c_fc_name].shape == (64, 256)  # Conv1D's (in, out)
     sparsekern.sparsify(model, "magnitude", 0.25, block_size=16, seed=0)
     sparse = sparsekern.report(model, ids)
-    assert [layer["name"] for layer in sparse.layers] == names
-    assert sparse.total["dense"] == dense.total["dense"]
-    c_fc = next(layer for layer in sparse.layers if layer["name"].endswith("h.0.mlp.c_fc"))["flops"]
-    assert c_fc["block"]["forward"] == c_fc["dense"]["forward"] // 4 == 2 * BATCH * SEQ * 64 * 256 // 4
+    assert list(sparse.layers) == names
+    dense_total, sparse_total = dense.total().flops, sparse.total().flops
+    assert all(sparse_total[p]["dense"] == dense_total[p]["dense"] for p in PASSES)
+    c_fc = sparse[c_fc_name]
+    assert c_fc.kind == "linear" and c_fc.sparse  # now a SparseLinear
+    assert c_fc.flops["forward"]["block"] == c_fc.flops["forward"]["dense"] // 4 == 2 * BATCH * SEQ * 64 * 256 // 4

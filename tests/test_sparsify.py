@@ -123,11 +123,14 @@ def test_report_contents_and_table():
     skipped = rep["4"]
     assert not skipped.sparse and "smaller than a 16x16 block" in skipped.reason
     assert skipped.element_density == 1.0 and skipped.flops_saved["forward"] == 0.0
+    assert r.block_size == (BS, BS) and skipped.block_size is None
     table = rep.table()
     assert table.count("\n") == 2 + 3  # header, rule, three layers, total
     assert "smaller than a 16x16 block" in table and "| total |" in table
     tot = rep.total()
-    assert 0 < tot["forward_flops_saved"] < 1
+    assert tot.name == "total" and tot.block_size == (BS, BS) and 0 < tot.flops_saved["forward"] < 1
+    dense, block = (sum(x.flops_per_token["forward"][level] for x in rep) for level in ("dense", "block"))
+    assert tot.flops_saved["forward"] == pytest.approx(1 - block / dense)
 
 
 def test_sparsify_is_deterministic_under_a_seed():

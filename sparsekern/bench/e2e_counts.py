@@ -10,7 +10,7 @@ from torch import nn
 
 from sparsekern import SparseLinear
 from sparsekern.bench import roofline
-from sparsekern.flops import PASSES
+from sparsekern.reports import PASSES
 
 
 def gemm_layers(model: nn.Module, x: torch.Tensor) -> list[dict]:

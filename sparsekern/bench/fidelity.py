@@ -49,8 +49,8 @@ import sparsekern
 from sparsekern.bench.common import dtype_name, progress
 from sparsekern.bench.corpus import ByteGPT, byte_loss, load_corpus, sparse_layer_names, train_batch, val_windows
 from sparsekern.bench.fidelity_report import footnotes, headline, tables, write_extra
-from sparsekern.flops import PASSES
 from sparsekern.methods import DSTScheduler, imp
+from sparsekern.reports import PASSES
 
 __all__ = [
     "METHODS",
@@ -338,20 +338,21 @@ def flop_columns(cfg, model, info, steps) -> dict:
     x = torch.zeros(cfg.batch, cfg.context, dtype=torch.long)
     rep = sparsekern.report(model, x)
     names = set(sparse_layer_names(model))
-    sparse = [layer for layer in rep.layers if layer["name"] in names]
-    computed = {p: rep.total["block"][p] for p in PASSES}
-    dense = {p: rep.total["dense"][p] for p in PASSES}
+    sparse = [layer.flops for layer in rep if layer.name in names]
+    total = rep.total().flops
+    computed = {p: total[p]["block"] for p in PASSES}
+    dense = {p: total[p]["dense"] for p in PASSES}
     if info.get("dense_grads"):  # RigL's dense gradients on update steps, spread over the run
-        per_layer = sum(layer["flops"]["dense"]["weight_grad"] for layer in sparse) / max(1, len(sparse))
+        per_layer = sum(f["weight_grad"]["dense"] for f in sparse) / max(1, len(sparse))
         computed["weight_grad"] += info["dense_grads"] * per_layer / steps
     out = {f"{k}_gflop": computed[p] / 1e9 for k, p in zip(("fwd", "dx", "dw"), PASSES, strict=True)}
     out["flop_fraction"] = sum(computed.values()) / sum(dense.values())
     for k, p in zip(("fwd", "dx", "dw"), PASSES, strict=True):
-        s_dense = sum(layer["flops"]["dense"][p] for layer in sparse)
-        out[f"sparse_{k}_fraction"] = sum(layer["flops"]["block"][p] for layer in sparse) / s_dense
-    s_dense = sum(layer["flops"]["dense"]["forward"] for layer in sparse)
-    out["sparse_kept_fraction"] = sum(layer["flops"]["element"]["forward"] for layer in sparse) / s_dense
-    out["sparse_trainable_fraction"] = sum(layer["flops"]["element"]["weight_grad"] for layer in sparse) / s_dense
+        s_dense = sum(f[p]["dense"] for f in sparse)
+        out[f"sparse_{k}_fraction"] = sum(f[p]["block"] for f in sparse) / s_dense
+    s_dense = sum(f["forward"]["dense"] for f in sparse)
+    out["sparse_kept_fraction"] = sum(f["forward"]["element"] for f in sparse) / s_dense
+    out["sparse_trainable_fraction"] = sum(f["weight_grad"]["element"] for f in sparse) / s_dense
     return out
 
 
