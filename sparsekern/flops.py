@@ -122,7 +122,7 @@ def _layer_memory(mod: nn.Module, states: int) -> dict:
     }
 
 
-def report(model: nn.Module, example_input, optimizer: str = "adamw") -> FlopReport:
+def report(model: nn.Module, example_input, optimizer: str = "adamw") -> Report:
     """Count FLOPs and memory of ``model``'s linear and conv layers for one training step on ``example_input``.
 
     Args:
