@@ -257,7 +257,7 @@ int sk_conv_fwd(const void* x, const int64_t* xs, const int64_t* geom, const flo
     float* Bs = Xp ? ws_b.get((size_t)nnzb * bm * bk) : nullptr;
     if (Bs) {
         pack_any(is_bf16, x, xs, g.n, g.c_in, g.h, g.w, Hp, Wp, g.ph, g.pw, bk, used, Xp, nthreads);
-        if (ldy == g.c_out) advise_huge(y, (size_t)M * ldy * (is_bf16 ? 2 : 4));  // gap-free: all of it is written
+        if (ldy == g.c_out) prepare_output(y, (size_t)M * ldy * (is_bf16 ? 2 : 4), nthreads);  // gap-free: all of it is written
     }
     const int rc = !Bs ? 2 : by_width(bm, [&](auto nv, auto mr) {
         constexpr int NV = decltype(nv)::value, MR = decltype(mr)::value;
@@ -319,7 +319,7 @@ int sk_conv_bwd(const void* dy, const int64_t* dys, const void* x, const int64_t
             });
         // Only a gap-free dx (its extent is its element count): the kernel writes all of that range.
         const int64_t extent = 1 + (g.n - 1) * dxs[0] + (g.c_in - 1) * dxs[1] + (g.h - 1) * dxs[2] + (g.w - 1) * dxs[3];
-        if (!rc && extent == g.n * g.c_in * g.h * g.w) advise_huge(dx, (size_t)extent * (is_bf16 ? 2 : 4));
+        if (!rc && extent == g.n * g.c_in * g.h * g.w) prepare_output(dx, (size_t)extent * (is_bf16 ? 2 : 4), nthreads);
         if (!rc) {
             if (is_bf16)
                 unpack_dx(g, dxp, Hp, Wp, bk, static_cast<bf16*>(dx), dxs, nthreads);
@@ -332,7 +332,7 @@ int sk_conv_bwd(const void* dy, const int64_t* dys, const void* x, const int64_t
         float* Xp = ws_b.get((size_t)per_tap * g.n * Hp * Wp * bk);
         if (!Xp) rc = 2;
         if (!rc) {
-            advise_huge(dw, (size_t)nt * bm * bk * 4);
+            prepare_output(dw, (size_t)nt * bm * bk * 4, nthreads);
             int oom = 0;
             rc = by_width(bk, [&](auto nv, auto mr) {
                 constexpr int64_t SW = decltype(nv)::value * VL;

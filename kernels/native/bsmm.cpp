@@ -78,7 +78,7 @@ int sk_group_mm(const void* A, int64_t lda, int64_t M, int64_t a_cols, const flo
     else
         pack(static_cast<const float*>(A), lda, M, a_cols, L, used, P, nthreads);
     std::free(used);
-    if (ldo == out_cols) advise_huge(out, (size_t)M * ldo * (is_bf16 ? 2 : 4));  // gap-free: all of it is written
+    if (ldo == out_cols) prepare_output(out, (size_t)M * ldo * (is_bf16 ? 2 : 4), nthreads);  // gap-free: all of it is written
     auto run = [&](auto* o) {
         return by_width(W, [&](auto nv, auto mr) {
             pack_slabs(B, nb, L, W, decltype(nv)::value * VL, b_transposed, Bs, nthreads);
@@ -119,7 +119,7 @@ int sk_sampled_mm(const void* DY, int64_t lddy, int64_t N, const void* X, int64_
         }
         std::free(urow);
         std::free(ucol);
-        advise_huge(dw, (size_t)nb * bm * bk * 4);
+        prepare_output(dw, (size_t)nb * bm * bk * 4, nthreads);
         sampled_mm<decltype(nv)::value, decltype(mr)::value, 64>(Dp, Xp, M, brow, bcol, nb, bm, bk, dw, nthreads);
     });
 }

@@ -56,18 +56,37 @@ struct Workspace {
 };
 inline thread_local Workspace ws_a, ws_b, ws_c;
 
-// Asks for 2 MiB pages over the whole 2 MiB pages inside [p, p + bytes): a kernel's fresh output
-// (torch allocates it untouched; glibc maps blocks above its mmap threshold, which grows to at most
-// 32 MiB, anew each call) then costs one page fault per 2 MiB instead of per 4 KiB. Below the
-// threshold glibc reuses its heap, where the advice outlives the tensor: later blocks there may get
-// huge pages too (a memory cost, never a correctness one). Under KVM a 4 KiB fault costs about 2 us:
-// the 32 MiB result of a 4096x4096 linear forward over 2048 tokens spent 19 ms of 109 in them.
-// Advice only (no effect where transparent huge pages are off); the kernel writes every byte of the
-// range anyway, so no memory is committed that would not be.
-inline void advise_huge(void* p, size_t bytes) {
-    const uintptr_t huge = uintptr_t(1) << 21;
-    const uintptr_t s = ((uintptr_t)p + huge - 1) & ~(huge - 1), e = ((uintptr_t)p + bytes) & ~(huge - 1);
-    if (e > s) madvise((void*)s, e - s, MADV_HUGEPAGE);
+#if defined(__linux__) && !defined(MADV_POPULATE_WRITE)
+#define MADV_POPULATE_WRITE 23  // Linux >= 5.14; older kernels answer EINVAL, which is ignored
+#endif
+
+// Faults a kernel's fresh output [p, p + bytes) in before the kernel writes it: torch allocates outputs
+// untouched, and glibc maps blocks above its mmap threshold (which grows to at most 32 MiB) anew each
+// call, so every 4 KiB page would fault on first write, under KVM at about 2 us each, with the
+// kernel's threads contending for the same page tables. MADV_POPULATE_WRITE maps them in one call per
+// 2 MiB piece, the pieces shared among the threads. Measured on a 2-core AVX-512 EPYC, 2 threads,
+// 4096x4096 linear layer over 2048 tokens at density 0.1, 64x64 blocks, the sparse step taken after
+// a dense and a masked one (as the bench suites do), forward / backward p50 ms, two runs each:
+//   faults in the kernels                  65 / 120   62 / 108
+//   populate on the calling thread         58 / 109   66 / 123
+//   populate shared among the threads      53 / 100   54 / 107   (this)
+//   MADV_HUGEPAGE, then populate           63 / 212   98 / 229
+// Huge pages win when the step runs alone (47 / 100, this 49 / 98) but lose after other large
+// allocations: with THP defrag set to "madvise", a fault on advised memory compacts memory first
+// (21 ms a madvise call, strace -c), so outputs get no huge-page advice. Populating writes no data
+// (pages already there are left as they are, including the partial pages at the range's ends,
+// which other allocations may share); the kernel writes every byte of the range anyway, so nothing
+// is committed that would not be. Advice only: failures (EINVAL before Linux 5.14) are ignored.
+inline void prepare_output(void* p, size_t bytes, int nthreads) {
+    if (bytes == 0) return;
+    const uintptr_t page = 4096, piece = uintptr_t(1) << 21;
+    const uintptr_t ps = (uintptr_t)p & ~(page - 1), pe = ((uintptr_t)p + bytes + page - 1) & ~(page - 1);
+    const int64_t pieces = (int64_t)((pe - ps + piece - 1) / piece);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t i = 0; i < pieces; ++i) {
+        const uintptr_t s = ps + (uintptr_t)i * piece, e = std::min<uintptr_t>(pe, s + piece);
+        madvise((void*)s, e - s, MADV_POPULATE_WRITE);
+    }
 }
 // Per-thread scratch inside a parallel region (a work item's partial sums); kept for the thread's life.
 inline thread_local Workspace ws_tile;

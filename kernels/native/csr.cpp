@@ -235,7 +235,7 @@ int sk_csr_mm(const void* A, int64_t lda, int64_t M, int64_t a_cols, const int32
         pack_tokens(static_cast<const bf16*>(A), lda, M, a_cols, P, nthreads);
     else
         pack_tokens(static_cast<const float*>(A), lda, M, a_cols, P, nthreads);
-    if (ldo == R) advise_huge(out, (size_t)M * R * (is_bf16 ? 2 : 4));  // gap-free: all of it is written
+    if (ldo == R) prepare_output(out, (size_t)M * R * (is_bf16 ? 2 : 4), nthreads);  // gap-free: all of it is written
     if (is_bf16)
         csr_mm(P, M, a_cols, seg, np, R, idx, vals, bias, Y, static_cast<bf16*>(out), ldo, nthreads);
     else
@@ -269,7 +269,7 @@ int sk_csr_sampled(const void* DY, int64_t lddy, int64_t N, const void* X, int64
     else
         csr_sampled(Pd, Px, M, N, K, seg, np, idx, sums, nthreads);
     std::free(seg);
-    advise_huge(dw, (size_t)dw_numel * 4);
+    prepare_output(dw, (size_t)dw_numel * 4, nthreads);
     const int64_t ZC = 1 << 16;  // zero the store in chunks, on the threads that scatter into it (first touch)
 #pragma omp parallel num_threads(nthreads)
     {
