@@ -126,6 +126,10 @@ CASES = [
     pytest.param((2, 18, 35, 11, 3, 16, 0.5, "mixed", (2, 1), (1, 2), 2), id="3x3-s21-p12-d2"),
     pytest.param((1, 5, 16, (8, 9), 4, 16, 0.7, "unstructured", 1, "same", 1), id="4x4-same-asym"),
     pytest.param((2, 3, 16, 15, 7, 16, 1.0, "block", 2, 3, 1), id="7x7-s2-stem-dense"),
+    # the dense route where the strided output never reads the last padded row (symmetric padding
+    # still serves) and where 'same' pads asymmetrically (an explicit pad first)
+    pytest.param((2, 3, 16, 16, 7, 16, 1.0, "block", 2, 3, 1), id="7x7-s2-stem-dense-cropped"),
+    pytest.param((1, 5, 16, (8, 9), 4, 16, 1.0, "block", 1, "same", 1), id="4x4-same-asym-dense"),
     pytest.param((2, 20, 33, 6, 3, (32, 16), 0.5, "mixed", 1, "valid", 1), id="3x3-valid-b32x16"),
     pytest.param((2, 40, 20, 7, 3, (16, 32), 0.4, "block", 2, 1, 1), id="3x3-s2-b16x32"),
     pytest.param((2, 20, 24, 9, 3, 16, 0.0, "block", 1, 1, 1), id="empty"),
