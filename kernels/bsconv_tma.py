@@ -64,6 +64,14 @@ Limits:
   blocks ptxas serializes the wgmma (C7515); ``python -m sparsekern.check --twins`` shows both. A box
   that only drops unit dimensions (``[1, TW, C]``) stays in shared memory, so rectangles of one row
   would avoid it, at the price of computing up to ``BLOCK_M / W`` times the pixels of a narrow image.
+  Why: when Triton picks the wgmma's operand sources, A stays in shared memory only if it comes from
+  a load through layout conversions and transposes alone; a ``reshape`` in between makes it a
+  register operand. Measured alternatives (a probe kernel of this loop, sm_90, Triton 3.9, 64x64
+  fp16, non-MMA instructions per iteration against the dense twin's 83): the box as today 109 (4
+  ``LDSM`` plus the moves and fences of a register A); ``dy`` through pointers (``cp.async``, A then
+  in shared memory) 126 with the masks that zero the past-image pixels, 103 even without them (the
+  64-bit row addresses and the proxy fence). Only an explicit shared-memory API (Gluon) or a
+  compiler change would feed a merged box to A as TMA wrote it.
 * Pointwise convs (1x1, stride 1, no padding) never come here: ``bsconv.py`` runs them on the linear
   kernels, whose tokens are pixels.
 """
