@@ -20,6 +20,10 @@ and the dynamic linker resolves the library's dependency to it, so the two
 share one thread pool (``CXX=clang++`` links LLVM's libomp instead: a second
 pool). The thread count follows ``torch.get_num_threads()``.
 
+``SPARSEKERN_NATIVE_CFLAGS`` appends compiler flags (whitespace-separated, part of the cache key):
+``sparsekern.bench.instructions`` builds with ``-mno-avx512f`` there, because valgrind cannot decode
+AVX-512 code.
+
 ``SPARSEKERN_NATIVE=0`` turns the native kernels off; so does a failed build,
 which warns once and names the reason. Either way the CPU path then runs its
 torch-level implementation, which is slower (see ``bsmm_cpu.py``).
@@ -31,6 +35,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -46,6 +51,12 @@ SOURCE_DIR = Path(__file__).with_name("native")
 SOURCES = sorted(SOURCE_DIR.glob("*.cpp"))
 HEADERS = sorted(SOURCE_DIR.glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+
+
+def build_flags() -> list[str]:
+    """``FLAGS`` and the extra flags of ``SPARSEKERN_NATIVE_CFLAGS``, in the order the compiler gets them."""
+    return [*FLAGS, *shlex.split(os.environ.get("SPARSEKERN_NATIVE_CFLAGS", ""))]
+
 
 _P, _I, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
@@ -99,7 +110,8 @@ def _build(_retry: bool = True) -> ctypes.CDLL:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     texts = [f.name + "\0" + f.read_text() for f in (*SOURCES, *HEADERS)]
-    key = hashlib.sha256("\0".join([*texts, " ".join(FLAGS), version, _cpu_id()]).encode()).hexdigest()
+    flags = build_flags()
+    key = hashlib.sha256("\0".join([*texts, " ".join(flags), version, _cpu_id()]).encode()).hexdigest()
     cache = Path(os.environ.get("SPARSEKERN_CACHE_DIR", Path.home() / ".cache" / "sparsekern"))
     target = cache / f"bsmm-{key[:16]}.so"
     if not target.exists():
@@ -109,7 +121,7 @@ def _build(_retry: bool = True) -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
         os.close(fd)
         try:
-            cmd = [cxx, *FLAGS, *map(str, SOURCES), "-o", tmp]
+            cmd = [cxx, *flags, *map(str, SOURCES), "-o", tmp]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"{cxx} failed to build {SOURCE_DIR.name}/*.cpp:\n{proc.stderr.strip()[-2000:]}")

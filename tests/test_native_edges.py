@@ -140,3 +140,10 @@ def test_built_library_is_readable_by_everyone(fresh_native_build):
     mode = stat.S_IMODE(os.stat(so).st_mode)
     assert mode & 0o444 == 0o444, oct(mode)
     assert not list(tmp_path.glob("tmp*"))  # no private build files left behind
+
+
+def test_extra_compiler_flags_follow_the_environment(monkeypatch):
+    monkeypatch.delenv("SPARSEKERN_NATIVE_CFLAGS", raising=False)
+    assert native.build_flags() == native.FLAGS
+    monkeypatch.setenv("SPARSEKERN_NATIVE_CFLAGS", " -mno-avx512f  -DX=1 ")
+    assert native.build_flags() == [*native.FLAGS, "-mno-avx512f", "-DX=1"]
