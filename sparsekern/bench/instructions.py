@@ -106,19 +106,20 @@ def count() -> dict[str, int]:
     """``{case: instructions}`` of one step each, from one callgrind run."""
     if shutil.which("valgrind") is None:
         raise SystemExit("sparsekern.bench.instructions: valgrind is not on PATH")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if platform.machine() in ("x86_64", "AMD64"):
-        extra = os.environ.get("SPARSEKERN_NATIVE_CFLAGS", "")
-        os.environ["SPARSEKERN_NATIVE_CFLAGS"] = f"{extra} -mno-avx512f".strip()
-    from sparsekern.kernels import native
-
-    native.lib()  # build (or load) the library outside valgrind: the compiler would be counted for nothing
+        env["SPARSEKERN_NATIVE_CFLAGS"] = f"{env.get('SPARSEKERN_NATIVE_CFLAGS', '')} -mno-avx512f".strip()
+    # Build (or find) that library outside valgrind, in a process of its own (this one may hold the
+    # native build already): under valgrind the compiler would take minutes.
+    build = "from sparsekern.kernels import native; raise SystemExit(native.lib() is None)"
+    if subprocess.run([sys.executable, "-c", build], env=env).returncode:
+        raise SystemExit("sparsekern.bench.instructions: the native kernels are unavailable")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "cg.out")
         cmd = [
             "valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
             sys.executable, "-m", "sparsekern.bench.instructions", "--child",
         ]  # fmt: skip
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
         # Dumps are cg.out.1, cg.out.2, ... in request order (the final cg.out holds what came after).
         dumps = sorted(glob.glob(out + ".*"), key=lambda p: int(p.rsplit(".", 1)[1]))
