@@ -59,11 +59,17 @@ Limits:
   shared memory: a box whose rectangle merges two dimensions (``TH x TW`` into ``BLOCK_M``) reaches a
   wgmma's A side as ``local_load``, ``reshape``, ``convert_layout`` to registers, while on the B side it
   stays a ``memdesc_reshape`` of the TMA buffer. That is the case of the weight gradient (``dy^T`` or
-  ``x^T`` must be A) and of 32-wide blocks in the forward and input gradient (the block's 32 rows cannot
-  be the 64-row A side, so the activation is). There the loop has ``ldmatrix`` copies, and for 32-wide
-  blocks ptxas serializes the wgmma (C7515); ``python -m sparsekern.check --twins`` shows both. A box
-  that only drops unit dimensions (``[1, TW, C]``) stays in shared memory, so rectangles of one row
-  would avoid it, at the price of computing up to ``BLOCK_M / W`` times the pixels of a narrow image.
+  ``x^T`` must be A): its loop has ``ldmatrix`` copies, register moves, a second barrier and a proxy
+  fence (114-118 non-MMA instructions per iteration against the dense twin's 81-90;
+  ``python -m sparsekern.check --twins`` shows it). 32-wide blocks in the forward and input gradient
+  had it too while tokens were on M (the block's 32 rows cannot be a wgmma's 64-row A side), and ptxas
+  serialized that wgmma (C7515); their default config now puts 256 tokens on N (``SWAP_AB``), where
+  Triton emits ``mma.sync`` from the two TMA buffers (``configs.default_config``). A box that only
+  drops unit dimensions (``[1, TW, C]``) stays in shared memory, so rectangles of one row would avoid
+  it, at the price of computing up to ``BLOCK_M / W`` times the pixels of a narrow image. Splitting
+  the rectangle into one box and one dot per row does not help either: measured (64x64, Triton 3.9),
+  each row's dot waits for the previous one and each box gets its own barrier, 238 non-MMA
+  instructions per iteration.
   Why: when Triton picks the wgmma's operand sources, A stays in shared memory only if it comes from
   a load through layout conversions and transposes alone; a ``reshape`` in between makes it a
   register operand. Measured alternatives (a probe kernel of this loop, sm_90, Triton 3.9, 64x64

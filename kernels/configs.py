@@ -150,6 +150,9 @@ def default_config(kind: str, bm: int, bk: int, elem_bytes: int, cap: int = 90, 
     64-row side of a wgmma, so they keep tokens on it (128 tokens x the block,
     m64n32k16 / m64n16k16): merging two block rows into one 64-row tile would
     compute the union of their columns, twice the FLOPs at random layouts.
+    The conv descriptor kernels are the exception: their token tile cannot be
+    a wgmma's shared-memory A operand, so 32-wide blocks put 256 tokens on N
+    and run mma.sync (see the comment in the code).
     Four stages fit in shared memory (4 x 40 KB for 64-wide blocks). The
     weight gradient steps through tokens 64 at a time (the reduction side of
     its MMA) with one block per program, each through TMA. The conv kernels
@@ -178,6 +181,17 @@ def default_config(kind: str, bm: int, bk: int, elem_bytes: int, cap: int = 90, 
             warps = 8 if kind_in.startswith("conv_") and variant != "rect" else 4
             return triton.Config({"BLOCK_M": 256, "SWAP_AB": True, **tiles}, num_warps=warps, num_stages=4)
         tiles = {"BLOCK_N": min(bm, 64), "BLOCK_K": min(bk, 64)}
+        if variant == "rect":
+            # The descriptor conv kernels' token tile is a box reshaped from TN x TH x TW pixels, and
+            # Triton feeds a reshaped box to a wgmma's A side through registers (bsconv_tma's
+            # docstring): tokens on M (128 x the block) ran 111 non-MMA instructions per iteration
+            # against the dense twin's 78, and ptxas serialized the wgmma (C7515). With tokens on N
+            # the block's 32 rows are too few for a wgmma, so Triton emits mma.sync (HMMA) with both
+            # operands read from the TMA buffers: 80-93 non-MMA instructions per iteration against
+            # the same-tile twin's 79-80, no wgmma to serialize (Triton 3.6 and 3.9; 128 tokens gave
+            # 76-89 against 75). 256 tokens give each warp 32 HMMA per iteration, more tensor-unit
+            # time than issue slots.
+            return triton.Config({"BLOCK_M": 256, "SWAP_AB": True, **tiles}, num_warps=4, num_stages=4)
         return triton.Config({"BLOCK_M": 128, "SWAP_AB": False, **tiles}, num_warps=4, num_stages=4)
     if kind == "wgrad":
         kw = {"BLOCK_M": 32 if wide else 64, "GROUP": 1, "BLOCK_N": min(bm, 64), "BLOCK_K": min(bk, 32 if wide else 64)}
