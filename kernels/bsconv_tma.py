@@ -2,9 +2,9 @@
 
 Import path: ``sparsekern.kernels.bsconv_tma`` (this folder, ``kernels/``, installs as ``sparsekern.kernels``).
 
-Why one file of this size (about 540 lines): the three descriptor kernels and their launchers share the
-rectangle, the stride-phase view and the table layout, and nothing else uses them; about 100 lines are
-this docstring, 310 the kernels, 130 the launchers.
+Why one file of this size (about 610 lines): the three descriptor kernels and their launchers share the
+rectangle, the stride-phase view and the table layout, and nothing else uses them; about 90 lines are
+this docstring, 340 the kernels, 175 the launchers.
 
 Why a second set of conv kernels. The pointer kernels of ``bsconv.py`` gather the activation tile row by
 row, each row with its own image bounds: compiled for sm_90 that is about 4 ISETP, 4 SEL and 3.5 IMAD per
@@ -30,8 +30,10 @@ forward            CSR positions of a block row: x box at the     TMA store of t
                    block's tap and channels, weight tile          descriptor clipping edge pixels
 input gradient     entries of a line (``bsconv.input_grad_        pointer store of the phase's
                    lines``): dy box at the entry's offsets        pixels, masked (epilogue only)
-weight gradient    the token rectangles of one split: dy and x    ``tiles._wgrad_store``
-                   boxes, rectangle coordinates carried
+weight gradient    the token tiles of one split (one pixel of     ``tiles._wgrad_store``
+                   ``BLOCK_M`` images, or rectangles for small
+                   batches: ``wgrad_tiling``): dy and x boxes,
+                   the tile's coordinates carried
 =================  =============================================  ==================================
 
 Block metadata is prefetched one position ahead, as in every kernel here, so the pipeliner keeps
@@ -56,28 +58,31 @@ Limits:
 * The weight gradient runs one block per program (``GROUP == 1``; grouped configs run the pointer
   kernel); the input gradient's store stays on pointers (a stride phase's pixels are not a box of ``dx``).
 * Where an activation box is the MMA's *A* operand, Triton (3.6 and 3.9 alike) does not keep it in
-  shared memory: a box whose rectangle merges two dimensions (``TH x TW`` into ``BLOCK_M``) reaches a
-  wgmma's A side as ``local_load``, ``reshape``, ``convert_layout`` to registers, while on the B side it
-  stays a ``memdesc_reshape`` of the TMA buffer. That is the case of the weight gradient (``dy^T`` or
-  ``x^T`` must be A): its loop has ``ldmatrix`` copies, register moves, a second barrier and a proxy
-  fence (114-118 non-MMA instructions per iteration against the dense twin's 81-90;
-  ``python -m sparsekern.check --twins`` shows it). 32-wide blocks in the forward and input gradient
-  had it too while tokens were on M (the block's 32 rows cannot be a wgmma's 64-row A side), and ptxas
-  serialized that wgmma (C7515); their default config now puts 256 tokens on N (``SWAP_AB``), where
-  Triton emits ``mma.sync`` from the two TMA buffers (``configs.default_config``). A box that only
-  drops unit dimensions (``[1, TW, C]``) stays in shared memory, so rectangles of one row would avoid
-  it, at the price of computing up to ``BLOCK_M / W`` times the pixels of a narrow image. Splitting
-  the rectangle into one box and one dot per row does not help either: measured (64x64, Triton 3.9),
-  each row's dot waits for the previous one and each box gets its own barrier, 238 non-MMA
-  instructions per iteration.
-  Why: when Triton picks the wgmma's operand sources, A stays in shared memory only if it comes from
-  a load through layout conversions and transposes alone; a ``reshape`` in between makes it a
-  register operand. Measured alternatives (a probe kernel of this loop, sm_90, Triton 3.9, 64x64
-  fp16, non-MMA instructions per iteration against the dense twin's 83): the box as today 109 (4
-  ``LDSM`` plus the moves and fences of a register A); ``dy`` through pointers (``cp.async``, A then
-  in shared memory) 126 with the masks that zero the past-image pixels, 103 even without them (the
-  64-bit row addresses and the proxy fence). Only an explicit shared-memory API (Gluon) or a
-  compiler change would feed a merged box to A as TMA wrote it.
+  shared memory when the box merges two dimensions (``TH x TW`` into ``BLOCK_M``): it reaches a wgmma's
+  A side as ``local_load``, ``reshape``, ``convert_layout`` to registers, while on the B side it stays a
+  ``memdesc_reshape`` of the TMA buffer. A box that only drops unit dimensions stays in shared memory.
+  Two kernels have an activation on the A side, and both avoid the merge:
+
+  - The weight gradient (``dy^T`` is A). Over rectangles its loop had ``ldmatrix`` copies, register
+    moves, a second barrier and a proxy fence: 114-118 non-MMA instructions per iteration against
+    the dense twin's 81-90 (Triton 3.9; the ``-rect`` rows of ``python -m sparsekern.check --twins``).
+    Its tile is now one output pixel of ``BLOCK_M`` images, read through descriptors ordered
+    ``[H, W, N, C]`` (TMA takes the dimensions' strides in any order), so each box is ``[1, 1,
+    BLOCK_M, C]``: 85-99 against 75-90. It computes no past-image pixels either, only the batch
+    rounded up to ``BLOCK_M``; :func:`wgrad_tiling` keeps rectangles where they compute fewer tokens
+    (small batches).
+  - 32-wide blocks in the forward and input gradient, whose 32 rows cannot be a wgmma's 64-row A side.
+    Tokens on M ran a register A that ptxas serialized (C7515); their default config puts 256 tokens
+    on N (``SWAP_AB``), where Triton emits ``mma.sync`` from the two TMA buffers
+    (``configs.default_config``).
+
+  Why the merge goes through registers: when Triton picks the wgmma's operand sources, A stays in
+  shared memory only if it comes from a load through layout conversions and transposes alone, and a
+  merging ``reshape`` is neither (a unit-dimension one is folded into the load). Measured and dropped
+  before the one-pixel tiles (sm_90, Triton 3.9, 64x64 fp16, non-MMA instructions per iteration
+  against the dense twin's 81-83): ``dy`` through pointers (``cp.async``, A in shared memory) 126
+  with the masks that zero past-image pixels, 103 without them; one box and one dot per pixel row
+  238 (each row's dot waited for the one before, each box had its own barrier).
 * Pointwise convs (1x1, stride 1, no padding) never come here: ``bsconv.py`` runs them on the linear
   kernels, whose tokens are pixels.
 """
@@ -99,7 +104,7 @@ from .tiles import _add_bias, _line_program, _mma, _mma_weight, _weight_tile, _w
 PHASE_SHIFT = tl.constexpr(bsconv_tables.PHASE_SHIFT)
 PHASE_ONE = tl.constexpr(1 << bsconv_tables.PHASE_SHIFT)
 
-__all__ = ["forward", "forward_tables", "input_grad", "rect_count", "rect_reason", "weight_grad"]
+__all__ = ["forward", "forward_tables", "input_grad", "rect_count", "rect_reason", "weight_grad", "wgrad_tiling"]
 
 
 # --------------------------------------------------------------------- kernels
@@ -348,6 +353,7 @@ def _bsconv_dw_tma_kernel(
     UPCAST: tl.constexpr,
     PHASED: tl.constexpr,
     WRAP_W: tl.constexpr,
+    BATCH_INNER: tl.constexpr,
     TN: tl.constexpr,
     TH: tl.constexpr,
     TW: tl.constexpr,
@@ -363,6 +369,10 @@ def _bsconv_dw_tma_kernel(
     The rectangle's origin is carried in mixed radix (one conditional carry per digit), so the loop
     divides by nothing and its boxes' coordinates are scalars; ``WRAP_W`` is False when one rectangle
     spans the row (``GW == 1``), which drops the column digit.
+
+    ``BATCH_INNER``: the descriptors are ordered ``[H, W, N, C]`` (``_batch_inner_desc``) and a tile is
+    one output pixel of ``TN = BLOCK_M`` images (``TH = TW = 1``, :func:`wgrad_tiling`). Its boxes drop
+    only unit dimensions, so ``dy^T`` reaches the wgmma's A side from shared memory as TMA wrote it.
     """
     tl.static_assert(GROUP == 1, "one block per program: a run's members have different taps")
     tl.static_assert(TN * TH * TW == BLOCK_M, "the rectangle must hold BLOCK_M tokens")
@@ -395,11 +405,18 @@ def _bsconv_dw_tma_kernel(
     w_end = GW * TW
     acc = tl.full((BLOCK_N, BLOCK_K), 0.0, dtype=tl.float32)
     for _ in range(t_start, t_end):
-        dyt = dy_desc.load([n0, h0, w0, n_first]).reshape(BLOCK_M, BLOCK_N)
-        if PHASED:
-            x = x_desc.load([n0, h0 + dh, ph, w0 + dw, inner]).reshape(BLOCK_M, BLOCK_K)
+        if BATCH_INNER:  # [H, W, N, C] boxes of one pixel: the reshapes drop unit dimensions only
+            dyt = dy_desc.load([h0, w0, n0, n_first]).reshape(BLOCK_M, BLOCK_N)
+            if PHASED:
+                x = x_desc.load([h0 + dh, ph, w0 + dw, n0, inner]).reshape(BLOCK_M, BLOCK_K)
+            else:
+                x = x_desc.load([h0 + dh, w0 + dw, n0, inner]).reshape(BLOCK_M, BLOCK_K)
         else:
-            x = x_desc.load([n0, h0 + dh, w0 + dw, inner]).reshape(BLOCK_M, BLOCK_K)
+            dyt = dy_desc.load([n0, h0, w0, n_first]).reshape(BLOCK_M, BLOCK_N)
+            if PHASED:
+                x = x_desc.load([n0, h0 + dh, ph, w0 + dw, inner]).reshape(BLOCK_M, BLOCK_K)
+            else:
+                x = x_desc.load([n0, h0 + dh, w0 + dw, inner]).reshape(BLOCK_M, BLOCK_K)
         acc = _mma(tl.trans(dyt), x, acc, DOT_PRECISION, UPCAST)
         if WRAP_W:
             w0 += TW
@@ -454,21 +471,31 @@ def _box_desc(t: torch.Tensor, block: list[int]):
     return TensorDescriptor(t, [n, h, w, c], [t.stride(0), t.stride(2), t.stride(3), 1], block)
 
 
+def _batch_inner_desc(t: torch.Tensor, block: list[int]):
+    """A descriptor over a channels_last ``(N, C, H, W)`` tensor as ``[H, W, N, C]`` boxes: a box of
+    ``[1, 1, TN, C]`` is one pixel of ``TN`` images (TMA takes the dimensions' strides in any order)."""
+    n, c, h, w = t.shape
+    return TensorDescriptor(t, [h, w, n, c], [t.stride(2), t.stride(3), t.stride(0), 1], block)
+
+
 def _phased(geom: ConvGeom) -> bool:
     return geom.stride_h > 1 or geom.stride_w > 1
 
 
-def _x_desc(x: torch.Tensor, geom: ConvGeom, tile: tuple[int, int, int], block_k: int):
+def _x_desc(x: torch.Tensor, geom: ConvGeom, tile: tuple[int, int, int], block_k: int, batch_inner: bool = False):
     """``x`` as the stride-phase view ``[N, H/sh, sh, W/sw, sw*C]`` of the module docstring (plain NHWC
-    boxes for a stride-1 conv: the ``PHASED=False`` kernels)."""
+    boxes for a stride-1 conv: the ``PHASED=False`` kernels); ``batch_inner`` moves ``N`` next to the
+    channels (``[H/sh, sh, W/sw, N, sw*C]``, the weight gradient's one-pixel tiles)."""
     tn, th, tw = tile
     if not _phased(geom):
-        return _box_desc(x, [tn, th, tw, block_k])
-    block = [tn, th, 1, tw, block_k]
+        return _batch_inner_desc(x, [th, tw, tn, block_k]) if batch_inner else _box_desc(x, [tn, th, tw, block_k])
     n, c, h, w = x.shape
     sh, sw = geom.stride_h, geom.stride_w
-    shape = [n, h // sh, sh, w // sw, sw * c]
-    return TensorDescriptor(x, shape, [x.stride(0), sh * x.stride(2), x.stride(2), sw * x.stride(3), 1], block)
+    dims = {"n": (n, x.stride(0)), "h": (h // sh, sh * x.stride(2)), "ph": (sh, x.stride(2)),
+            "w": (w // sw, sw * x.stride(3)), "c": (sw * c, 1)}  # fmt: skip
+    order = ("h", "ph", "w", "n", "c") if batch_inner else ("n", "h", "ph", "w", "c")
+    box = {"n": tn, "h": th, "ph": 1, "w": tw, "c": block_k}
+    return TensorDescriptor(x, [dims[d][0] for d in order], [dims[d][1] for d in order], [box[d] for d in order])
 
 
 INT32_MAX = 2**31 - 1
@@ -484,6 +511,23 @@ def _grid_of(block_m: int, n: int, h: int, w: int) -> tuple[tuple[int, int, int]
     if grid[0] * grid[1] * grid[2] * block_m > INT32_MAX:
         raise ValueError(f"{n}x{h}x{w} pixels in {tn}x{th}x{tw} rectangles exceed the int32 token index")
     return (tn, th, tw), grid
+
+
+def wgrad_tiling(block_m: int, n: int, h: int, w: int) -> tuple[tuple[int, int, int], tuple[int, int, int], bool]:
+    """``(tile, grid, batch_inner)``: how the weight gradient cuts ``n`` images of ``h x w`` output pixels.
+
+    Rectangles (:func:`_grid_of`) reach the wgmma's A side through registers (the module docstring);
+    one pixel of ``block_m`` images (``batch_inner``) does not, and computes no past-image pixels, only
+    the batch rounded up to ``block_m``. It is taken unless it computes more tokens than the
+    rectangles: 256 images of 14x14 take it (1.0x the tokens against 1.31x), 8 images do not.
+    """
+    tile, grid = _grid_of(block_m, n, h, w)
+    gn = triton.cdiv(n, block_m)
+    if gn * block_m * h * w <= grid[0] * grid[1] * grid[2] * block_m:
+        if gn * h * w * block_m > INT32_MAX:
+            raise ValueError(f"{n}x{h}x{w} pixels in tiles of {block_m} images exceed the int32 token index")
+        return (block_m, 1, 1), (gn, h, w), True
+    return tile, grid, False
 
 
 def _programs(count: int, what: str) -> int:
@@ -543,20 +587,23 @@ def input_grad(dy, store, dx, meta: Meta, geom: ConvGeom, bm: int, bk: int, fixe
 def weight_grad(dy, x, meta: Meta, geom: ConvGeom, bm: int, bk: int, cfg, target, rects_per_split, nsplit, stride_dws):
     """Launch the descriptor weight gradient's ``nsplit`` splits of ``rects_per_split`` rectangles into ``target``."""
     kw = cfg.kwargs
-    (tn, th, tw), (gn, gh, gw) = _grid_of(kw["BLOCK_M"], geom.n, geom.h_out, geom.w_out)
+    (tn, th, tw), (gn, gh, gw), inner = wgrad_tiling(kw["BLOCK_M"], geom.n, geom.h_out, geom.w_out)
     sub = (bm // kw["BLOCK_N"]) * (bk // kw["BLOCK_K"])
+    bn = kw["BLOCK_N"]
+    dy_desc = _batch_inner_desc(dy, [th, tw, tn, bn]) if inner else _box_desc(dy, [tn, th, tw, bn])
     return _bsconv_dw_tma_kernel[(meta.train_index.numel() * sub, nsplit)](
-        _box_desc(dy, [tn, th, tw, kw["BLOCK_N"]]), _x_desc(x, geom, (tn, th, tw), kw["BLOCK_K"]),
+        dy_desc, _x_desc(x, geom, (tn, th, tw), kw["BLOCK_K"], inner),
         meta.element_state, target,
         meta.train_index, meta.train_rank, meta.train_left, meta.row_indices, meta.col_indices, meta.aux,
         gh, gw, gn * gh * gw, geom.c_in, geom.kw, geom.c_pad // bk, rects_per_split,
         geom.stride_h, geom.stride_w, geom.pad_h, geom.pad_w, geom.dil_h, geom.dil_w, stride_dws,
-        PHASED=_phased(geom), WRAP_W=gw > 1, TN=tn, TH=th, TW=tw,
+        PHASED=_phased(geom), WRAP_W=gw > 1, BATCH_INNER=inner, TN=tn, TH=th, TW=tw,
         **kernel_constexprs(bm, bk, meta, x.dtype, x.device, cfg),
     )  # fmt: skip
 
 
 def rect_count(block_m: int, n: int, h: int, w: int) -> int:
-    """How many ``block_m``-token rectangles cover ``n`` images of ``h x w`` (the weight gradient's reduction)."""
-    _, (gn, gh, gw) = _grid_of(block_m, n, h, w)
+    """How many ``block_m``-token tiles of :func:`wgrad_tiling` cover ``n`` images of ``h x w`` (the weight
+    gradient's reduction)."""
+    _, (gn, gh, gw), _ = wgrad_tiling(block_m, n, h, w)
     return gn * gh * gw

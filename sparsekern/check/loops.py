@@ -130,7 +130,8 @@ def ttgir_mma_loop(ttgir: str) -> dict | None:
 
 def operand_buffers(ttgir: str, operand_tiles: list[tuple[int, ...]], elem: str, loop: dict | None) -> list[int]:
     """Shared-memory buffers of each operand tile (given as (rows, cols), either orientation matching, or
-    as an N-D descriptor box, matched exactly).
+    as an N-D descriptor box, matched exactly or with its unit dimensions dropped: Triton allocates a
+    ``[1, 1, R, C]`` box whose load feeds only a unit-dimension reshape as ``R x C``).
 
     A multi-buffered alloc ``S x rows x cols`` (``S x box``) gives S; a single-tile alloc inside the loop
     gives 1 (the operand is staged but not pipelined); no alloc gives 0 (read from registers or not
@@ -142,10 +143,11 @@ def operand_buffers(ttgir: str, operand_tiles: list[tuple[int, ...]], elem: str,
     for tile in operand_tiles:
         if len(tile) > 2:  # a box: S x box, or the box itself inside the loop
             best = 0
+            squeezed = [d for d in tile if d != 1]
             for k, a in enumerate(allocs):
                 if k in used:
                     continue
-                if a["shape"][1:] == list(tile):
+                if a["shape"][1:] in (list(tile), squeezed):
                     used.add(k)
                     best = a["shape"][0]
                     break

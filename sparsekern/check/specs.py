@@ -229,6 +229,9 @@ TMA_SPECS = {
 # the 5-D stride-phase view, reported as "-strided" rows).
 _RECT_X, _RECT_Y = ("TN", "TH", "TW", "BLOCK_K"), ("TN", "TH", "TW", "BLOCK_N")
 _RECT_X_PHASED = ("TN", "TH", "ONE", "TW", "BLOCK_K")
+# The weight gradient's one-pixel tiles of TN images: descriptors ordered [H, W, N, C] (BATCH_INNER).
+_INNER_X, _INNER_Y = ("TH", "TW", "TN", "BLOCK_K"), ("TH", "TW", "TN", "BLOCK_N")
+_INNER_X_PHASED = ("TH", "ONE", "TW", "TN", "BLOCK_K")
 # Ints with no divisibility to assume: grid and image sizes, channel counts, conv strides/pads/dilations.
 _RECT_CONV = frozenset({"GH", "GW", "conv_stride_h", "conv_stride_w", "pad_h", "pad_w"})
 _RECT_FWD_INTS = _RECT_CONV - {"conv_stride_h", "conv_stride_w", "pad_h", "pad_w"} | {"M", "C_out", "fixed_base"}
@@ -264,16 +267,26 @@ RECT_SPECS = {
         frozenset({"dw_ptr"}),
         frozenset(),
         _RECT_DW_INTS,
-        {"PHASED": False, "WRAP_W": False},  # RECT_IMAGE's rows fit one rectangle (GW == 1)
+        # RECT_BATCH images of RECT_IMAGE take one-pixel tiles (wgrad_tiling), which step along the row.
+        {"PHASED": False, "WRAP_W": True, "BATCH_INNER": True},
         module="bsconv_tma",
         operands=("dy_desc", "x_desc", "dw_ptr"),
-        descriptors=(Desc("dy_desc", _RECT_Y), Desc("x_desc", _RECT_X)),
+        descriptors=(Desc("dy_desc", _INNER_Y), Desc("x_desc", _INNER_X)),
         rect=True,
     ),
 }
+# The weight gradient over rectangles, what small batches take (reported as "-rect" rows).
+_WGRAD_RECTANGLES = dataclasses.replace(
+    RECT_SPECS["conv_wgrad"],
+    extra_constexprs={"PHASED": False, "WRAP_W": False, "BATCH_INNER": False},  # RECT_IMAGE's rows: GW == 1
+    descriptors=(Desc("dy_desc", _RECT_Y), Desc("x_desc", _RECT_X)),
+)
 # The rectangle the check compiles the descriptor kernels with: that of 14x14 images (the conv
-# layer, 3x3 256->256 @14), e.g. 16x16 pixels for 256 tokens. The loop code does not depend on it.
+# layer, 3x3 256->256 @14, batch 256), e.g. 16x16 pixels for 256 tokens. The loop code does not depend
+# on it, but the weight gradient's choice of tiles does (wgrad_tiling): for this batch, one pixel of
+# BLOCK_M images.
 RECT_IMAGE = (14, 14)
+RECT_BATCH = 256
 
 
 def kernel_fn(kind: str, rect: bool = False):
@@ -289,8 +302,12 @@ def job_kernel(job: dict):
     rect = bool(job.get("rect"))
     fn = kernel_fn(job["kind"], rect)
     spec = RECT_SPECS[job["kind"]] if rect else spec_for(job["kind"], fn)
+    inner = rect and job["kind"] == "conv_wgrad" and not job.get("rectangles")
+    if rect and job["kind"] == "conv_wgrad" and not inner:
+        spec = _WGRAD_RECTANGLES
     if rect and job.get("phased"):  # a strided conv: x through the 5-D stride-phase view
-        descs = tuple(Desc(d.arg, _RECT_X_PHASED) if d.arg == "x_desc" else d for d in spec.descriptors)
+        box = _INNER_X_PHASED if inner else _RECT_X_PHASED
+        descs = tuple(Desc(d.arg, box) if d.arg == "x_desc" else d for d in spec.descriptors)
         spec = dataclasses.replace(spec, extra_constexprs={**spec.extra_constexprs, "PHASED": True}, descriptors=descs)
     return fn, spec
 
@@ -300,8 +317,13 @@ def job_tiles(job: dict) -> dict:
     kw = dict(job["kwargs"])
     if job.get("rect"):
         from sparsekern.kernels.bsconv_tables import pixel_tile
+        from sparsekern.kernels.bsconv_tma import wgrad_tiling
 
-        kw.update(zip(("TN", "TH", "TW"), pixel_tile(kw["BLOCK_M"], 1, *RECT_IMAGE), strict=True), ONE=1)
+        tile = pixel_tile(kw["BLOCK_M"], 1, *RECT_IMAGE)
+        if job["kind"] == "conv_wgrad" and not job.get("rectangles"):
+            tile, _, inner = wgrad_tiling(kw["BLOCK_M"], RECT_BATCH, *RECT_IMAGE)
+            assert inner, "RECT_BATCH images of RECT_IMAGE take the weight gradient's one-pixel tiles"
+        kw.update(zip(("TN", "TH", "TW"), tile, strict=True), ONE=1)
     return kw
 
 

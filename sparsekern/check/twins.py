@@ -17,8 +17,10 @@ activations). A kernel (``HAS_MIXED=False``) FAILS the proof when, in its MMA lo
 ``HAS_MIXED=True`` variants are compiled and reported (a slower path is allowed there), and so are the
 pointer conv kernels that sm_90 falls back to when the activations cannot sit behind descriptors (NCHW,
 unaligned channels; ``-pointer`` rows) and the descriptor kernels of strided convs (``-strided``: ``x``
-through the 5-D stride-phase view): the gated conv kernels on sm_90 are the stride-1 descriptor kernels
-of ``kernels/bsconv_tma.py``. On sm_80 the kernel alone is judged: buffers and no wait-all.
+through the 5-D stride-phase view) and the descriptor weight gradient over rectangles of pixels, what
+batches too small for one-pixel tiles take (``-rect``): the gated conv kernels on sm_90 are the stride-1
+descriptor kernels of ``kernels/bsconv_tma.py`` as they run for the issue's layer (``specs.RECT_IMAGE``,
+``specs.RECT_BATCH``). On sm_80 the kernel alone is judged: buffers and no wait-all.
 """
 
 from __future__ import annotations
@@ -65,8 +67,8 @@ def label(job: dict) -> str:
     text = f"{job['kind']}-{job['bm']}x{job['bk']}-{job['dtype']}"
     if job.get("config", "default").split("=")[0] != "default":
         text += "-" + job["config"]
-    if job.get("proof") in ("fallback", "strided"):
-        return text + ("-pointer" if job["proof"] == "fallback" else "-strided")
+    if job.get("proof") in ("fallback", "strided", "rectangles"):
+        return text + {"fallback": "-pointer", "strided": "-strided", "rectangles": "-rect"}[job["proof"]]
     return text + ("-twin" if job.get("twin") else "-mixed" if job.get("has_mixed") else "")
 
 
@@ -103,6 +105,10 @@ def build_proof_jobs(scope: str = "default", only: str | None = None, dump: str 
                             strided = dict(kernel, phased=True, proof="strided")
                             strided["label"] = label(strided)
                             group.append(strided)
+                        if kernel.get("rect") and kind == "conv_wgrad":  # small batches: rectangles of pixels
+                            rects = dict(kernel, rectangles=True, proof="rectangles")
+                            rects["label"] = label(rects)
+                            group.append(rects)
                     for job in group:
                         job["dump"] = dump
                     jobs += group
@@ -292,7 +298,7 @@ def judge_all(rows: list[dict]) -> list[dict]:
             r["problems"] = judge_proof(r, twins.get(r["twin_label"]))
             r["status"] = "FAIL" if r["problems"] else "ok"
         else:  # reported, not gated: the problems are listed as notes
-            gated_like = r["proof"] in ("mixed", "fallback", "strided")
+            gated_like = r["proof"] in ("mixed", "fallback", "strided", "rectangles")
             notes = judge_proof(r, twins.get(r["twin_label"])) if gated_like else _loop_problems(r)
             r["notes"] = notes
             r["status"] = "info"
