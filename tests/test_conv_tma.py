@@ -110,28 +110,38 @@ def test_weight_grad_splits_and_rectangles_past_the_image(rect):
     assert rect["weight_grad"] == 2
 
 
-# Batches large enough that the weight gradient takes one-pixel tiles of BLOCK_M images (BLOCK_M is 64
-# for 16-bit operands, 32 for fp32): (id, N, Cin, (H, W), Cout, (kh, kw), stride, padding, dilation, dtype).
+# Batches large enough that every pass takes one-pixel tiles of BLOCK_M images (the defaults: 256
+# tokens for the 16-bit forward and input gradient, 64 for their weight gradient; 64 and 32 for fp32):
+# (id, N, Cin, (H, W), Cout, (kh, kw), stride, padding, dilation, dtype).
 BATCH_INNER_CASES = [
-    ("3x3-s1-p1-fp16", 64, 16, (5, 6), 24, (3, 3), 1, 1, 1, F16),
-    ("3x3-s1-tail-bf16", 100, 16, (3, 3), 16, (3, 3), 1, 1, 1, BF16),  # 2 tiles of 64 images, 28 zero-filled
-    ("3x3-s2-p1-fp16", 64, 32, (8, 8), 24, (3, 3), 2, 1, 1, F16),  # the stride-phase view, N inside
-    ("3x2-s2x1-fp32", 60, 32, (8, 6), 16, (3, 2), (2, 1), (1, 2), 1, F32),  # 4 images zero-filled
-    ("3x3-d2-fp32", 64, 16, (5, 5), 16, (3, 3), 1, 2, 2, F32),
+    ("3x3-s1-p1-fp16", 256, 16, (3, 3), 24, (3, 3), 1, 1, 1, F16),
+    ("3x3-s1-tail-bf16", 400, 16, (3, 3), 16, (3, 3), 1, 1, 1, BF16),  # 2 tiles of 256 images, 112 zero-filled
+    ("3x3-s2-p1-fp16", 256, 32, (4, 4), 24, (3, 3), 2, 1, 1, F16),  # the stride-phase view, N inside
+    ("3x2-s2x1-fp32", 64, 32, (4, 6), 16, (3, 2), (2, 1), (1, 2), 1, F32),
+    ("3x3-d2-fp32", 100, 16, (5, 5), 16, (3, 3), 1, 2, 2, F32),  # 28 images zero-filled in the last tile
 ]
+
+
+def _block_m(kind, dtype, bs):
+    from sparsekern.kernels import configs
+
+    elem = torch.empty(0, dtype=dtype).element_size()
+    return configs.default_config(kind, bs, bs, elem, cap=90, variant="rect").kwargs["BLOCK_M"]
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c[0]) for c in BATCH_INNER_CASES])
 @pytest.mark.parametrize("splits", [None, 3])
-def test_weight_grad_tiles_of_one_pixel(rect, case, splits):
-    """Tiles of one output pixel of BLOCK_M images (descriptors ordered [H, W, N, C]), split over programs
-    at arbitrary tile boundaries; the batch past N is zero-filled."""
+def test_one_pixel_tiles(rect, case, splits):
+    """All three passes on tiles of one output pixel of BLOCK_M images (descriptors ordered [H, W, N, C]);
+    the weight gradient split over programs at arbitrary tile boundaries; the batch past N zero-filled."""
     _, n, c_in, hw, c_out, k, stride, padding, dilation, dtype = case
     p = ConvProblem(n, c_in, hw, c_out, k, stride, padding, dilation, 16, dtype, 0.6, "mixed", CL, device="cpu")
-    block_m = 32 if dtype == F32 else 64
-    assert bsconv_tma.wgrad_tiling(block_m, n, *p.y_shape[2:])[2], "the case must take the one-pixel tiles"
-    check_weight_grad(p, splits=splits)
-    assert rect["weight_grad"] == 1
+    ho, wo = p.y_shape[2:]
+    sh, sw = (stride, stride) if isinstance(stride, int) else stride
+    grids = {"conv_fwd": (ho, wo), "conv_dx": (-(-hw[0] // sh), -(-hw[1] // sw)), "conv_wgrad": (ho, wo)}
+    for kind, (h, w) in grids.items():
+        assert bsconv_tma.token_tiling(_block_m(kind, dtype, 16), n, h, w)[2], f"{kind} must take one-pixel tiles"
+    _all_passes(p, rect, splits=splits)
 
 
 @pytest.mark.parametrize(
@@ -142,10 +152,10 @@ def test_weight_grad_tiles_of_one_pixel(rect, case, splits):
         (64, 48, (14, 14), (16, 2, 2), False),
     ],
 )
-def test_wgrad_tiling_docstring_examples(block_m, n, hw, tile, inner):
+def test_token_tiling_docstring_examples(block_m, n, hw, tile, inner):
     """256 images of 14x14 take one-pixel tiles (1.0x the tokens against 1.31x); 8 images take rectangles
     (1.14x against 8x), and so do 48 (16x2x2 wastes nothing, one-pixel tiles 1.33x)."""
-    got_tile, grid, got_inner = bsconv_tma.wgrad_tiling(block_m, n, *hw)
+    got_tile, grid, got_inner = bsconv_tma.token_tiling(block_m, n, *hw)
     assert (got_tile, got_inner) == (tile, inner)
     cover = tuple(-(-d // t) for d, t in zip((n, *hw), tile, strict=True))
     assert grid == ((-(-n // block_m), *hw) if inner else cover)
@@ -172,7 +182,7 @@ def test_views_into_nan_buffers_are_never_read_outside_the_tensor(rect):
     assert all(rect.values())
 
 
-@pytest.mark.parametrize("n", [2, 64])  # 64 images: the weight gradient's one-pixel tiles
+@pytest.mark.parametrize("n", [2, 256])  # 256 images: one-pixel tiles in the forward and weight gradient
 def test_pruned_input_channels_are_never_read(rect, n):
     """NaN in x at channels whose block columns are pruned at every tap reaches neither y nor dw."""
     c_in, bs = 48, (16, 16)
@@ -180,7 +190,8 @@ def test_pruned_input_channels_are_never_read(rect, n):
     mask[:, 16:32] = False
     frozen[:, 16:32] = False
     p = ConvProblem(n, c_in, (5, 6), 24, (3, 3), padding=1, bs=bs, fmt=CL, mask=mask, frozen=frozen, device="cpu")
-    assert bsconv_tma.wgrad_tiling(64, n, 5, 6)[2] == (n == 64)
+    for kind in ("conv_fwd", "conv_wgrad"):
+        assert bsconv_tma.token_tiling(_block_m(kind, p.dtype, 16), n, 5, 6)[2] == (n == 256)
     y_ref, dw_ref = p.ref_y(), p.ref_grads()[1]
     p.x[:, 16:32] = NAN
     check_forward(p, expected=y_ref)
@@ -188,14 +199,17 @@ def test_pruned_input_channels_are_never_read(rect, n):
     assert rect["forward"] and rect["weight_grad"]
 
 
-def test_pruned_output_channels_never_reach_dx(rect):
+@pytest.mark.parametrize("n", [2, 256])  # 256 images: one-pixel tiles in both gradients
+def test_pruned_output_channels_never_reach_dx(rect, n):
     """NaN in dy at output channels whose block row is empty never reaches dx (nor dw), strided conv."""
     bs = (16, 16)
     mask, frozen = make_conv_masks((48, 16, 3, 3), bs, 0.7, "mixed")
     mask[16:32] = False
     frozen[16:32] = False
-    p = ConvProblem(2, 16, (6, 8), 48, (3, 3), stride=2, padding=1, bs=bs, dtype=F16, fmt=CL,
+    p = ConvProblem(n, 16, (6, 8), 48, (3, 3), stride=2, padding=1, bs=bs, dtype=F16, fmt=CL,
                     mask=mask, frozen=frozen, device="cpu")  # fmt: skip
+    for kind, (h, w) in {"conv_dx": (3, 4), "conv_wgrad": p.y_shape[2:]}.items():
+        assert bsconv_tma.token_tiling(_block_m(kind, F16, 16), n, h, w)[2] == (n == 256)
     dx_ref, dw_ref, _ = p.ref_grads()
     p.dy[:, 16:32] = NAN
     check_input_grad(p, expected=dx_ref)
@@ -246,7 +260,7 @@ def test_every_weight_grad_candidate_on_one_pixel_tiles(rect, cfg):
     """128 images of 3x3: every token step a GPU may pick (64 and 128 images) takes the one-pixel tiles."""
     p = ConvProblem(128, 32, (3, 3), 40, (3, 3), stride=1, padding=1, bs=(32, 16), dtype=F16, density=0.7,
                     device="cpu")  # fmt: skip
-    assert bsconv_tma.wgrad_tiling(cfg.kwargs["BLOCK_M"], 128, 3, 3)[2]
+    assert bsconv_tma.token_tiling(cfg.kwargs["BLOCK_M"], 128, 3, 3)[2]
     check_weight_grad(p, config=cfg)
     assert rect["weight_grad"] == 1
 

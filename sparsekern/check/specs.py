@@ -229,7 +229,8 @@ TMA_SPECS = {
 # the 5-D stride-phase view, reported as "-strided" rows).
 _RECT_X, _RECT_Y = ("TN", "TH", "TW", "BLOCK_K"), ("TN", "TH", "TW", "BLOCK_N")
 _RECT_X_PHASED = ("TN", "TH", "ONE", "TW", "BLOCK_K")
-# The weight gradient's one-pixel tiles of TN images: descriptors ordered [H, W, N, C] (BATCH_INNER).
+# One-pixel tiles of TN images, what the issue's layer (RECT_BATCH images) runs: descriptors ordered
+# [H, W, N, C] (BATCH_INNER, bsconv_tma.token_tiling).
 _INNER_X, _INNER_Y = ("TH", "TW", "TN", "BLOCK_K"), ("TH", "TW", "TN", "BLOCK_N")
 _INNER_X_PHASED = ("TH", "ONE", "TW", "TN", "BLOCK_K")
 # Ints with no divisibility to assume: grid and image sizes, channel counts, conv strides/pads/dilations.
@@ -244,10 +245,10 @@ RECT_SPECS = {
         frozenset({"bias_ptr"}),
         frozenset(),
         _RECT_FWD_INTS,
-        {"HAS_BIAS": True, "PHASED": False},
+        {"HAS_BIAS": True, "PHASED": False, "BATCH_INNER": True},
         module="bsconv_tma",
         operands=("x_desc", "w_desc", "y_desc"),
-        descriptors=(Desc("x_desc", _RECT_X), Desc("w_desc", _W_TILE), Desc("y_desc", _RECT_Y)),
+        descriptors=(Desc("x_desc", _INNER_X), Desc("w_desc", _W_TILE), Desc("y_desc", _INNER_Y)),
         rect=True,
     ),
     "conv_dx": KernelSpec(
@@ -256,9 +257,10 @@ RECT_SPECS = {
         frozenset({"dx_ptr"}),
         frozenset({"stride_dxc"}),
         _RECT_DX_INTS,
+        {"BATCH_INNER": True},
         module="bsconv_tma",
         operands=("dy_desc", "w_desc", "dx_ptr"),
-        descriptors=(Desc("dy_desc", _RECT_Y), Desc("w_desc", _W_TILE)),
+        descriptors=(Desc("dy_desc", _INNER_Y), Desc("w_desc", _W_TILE)),
         rect=True,
     ),
     "conv_wgrad": KernelSpec(
@@ -267,24 +269,29 @@ RECT_SPECS = {
         frozenset({"dw_ptr"}),
         frozenset(),
         _RECT_DW_INTS,
-        # RECT_BATCH images of RECT_IMAGE take one-pixel tiles (wgrad_tiling), which step along the row.
-        {"PHASED": False, "WRAP_W": True, "BATCH_INNER": True},
+        {"PHASED": False, "WRAP_W": True, "BATCH_INNER": True},  # one-pixel tiles step along the row
         module="bsconv_tma",
         operands=("dy_desc", "x_desc", "dw_ptr"),
         descriptors=(Desc("dy_desc", _INNER_Y), Desc("x_desc", _INNER_X)),
         rect=True,
     ),
 }
-# The weight gradient over rectangles, what small batches take (reported as "-rect" rows).
-_WGRAD_RECTANGLES = dataclasses.replace(
-    RECT_SPECS["conv_wgrad"],
-    extra_constexprs={"PHASED": False, "WRAP_W": False, "BATCH_INNER": False},  # RECT_IMAGE's rows: GW == 1
-    descriptors=(Desc("dy_desc", _RECT_Y), Desc("x_desc", _RECT_X)),
-)
+# The same kernels over rectangles of pixels, what small batches take (reported as "-rect" rows).
+_RECTANGLES = {
+    kind: dataclasses.replace(
+        spec,
+        extra_constexprs={**spec.extra_constexprs, "BATCH_INNER": False}
+        | ({"WRAP_W": False} if kind == "conv_wgrad" else {}),  # RECT_IMAGE's rows fit one rectangle
+        descriptors=tuple(
+            Desc(d.arg, {_INNER_X: _RECT_X, _INNER_Y: _RECT_Y}.get(d.block, d.block)) for d in spec.descriptors
+        ),
+    )
+    for kind, spec in RECT_SPECS.items()
+}
 # The rectangle the check compiles the descriptor kernels with: that of 14x14 images (the issue's conv
-# layer, 3x3 256->256 @14, batch 256), e.g. 16x16 pixels for 256 tokens. The loop code does not depend
-# on it, but the weight gradient's choice of tiles does (wgrad_tiling): for this batch, one pixel of
-# BLOCK_M images.
+# layer, 3x3 256->256 @14, batch 256). The loop code does not depend on them, the choice of tiles
+# does (token_tiling): for this batch one pixel of BLOCK_M images, over one image 16x16 pixels for
+# 256 tokens (the "-rect" rows).
 RECT_IMAGE = (14, 14)
 RECT_BATCH = 256
 
@@ -302,9 +309,9 @@ def job_kernel(job: dict):
     rect = bool(job.get("rect"))
     fn = kernel_fn(job["kind"], rect)
     spec = RECT_SPECS[job["kind"]] if rect else spec_for(job["kind"], fn)
-    inner = rect and job["kind"] == "conv_wgrad" and not job.get("rectangles")
-    if rect and job["kind"] == "conv_wgrad" and not inner:
-        spec = _WGRAD_RECTANGLES
+    inner = job_batch_inner(job)
+    if rect and not inner:
+        spec = _RECTANGLES[job["kind"]]
     if rect and job.get("phased"):  # a strided conv: x through the 5-D stride-phase view
         box = _INNER_X_PHASED if inner else _RECT_X_PHASED
         descs = tuple(Desc(d.arg, box) if d.arg == "x_desc" else d for d in spec.descriptors)
@@ -312,17 +319,23 @@ def job_kernel(job: dict):
     return fn, spec
 
 
+def job_batch_inner(job: dict) -> bool:
+    """Whether a descriptor conv job compiles the one-pixel tiles: what RECT_BATCH images of RECT_IMAGE
+    take with its ``BLOCK_M`` (``bsconv_tma.token_tiling``), unless it is a ``-rect`` row."""
+    if not job.get("rect") or job.get("rectangles"):
+        return False
+    from sparsekern.kernels.bsconv_tma import token_tiling
+
+    return token_tiling(job["kwargs"]["BLOCK_M"], RECT_BATCH, *RECT_IMAGE)[2]
+
+
 def job_tiles(job: dict) -> dict:
     """The job's config kwargs plus, for a descriptor conv kernel, its rectangle ``TN``/``TH``/``TW``."""
     kw = dict(job["kwargs"])
     if job.get("rect"):
         from sparsekern.kernels.bsconv_tables import pixel_tile
-        from sparsekern.kernels.bsconv_tma import wgrad_tiling
 
-        tile = pixel_tile(kw["BLOCK_M"], 1, *RECT_IMAGE)
-        if job["kind"] == "conv_wgrad" and not job.get("rectangles"):
-            tile, _, inner = wgrad_tiling(kw["BLOCK_M"], RECT_BATCH, *RECT_IMAGE)
-            assert inner, "RECT_BATCH images of RECT_IMAGE take the weight gradient's one-pixel tiles"
+        tile = (kw["BLOCK_M"], 1, 1) if job_batch_inner(job) else pixel_tile(kw["BLOCK_M"], 1, *RECT_IMAGE)
         kw.update(zip(("TN", "TH", "TW"), tile, strict=True), ONE=1)
     return kw
 
