@@ -2,9 +2,9 @@
 
 Import path: ``sparsekern.kernels.bsconv_tma`` (this folder, ``kernels/``, installs as ``sparsekern.kernels``).
 
-Why one file of this size (about 610 lines): the three descriptor kernels and their launchers share the
+Why one file of this size (about 620 lines): the three descriptor kernels and their launchers share the
 rectangle, the stride-phase view and the table layout, and nothing else uses them; about 90 lines are
-this docstring, 340 the kernels, 175 the launchers.
+this docstring, 345 the kernels, 185 the launchers.
 
 Why a second set of conv kernels. The pointer kernels of ``bsconv.py`` gather the activation tile row by
 row, each row with its own image bounds: compiled for sm_90 that is about 4 ISETP, 4 SEL and 3.5 IMAD per
@@ -26,18 +26,15 @@ runs the pointer kernels.
 =================  =============================================  ==================================
 pass               main loop (one box per operand per step)       output
 =================  =============================================  ==================================
-forward            CSR positions of a block row: x box at the     TMA store of the tile, the
+forward            CSR positions of a block row: x box at the     TMA store of the rectangle, the
                    block's tap and channels, weight tile          descriptor clipping edge pixels
 input gradient     entries of a line (``bsconv.input_grad_        pointer store of the phase's
                    lines``): dy box at the entry's offsets        pixels, masked (epilogue only)
-weight gradient    the token tiles of one split: dy and x         ``tiles._wgrad_store``
-                   boxes, the tile's coordinates carried
+weight gradient    the token tiles of one split (one pixel of     ``tiles._wgrad_store``
+                   ``BLOCK_M`` images, or rectangles for small
+                   batches: ``wgrad_tiling``): dy and x boxes,
+                   the tile's coordinates carried
 =================  =============================================  ==================================
-
-Large batches take tiles of one pixel of ``BLOCK_M`` images instead of rectangles
-(:func:`token_tiling`): the descriptors are then ordered ``[H, W, N, C]`` (TMA takes a tensor's
-strides in any order), every box drops only unit dimensions, and no pixel past the image is
-computed. The loops are the same; ``BATCH_INNER`` reorders the boxes' coordinates.
 
 Block metadata is prefetched one position ahead, as in every kernel here, so the pipeliner keeps
 ``num_stages`` tiles in flight. Here it is one int64 per block in a per-launch table
@@ -63,7 +60,8 @@ Limits:
 * Where an activation box is the MMA's *A* operand, Triton (3.6 and 3.9 alike) does not keep it in
   shared memory when the box merges two dimensions (``TH x TW`` into ``BLOCK_M``): it reaches a wgmma's
   A side as ``local_load``, ``reshape``, ``convert_layout`` to registers, while on the B side it stays a
-  ``memdesc_reshape`` of the TMA buffer. A box that only drops unit dimensions stays in shared memory.
+  ``memdesc_reshape`` of the TMA buffer. A box that only drops leading unit dimensions stays in shared
+  memory (an ``[N, H, W, C]`` box ``[64, 1, 1, C]`` does not: measured, the same 114 as a rectangle).
   Two kernels have an activation on the A side, and both avoid the merge:
 
   - The weight gradient (``dy^T`` is A). Over rectangles its loop had ``ldmatrix`` copies, register
@@ -71,9 +69,9 @@ Limits:
     the dense twin's 81-90 (Triton 3.9; the ``-rect`` rows of ``python -m sparsekern.check --twins``).
     Its tile is now one output pixel of ``BLOCK_M`` images, read through descriptors ordered
     ``[H, W, N, C]`` (TMA takes the dimensions' strides in any order), so each box is ``[1, 1,
-    BLOCK_M, C]``: 85-99 against 75-90. It computes no past-image pixels either, only the batch
-    rounded up to ``BLOCK_M``; :func:`token_tiling` keeps rectangles where they compute fewer tokens
-    (small batches).
+    BLOCK_M, C]``: 85-99 against 75-90. It pads only the batch, to a multiple of ``BLOCK_M``;
+    :func:`wgrad_tiling` keeps rectangles where that would cost more than an eighth more tokens
+    (fewer images than about ``BLOCK_M``, or batches just past a multiple of it).
   - 32-wide blocks in the forward and input gradient, whose 32 rows cannot be a wgmma's 64-row A side.
     Tokens on M ran a register A that ptxas serialized (C7515); their default config puts 256 tokens
     on N (``SWAP_AB``), where Triton emits ``mma.sync`` from the two TMA buffers
@@ -107,7 +105,7 @@ from .tiles import _add_bias, _line_program, _mma, _mma_weight, _weight_tile, _w
 PHASE_SHIFT = tl.constexpr(bsconv_tables.PHASE_SHIFT)
 PHASE_ONE = tl.constexpr(1 << bsconv_tables.PHASE_SHIFT)
 
-__all__ = ["forward", "forward_tables", "input_grad", "rect_count", "rect_reason", "weight_grad", "token_tiling"]
+__all__ = ["forward", "forward_tables", "input_grad", "rect_count", "rect_reason", "weight_grad", "wgrad_tiling"]
 
 
 # --------------------------------------------------------------------- kernels
@@ -187,7 +185,6 @@ def _bsconv_fwd_tma_kernel(
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     PHASED: tl.constexpr,
-    BATCH_INNER: tl.constexpr,
     TN: tl.constexpr,
     TH: tl.constexpr,
     TW: tl.constexpr,
@@ -203,8 +200,6 @@ def _bsconv_fwd_tma_kernel(
     of the stride-phase view (``PHASED``), or at ``(n0, h0 + dh, w0 + dw, inner)`` of plain NHWC for a
     stride-1 conv, whose phase is always 0.
     ``M`` is the rectangle count times ``BLOCK_M``; the grid is that of ``bsconv._bsconv_fwd_kernel``.
-    ``BATCH_INNER``: the tile is one output pixel of ``TN`` images and ``x`` and ``y`` are described
-    ``[H, W, N, C]`` (:func:`token_tiling`), so the boxes' coordinates come in that order.
     """
     tl.static_assert(TN * TH * TW == BLOCK_M, "the rectangle must hold BLOCK_M tokens")
     SUB_N: tl.constexpr = BM // BLOCK_N
@@ -224,13 +219,8 @@ def _bsconv_fwd_tma_kernel(
         srow_n, inner_n, dh_n, dw_n, a_n = _table_row(row, aux_ptr, (it + 1) >> LOG_SUB_K, HAS_MIXED)
         kk = (it & (SUB_K - 1)) * BLOCK_K
         if PHASED:
-            if BATCH_INNER:
-                box = [h0 + dh, inner >> PHASE_SHIFT, w0 + dw, n0, (inner & (PHASE_ONE - 1)) + kk]
-            else:
-                box = [n0, h0 + dh, inner >> PHASE_SHIFT, w0 + dw, (inner & (PHASE_ONE - 1)) + kk]
-        elif BATCH_INNER:  # stride 1: plain NHWC, no phase to unpack
-            box = [h0 + dh, w0 + dw, n0, inner + kk]
-        else:
+            box = [n0, h0 + dh, inner >> PHASE_SHIFT, w0 + dw, (inner & (PHASE_ONE - 1)) + kk]
+        else:  # stride 1: plain NHWC, no phase to unpack
             box = [n0, h0 + dh, w0 + dw, inner + kk]
         x = x_desc.load(box).reshape(BLOCK_M, BLOCK_K)
         w = _weight_rows(w_desc, es_ptr, srow, a, fixed_base, sub_n * BLOCK_N, kk, BLOCK_N, BLOCK_K, BM, BK, HAS_MIXED)
@@ -241,10 +231,7 @@ def _bsconv_fwd_tma_kernel(
     offs_n = n_first + tl.arange(0, BLOCK_N)
     acc = _add_bias(acc, bias_ptr, offs_n, offs_n < C_out, HAS_BIAS, SWAP_AB)
     # The descriptor clips pixels past the image and channels past C_out.
-    if BATCH_INNER:
-        y_desc.store([h0, w0, n0, n_first], acc.reshape(TH, TW, TN, BLOCK_N).to(y_desc.dtype))
-    else:
-        y_desc.store([n0, h0, w0, n_first], acc.reshape(TN, TH, TW, BLOCK_N).to(y_desc.dtype))
+    y_desc.store([n0, h0, w0, n_first], acc.reshape(TN, TH, TW, BLOCK_N).to(y_desc.dtype))
 
 
 @triton.jit
@@ -279,7 +266,6 @@ def _bsconv_dx_tma_kernel(
     HAS_MIXED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
-    BATCH_INNER: tl.constexpr,
     TN: tl.constexpr,
     TH: tl.constexpr,
     TW: tl.constexpr,
@@ -293,8 +279,7 @@ def _bsconv_dx_tma_kernel(
     Lines, entries and the phase's pixels ``h = h_first + hq*conv_stride_h`` are those of
     ``bsconv._bsconv_dx_kernel``, each entry a row ``(r * BM, slot * BM), (oh, ow)`` of ``tab``
     (``bsconv_tables.rect_input_grad_table``); the rectangle is ``TN x TH x TW`` of ``(n, hq, wq)``, and its dy box
-    for entry ``(oh, ow)`` starts at ``(n0, hq0 + oh, wq0 + ow, r*BM + nn)``, zero-filled outside dy
-    (``(hq0 + oh, wq0 + ow, n0, ...)`` of the ``[H, W, N, C]`` view when ``BATCH_INNER``).
+    for entry ``(oh, ow)`` starts at ``(n0, hq0 + oh, wq0 + ow, r*BM + nn)``, zero-filled outside dy.
     """
     tl.static_assert(TN * TH * TW == BLOCK_M, "the rectangle must hold BLOCK_M tokens")
     SUB_N: tl.constexpr = BM // BLOCK_N
@@ -312,10 +297,7 @@ def _bsconv_dx_tma_kernel(
         row = _next_row(row, tab_ptr, it, SUB_N)
         srow_n, rrow_n, oh_n, ow_n, a_n = _table_row(row, line_aux_ptr, (it + 1) >> LOG_SUB_N, HAS_MIXED)
         nn = (it & (SUB_N - 1)) * BLOCK_N
-        if BATCH_INNER:
-            dy = dy_desc.load([hq0 + oh, wq0 + ow, n0, rrow + nn]).reshape(BLOCK_M, BLOCK_N)
-        else:
-            dy = dy_desc.load([n0, hq0 + oh, wq0 + ow, rrow + nn]).reshape(BLOCK_M, BLOCK_N)
+        dy = dy_desc.load([n0, hq0 + oh, wq0 + ow, rrow + nn]).reshape(BLOCK_M, BLOCK_N)
         wt = _weight_rows(w_desc, es_ptr, srow, a, fixed_base, nn, sub_k * BLOCK_K, BLOCK_N, BLOCK_K, BM, BK, HAS_MIXED)
         acc = _mma_weight(dy, wt, acc, False, SWAP_AB, DOT_PRECISION, UPCAST)
         rrow, srow, oh, ow, a = rrow_n, srow_n, oh_n, ow_n, a_n
@@ -390,7 +372,7 @@ def _bsconv_dw_tma_kernel(
     spans the row (``GW == 1``), which drops the column digit.
 
     ``BATCH_INNER``: the descriptors are ordered ``[H, W, N, C]`` (``_batch_inner_desc``) and a tile is
-    one output pixel of ``TN = BLOCK_M`` images (``TH = TW = 1``, :func:`token_tiling`). Its boxes drop
+    one output pixel of ``TN = BLOCK_M`` images (``TH = TW = 1``, :func:`wgrad_tiling`). Its boxes drop
     only unit dimensions, so ``dy^T`` reaches the wgmma's A side from shared memory as TMA wrote it.
     """
     tl.static_assert(GROUP == 1, "one block per program: a run's members have different taps")
@@ -497,13 +479,6 @@ def _batch_inner_desc(t: torch.Tensor, block: list[int]):
     return TensorDescriptor(t, [h, w, n, c], [t.stride(2), t.stride(3), t.stride(0), 1], block)
 
 
-def _act_desc(t: torch.Tensor, tile: tuple[int, int, int], channels: int, batch_inner: bool):
-    """A plain activation (``y``, ``dy``) in tiles of ``tile`` pixels: ``[N, H, W, C]`` rectangles, or
-    ``[H, W, N, C]`` boxes of one pixel of ``TN`` images (``batch_inner``)."""
-    tn, th, tw = tile
-    return _batch_inner_desc(t, [th, tw, tn, channels]) if batch_inner else _box_desc(t, [tn, th, tw, channels])
-
-
 def _phased(geom: ConvGeom) -> bool:
     return geom.stride_h > 1 or geom.stride_w > 1
 
@@ -539,21 +514,26 @@ def _grid_of(block_m: int, n: int, h: int, w: int) -> tuple[tuple[int, int, int]
     return (tn, th, tw), grid
 
 
-def token_tiling(block_m: int, n: int, h: int, w: int) -> tuple[tuple[int, int, int], tuple[int, int, int], bool]:
-    """``(tile, grid, batch_inner)``: how a kernel cuts ``n`` images of ``h x w`` pixels into ``block_m`` tokens.
+# One-pixel tiles are taken while they compute at most this fraction more tokens than the best
+# rectangle: a rectangle's merged box costs the loop ~25 more non-MMA instructions per iteration (a
+# register A: 114 against 90 at 64x64, Triton 3.9), a tile of padding costs its share of the MMAs.
+PIXEL_TILE_SLACK = 1 / 8
 
-    One pixel of ``block_m`` images (``batch_inner``, descriptors ordered ``[H, W, N, C]``) computes
-    no pixel past the image, only the batch rounded up to ``block_m``, and its boxes reach a wgmma's A
-    side from shared memory, where rectangles (:func:`_grid_of`) go through registers (the module
-    docstring). It is taken unless it computes more tokens than the best rectangle: 64 tokens over
-    256 images of 14x14 take it (1.0x the tokens against 1.31x), over 8 images they do not (8x
-    against 1.14x). The same rule serves the forward and input gradient, whose 256-token tiles take
-    it from 256 images on.
+
+def wgrad_tiling(block_m: int, n: int, h: int, w: int) -> tuple[tuple[int, int, int], tuple[int, int, int], bool]:
+    """``(tile, grid, batch_inner)``: how the weight gradient cuts ``n`` images of ``h x w`` output pixels.
+
+    A rectangle whose box merges dimensions (:func:`_grid_of`) reaches the wgmma's A side through
+    registers (the module docstring); one pixel of ``block_m`` images (``batch_inner``) does not, and
+    pads only the batch, to a multiple of ``block_m``. It is taken unless it computes more than
+    ``PIXEL_TILE_SLACK`` more tokens than the best rectangle: 256 images of 14x14 take it (both exact),
+    and so do 300 (1.07x the pixels against the rectangles' 1.01x); 48 images (1.33x against 1.0x)
+    and 8 (8x against 1.14x) take rectangles.
     """
     tile, grid = _grid_of(block_m, n, h, w)
     gn = triton.cdiv(n, block_m)
-    if gn * block_m * h * w <= grid[0] * grid[1] * grid[2] * block_m:
-        if gn * h * w * block_m > INT32_MAX:
+    if gn * block_m * h * w <= grid[0] * grid[1] * grid[2] * block_m * (1 + PIXEL_TILE_SLACK):
+        if gn * h * w * block_m > INT32_MAX:  # may exceed the rectangles' count, which _grid_of checked
             raise ValueError(f"{n}x{h}x{w} pixels in tiles of {block_m} images exceed the int32 token index")
         return (block_m, 1, 1), (gn, h, w), True
     return tile, grid, False
@@ -577,18 +557,18 @@ def forward(x, store, bias, y, meta: Meta, geom: ConvGeom, bm: int, bk: int, fix
     when the caller built them already (the autotuner launches several configs).
     """
     kw = cfg.kwargs
-    (tn, th, tw), (gn, gh, gw), inner = token_tiling(kw["BLOCK_M"], geom.n, geom.h_out, geom.w_out)
+    (tn, th, tw), (gn, gh, gw) = _grid_of(kw["BLOCK_M"], geom.n, geom.h_out, geom.w_out)
     tab, aux = forward_tables(meta, geom, bm, bk) if boxes is None else boxes
     rb = meta.row_offsets.numel() - 1
     m = gn * gh * gw * kw["BLOCK_M"]
     programs = _programs(gn * gh * gw * rb * (bm // kw["BLOCK_N"]), "the conv forward")
     return _bsconv_fwd_tma_kernel[(programs,)](
-        _x_desc(x, geom, (tn, th, tw), kw["BLOCK_K"], inner),
+        _x_desc(x, geom, (tn, th, tw), kw["BLOCK_K"]),
         descriptor(store_matrix(store), [kw["BLOCK_N"], kw["BLOCK_K"]]), meta.element_state,
-        bias if bias is not None else x, _act_desc(y, (tn, th, tw), kw["BLOCK_N"], inner),
+        bias if bias is not None else x, _box_desc(y, [tn, th, tw, kw["BLOCK_N"]]),
         meta.row_offsets, tab, aux, meta.row_order,
         gh, gw, m, geom.c_out, fixed_base,
-        HAS_BIAS=bias is not None, PHASED=_phased(geom), BATCH_INNER=inner, TN=tn, TH=th, TW=tw,
+        HAS_BIAS=bias is not None, PHASED=_phased(geom), TN=tn, TH=th, TW=tw,
         **kernel_constexprs(bm, bk, meta, x.dtype, x.device, cfg),
     )  # fmt: skip
 
@@ -598,28 +578,30 @@ def input_grad(dy, store, dx, meta: Meta, geom: ConvGeom, bm: int, bk: int, fixe
     kw = cfg.kwargs
     cpb = geom.c_pad // bk
     hq, wq = triton.cdiv(geom.h, geom.stride_h), triton.cdiv(geom.w, geom.stride_w)
-    (tn, th, tw), (gn, gh, gw), inner = token_tiling(kw["BLOCK_M"], geom.n, hq, wq)
+    (tn, th, tw), (gn, gh, gw) = _grid_of(kw["BLOCK_M"], geom.n, hq, wq)
     offsets, pairs, aux, order = lines
     tab, aux = rect_input_grad_table(pairs, bm), padded_aux(aux)
     n_lines = geom.stride_h * geom.stride_w * cpb
     programs = _programs(gn * gh * gw * n_lines * (bk // kw["BLOCK_K"]), "the conv input gradient")
     return _bsconv_dx_tma_kernel[(programs,)](
-        _act_desc(dy, (tn, th, tw), kw["BLOCK_N"], inner),
+        _box_desc(dy, [tn, th, tw, kw["BLOCK_N"]]),
         descriptor(store_matrix(store), [kw["BLOCK_N"], kw["BLOCK_K"]]), meta.element_state, dx,
         offsets, tab, aux, order,
         gh, gw, gn * gh * gw * kw["BLOCK_M"], geom.n, geom.c_in, geom.h, geom.w, cpb, fixed_base,
         geom.stride_h, geom.stride_w, geom.pad_h, geom.pad_w, *dx.stride(),
-        BATCH_INNER=inner, TN=tn, TH=th, TW=tw, **kernel_constexprs(bm, bk, meta, dy.dtype, dy.device, cfg),
+        TN=tn, TH=th, TW=tw, **kernel_constexprs(bm, bk, meta, dy.dtype, dy.device, cfg),
     )  # fmt: skip
 
 
 def weight_grad(dy, x, meta: Meta, geom: ConvGeom, bm: int, bk: int, cfg, target, rects_per_split, nsplit, stride_dws):
     """Launch the descriptor weight gradient's ``nsplit`` splits of ``rects_per_split`` rectangles into ``target``."""
     kw = cfg.kwargs
-    (tn, th, tw), (gn, gh, gw), inner = token_tiling(kw["BLOCK_M"], geom.n, geom.h_out, geom.w_out)
+    (tn, th, tw), (gn, gh, gw), inner = wgrad_tiling(kw["BLOCK_M"], geom.n, geom.h_out, geom.w_out)
     sub = (bm // kw["BLOCK_N"]) * (bk // kw["BLOCK_K"])
+    bn = kw["BLOCK_N"]
+    dy_desc = _batch_inner_desc(dy, [th, tw, tn, bn]) if inner else _box_desc(dy, [tn, th, tw, bn])
     return _bsconv_dw_tma_kernel[(meta.train_index.numel() * sub, nsplit)](
-        _act_desc(dy, (tn, th, tw), kw["BLOCK_N"], inner), _x_desc(x, geom, (tn, th, tw), kw["BLOCK_K"], inner),
+        dy_desc, _x_desc(x, geom, (tn, th, tw), kw["BLOCK_K"], inner),
         meta.element_state, target,
         meta.train_index, meta.train_rank, meta.train_left, meta.row_indices, meta.col_indices, meta.aux,
         gh, gw, gn * gh * gw, geom.c_in, geom.kw, geom.c_pad // bk, rects_per_split,
@@ -630,7 +612,7 @@ def weight_grad(dy, x, meta: Meta, geom: ConvGeom, bm: int, bk: int, cfg, target
 
 
 def rect_count(block_m: int, n: int, h: int, w: int) -> int:
-    """How many ``block_m``-token tiles of :func:`token_tiling` cover ``n`` images of ``h x w`` (the weight
+    """How many ``block_m``-token tiles of :func:`wgrad_tiling` cover ``n`` images of ``h x w`` (the weight
     gradient's reduction)."""
-    _, (gn, gh, gw), _ = token_tiling(block_m, n, h, w)
+    _, (gn, gh, gw), _ = wgrad_tiling(block_m, n, h, w)
     return gn * gh * gw

@@ -183,16 +183,14 @@ def default_config(kind: str, bm: int, bk: int, elem_bytes: int, cap: int = 90, 
         tiles = {"BLOCK_N": min(bm, 64), "BLOCK_K": min(bk, 64)}
         if variant == "rect":
             # The descriptor conv kernels' token tile is a box reshaped from TN x TH x TW pixels, and
-            # Triton feeds such a box to a wgmma's A side through registers (bsconv_tma's docstring):
-            # tokens on M (128 x the block) ran 111 non-MMA instructions per iteration against the
-            # dense twin's 78, and ptxas serialized the wgmma (C7515). With tokens on N the block's 32
-            # rows are too few for a wgmma, so Triton emits mma.sync (HMMA) with both operands read
-            # from the TMA buffers, no wgmma to serialize: 80-93 against the same-tile twin's 79-80
-            # (Triton 3.6 and 3.9, rectangles and one-pixel tiles alike). 256 tokens give each warp 32
-            # HMMA per iteration, more tensor-unit time than issue slots. One-pixel tiles (large
-            # batches, bsconv_tma.token_tiling) would let tokens on M keep A in shared memory (78
-            # against 78, wgmma 64x32x16), but the default cannot see the batch; those configs are
-            # among the candidates the autotuner measures.
+            # Triton feeds a reshaped box to a wgmma's A side through registers (bsconv_tma's
+            # docstring): tokens on M (128 x the block) ran 111 non-MMA instructions per iteration
+            # against the dense twin's 78, and ptxas serialized the wgmma (C7515). With tokens on N
+            # the block's 32 rows are too few for a wgmma, so Triton emits mma.sync (HMMA) with both
+            # operands read from the TMA buffers: 80-93 non-MMA instructions per iteration against
+            # the same-tile twin's 79-80, no wgmma to serialize (Triton 3.6 and 3.9; 128 tokens gave
+            # 76-89 against 75). 256 tokens give each warp 32 HMMA per iteration, more tensor-unit
+            # time than issue slots.
             return triton.Config({"BLOCK_M": 256, "SWAP_AB": True, **tiles}, num_warps=4, num_stages=4)
         return triton.Config({"BLOCK_M": 128, "SWAP_AB": False, **tiles}, num_warps=4, num_stages=4)
     if kind == "wgrad":

@@ -37,7 +37,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even k
 
 
 def _count_launches(monkeypatch) -> dict:
-    """Wrap the descriptor launchers so that a test can see which passes ran them."""
+    """Wrap the descriptor launchers so that a test can see which passes ran them, and record in
+    ``TILINGS`` whether each weight-gradient launch (and its split sizing) took one-pixel tiles."""
     calls = {"forward": 0, "input_grad": 0, "weight_grad": 0}
     for name in calls:
         real = getattr(bsconv_tma, name)
@@ -47,7 +48,19 @@ def _count_launches(monkeypatch) -> dict:
             return _real(*a, **k)
 
         monkeypatch.setattr(bsconv_tma, name, counted)
+    real_tiling = bsconv_tma.wgrad_tiling
+    TILINGS.clear()
+
+    def recorded(*a):
+        out = real_tiling(*a)
+        TILINGS.append(out[2])
+        return out
+
+    monkeypatch.setattr(bsconv_tma, "wgrad_tiling", recorded)
     return calls
+
+
+TILINGS: list[bool] = []  # one-pixel tiles or not, per wgrad_tiling call of the current test
 
 
 @pytest.fixture
@@ -110,61 +123,61 @@ def test_weight_grad_splits_and_rectangles_past_the_image(rect):
     assert rect["weight_grad"] == 2
 
 
-# Batches large enough that every pass takes one-pixel tiles of BLOCK_M images (the defaults: 256
-# tokens for the 16-bit forward and input gradient, 64 for their weight gradient; 64 and 32 for fp32):
-# (id, N, Cin, (H, W), Cout, (kh, kw), stride, padding, dilation, dtype).
+# Batches large enough that the weight gradient takes one-pixel tiles of BLOCK_M images (64 for 16-bit
+# operands, 32 for fp32): (id, N, Cin, (H, W), Cout, (kh, kw), stride, padding, dilation, dtype).
 BATCH_INNER_CASES = [
-    ("3x3-s1-p1-fp16", 256, 16, (3, 3), 24, (3, 3), 1, 1, 1, F16),
-    ("3x3-s1-tail-bf16", 400, 16, (3, 3), 16, (3, 3), 1, 1, 1, BF16),  # 2 tiles of 256 images, 112 zero-filled
-    ("3x3-s2-p1-fp16", 256, 32, (4, 4), 24, (3, 3), 2, 1, 1, F16),  # the stride-phase view, N inside
-    ("3x2-s2x1-fp32", 64, 32, (4, 6), 16, (3, 2), (2, 1), (1, 2), 1, F32),
-    ("3x3-d2-fp32", 100, 16, (5, 5), 16, (3, 3), 1, 2, 2, F32),  # 28 images zero-filled in the last tile
+    ("3x3-s1-p1-fp16", 64, 16, (5, 6), 24, (3, 3), 1, 1, 1, F16),
+    ("3x3-s1-tail-bf16", 120, 16, (3, 3), 16, (3, 3), 1, 1, 1, BF16),  # 2 tiles of 64 images, 8 zero-filled
+    ("3x3-s2-p1-fp16", 64, 32, (8, 8), 24, (3, 3), 2, 1, 1, F16),  # the stride-phase view, N inside
+    ("3x2-s2x1-fp32", 60, 32, (8, 6), 16, (3, 2), (2, 1), (1, 2), 1, F32),  # 4 images zero-filled
+    ("3x3-d2-fp32", 64, 16, (5, 5), 16, (3, 3), 1, 2, 2, F32),
 ]
 
 
-def _block_m(kind, dtype, bs):
+def _block_m(dtype):
+    """The weight gradient's default token step for ``dtype`` on the descriptor path."""
     from sparsekern.kernels import configs
 
     elem = torch.empty(0, dtype=dtype).element_size()
-    return configs.default_config(kind, bs, bs, elem, cap=90, variant="rect").kwargs["BLOCK_M"]
+    return configs.default_config("conv_wgrad", 16, 16, elem, cap=90, variant="rect").kwargs["BLOCK_M"]
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c[0]) for c in BATCH_INNER_CASES])
 @pytest.mark.parametrize("splits", [None, 3])
 def test_one_pixel_tiles(rect, case, splits):
-    """All three passes on tiles of one output pixel of BLOCK_M images (descriptors ordered [H, W, N, C]);
-    the weight gradient split over programs at arbitrary tile boundaries; the batch past N zero-filled."""
+    """The weight gradient on tiles of one output pixel of BLOCK_M images (descriptors ordered
+    [H, W, N, C]), split over programs at arbitrary tile boundaries, the batch past N zero-filled; the
+    forward and input gradient of the same problem on rectangles."""
     _, n, c_in, hw, c_out, k, stride, padding, dilation, dtype = case
     p = ConvProblem(n, c_in, hw, c_out, k, stride, padding, dilation, 16, dtype, 0.6, "mixed", CL, device="cpu")
-    ho, wo = p.y_shape[2:]
-    sh, sw = (stride, stride) if isinstance(stride, int) else stride
-    grids = {"conv_fwd": (ho, wo), "conv_dx": (-(-hw[0] // sh), -(-hw[1] // sw)), "conv_wgrad": (ho, wo)}
-    for kind, (h, w) in grids.items():
-        assert bsconv_tma.token_tiling(_block_m(kind, dtype, 16), n, h, w)[2], f"{kind} must take one-pixel tiles"
+    assert bsconv_tma.wgrad_tiling(_block_m(dtype), n, *p.y_shape[2:])[2], "the case must take one-pixel tiles"
     _all_passes(p, rect, splits=splits)
+    assert TILINGS and all(TILINGS), "the weight gradient's launch took rectangles"
 
 
 @pytest.mark.parametrize(
     "block_m, n, hw, tile, inner",
     [
         (64, 256, (14, 14), (64, 1, 1), True),
+        (64, 300, (14, 14), (64, 1, 1), True),
         (64, 8, (14, 14), (2, 2, 16), False),
         (64, 48, (14, 14), (16, 2, 2), False),
     ],
 )
-def test_token_tiling_docstring_examples(block_m, n, hw, tile, inner):
-    """256 images of 14x14 take one-pixel tiles (1.0x the tokens against 1.31x); 8 images take rectangles
-    (1.14x against 8x), and so do 48 (16x2x2 wastes nothing, one-pixel tiles 1.33x)."""
-    got_tile, grid, got_inner = bsconv_tma.token_tiling(block_m, n, *hw)
+def test_wgrad_tiling_docstring_examples(block_m, n, hw, tile, inner):
+    """256 and 300 images of 14x14 take one-pixel tiles (1.0x and 1.07x the pixels; rectangles 1.0x and
+    1.01x); 48 images take rectangles (1.0x against 1.33x), and so do 8 (1.14x against 8x)."""
+    got_tile, grid, got_inner = bsconv_tma.wgrad_tiling(block_m, n, *hw)
     assert (got_tile, got_inner) == (tile, inner)
     cover = tuple(-(-d // t) for d, t in zip((n, *hw), tile, strict=True))
     assert grid == ((-(-n // block_m), *hw) if inner else cover)
 
 
-def test_views_into_nan_buffers_are_never_read_outside_the_tensor(rect):
+@pytest.mark.parametrize("n", [2, 64])  # 64 images: the weight gradient's [H, W, N, C] descriptors
+def test_views_into_nan_buffers_are_never_read_outside_the_tensor(rect, n):
     """x, dy and the outputs as views into NaN-filled buffers with a spatial halo and extra channels:
     boxes past the view's edge are zero-filled by the descriptor's bounds, never read from the halo."""
-    p = ConvProblem(2, 16, (6, 5), 16, (3, 3), stride=1, padding=(2, 1), bs=16, dtype=F16, device="cpu")
+    p = ConvProblem(n, 16, (6, 5), 16, (3, 3), stride=1, padding=(2, 1), bs=16, dtype=F16, device="cpu")
 
     def embed(t):
         n, c, h, w = t.shape
@@ -180,9 +193,10 @@ def test_views_into_nan_buffers_are_never_read_outside_the_tensor(rect):
     check_input_grad(p, out=embed(p.nan_full(tuple(p.x.shape))), expected=dx_ref)
     check_weight_grad(p, expected=p.dw_blocks(dw_ref))
     assert all(rect.values())
+    assert TILINGS and all(t == (n == 64) for t in TILINGS)
 
 
-@pytest.mark.parametrize("n", [2, 256])  # 256 images: one-pixel tiles in the forward and weight gradient
+@pytest.mark.parametrize("n", [2, 64])  # 64 images: the weight gradient's one-pixel tiles
 def test_pruned_input_channels_are_never_read(rect, n):
     """NaN in x at channels whose block columns are pruned at every tap reaches neither y nor dw."""
     c_in, bs = 48, (16, 16)
@@ -190,8 +204,7 @@ def test_pruned_input_channels_are_never_read(rect, n):
     mask[:, 16:32] = False
     frozen[:, 16:32] = False
     p = ConvProblem(n, c_in, (5, 6), 24, (3, 3), padding=1, bs=bs, fmt=CL, mask=mask, frozen=frozen, device="cpu")
-    for kind in ("conv_fwd", "conv_wgrad"):
-        assert bsconv_tma.token_tiling(_block_m(kind, p.dtype, 16), n, 5, 6)[2] == (n == 256)
+    assert bsconv_tma.wgrad_tiling(_block_m(p.dtype), n, 5, 6)[2] == (n == 64)
     y_ref, dw_ref = p.ref_y(), p.ref_grads()[1]
     p.x[:, 16:32] = NAN
     check_forward(p, expected=y_ref)
@@ -199,7 +212,7 @@ def test_pruned_input_channels_are_never_read(rect, n):
     assert rect["forward"] and rect["weight_grad"]
 
 
-@pytest.mark.parametrize("n", [2, 256])  # 256 images: one-pixel tiles in both gradients
+@pytest.mark.parametrize("n", [2, 64])  # 64 images: the weight gradient's one-pixel tiles
 def test_pruned_output_channels_never_reach_dx(rect, n):
     """NaN in dy at output channels whose block row is empty never reaches dx (nor dw), strided conv."""
     bs = (16, 16)
@@ -208,8 +221,7 @@ def test_pruned_output_channels_never_reach_dx(rect, n):
     frozen[16:32] = False
     p = ConvProblem(n, 16, (6, 8), 48, (3, 3), stride=2, padding=1, bs=bs, dtype=F16, fmt=CL,
                     mask=mask, frozen=frozen, device="cpu")  # fmt: skip
-    for kind, (h, w) in {"conv_dx": (3, 4), "conv_wgrad": p.y_shape[2:]}.items():
-        assert bsconv_tma.token_tiling(_block_m(kind, F16, 16), n, h, w)[2] == (n == 256)
+    assert bsconv_tma.wgrad_tiling(_block_m(F16), n, *p.y_shape[2:])[2] == (n == 64)
     dx_ref, dw_ref, _ = p.ref_grads()
     p.dy[:, 16:32] = NAN
     check_input_grad(p, expected=dx_ref)
@@ -260,9 +272,9 @@ def test_every_weight_grad_candidate_on_one_pixel_tiles(rect, cfg):
     """128 images of 3x3: every token step a GPU may pick (64 and 128 images) takes the one-pixel tiles."""
     p = ConvProblem(128, 32, (3, 3), 40, (3, 3), stride=1, padding=1, bs=(32, 16), dtype=F16, density=0.7,
                     device="cpu")  # fmt: skip
-    assert bsconv_tma.token_tiling(cfg.kwargs["BLOCK_M"], 128, 3, 3)[2]
     check_weight_grad(p, config=cfg)
     assert rect["weight_grad"] == 1
+    assert TILINGS and all(TILINGS)
 
 
 # ------------------------------------------------------------ the host side

@@ -151,7 +151,7 @@ def operand_buffers(ttgir: str, operand_tiles: list[tuple[int, ...]], elem: str,
                     used.add(k)
                     best = a["shape"][0]
                     break
-                if a["shape"] == list(tile) and inside(a):
+                if a["shape"] in (list(tile), squeezed) and inside(a):
                     used.add(k)
                     best = 1
                     break

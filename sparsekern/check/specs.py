@@ -229,8 +229,7 @@ TMA_SPECS = {
 # the 5-D stride-phase view, reported as "-strided" rows).
 _RECT_X, _RECT_Y = ("TN", "TH", "TW", "BLOCK_K"), ("TN", "TH", "TW", "BLOCK_N")
 _RECT_X_PHASED = ("TN", "TH", "ONE", "TW", "BLOCK_K")
-# One-pixel tiles of TN images, what the issue's layer (RECT_BATCH images) runs: descriptors ordered
-# [H, W, N, C] (BATCH_INNER, bsconv_tma.token_tiling).
+# The weight gradient's one-pixel tiles of TN images: descriptors ordered [H, W, N, C] (BATCH_INNER).
 _INNER_X, _INNER_Y = ("TH", "TW", "TN", "BLOCK_K"), ("TH", "TW", "TN", "BLOCK_N")
 _INNER_X_PHASED = ("TH", "ONE", "TW", "TN", "BLOCK_K")
 # Ints with no divisibility to assume: grid and image sizes, channel counts, conv strides/pads/dilations.
@@ -245,10 +244,10 @@ RECT_SPECS = {
         frozenset({"bias_ptr"}),
         frozenset(),
         _RECT_FWD_INTS,
-        {"HAS_BIAS": True, "PHASED": False, "BATCH_INNER": True},
+        {"HAS_BIAS": True, "PHASED": False},
         module="bsconv_tma",
         operands=("x_desc", "w_desc", "y_desc"),
-        descriptors=(Desc("x_desc", _INNER_X), Desc("w_desc", _W_TILE), Desc("y_desc", _INNER_Y)),
+        descriptors=(Desc("x_desc", _RECT_X), Desc("w_desc", _W_TILE), Desc("y_desc", _RECT_Y)),
         rect=True,
     ),
     "conv_dx": KernelSpec(
@@ -257,10 +256,9 @@ RECT_SPECS = {
         frozenset({"dx_ptr"}),
         frozenset({"stride_dxc"}),
         _RECT_DX_INTS,
-        {"BATCH_INNER": True},
         module="bsconv_tma",
         operands=("dy_desc", "w_desc", "dx_ptr"),
-        descriptors=(Desc("dy_desc", _INNER_Y), Desc("w_desc", _W_TILE)),
+        descriptors=(Desc("dy_desc", _RECT_Y), Desc("w_desc", _W_TILE)),
         rect=True,
     ),
     "conv_wgrad": KernelSpec(
@@ -269,29 +267,24 @@ RECT_SPECS = {
         frozenset({"dw_ptr"}),
         frozenset(),
         _RECT_DW_INTS,
-        {"PHASED": False, "WRAP_W": True, "BATCH_INNER": True},  # one-pixel tiles step along the row
+        # RECT_BATCH images of RECT_IMAGE take one-pixel tiles (wgrad_tiling), which step along the row.
+        {"PHASED": False, "WRAP_W": True, "BATCH_INNER": True},
         module="bsconv_tma",
         operands=("dy_desc", "x_desc", "dw_ptr"),
         descriptors=(Desc("dy_desc", _INNER_Y), Desc("x_desc", _INNER_X)),
         rect=True,
     ),
 }
-# The same kernels over rectangles of pixels, what small batches take (reported as "-rect" rows).
-_RECTANGLES = {
-    kind: dataclasses.replace(
-        spec,
-        extra_constexprs={**spec.extra_constexprs, "BATCH_INNER": False}
-        | ({"WRAP_W": False} if kind == "conv_wgrad" else {}),  # RECT_IMAGE's rows fit one rectangle
-        descriptors=tuple(
-            Desc(d.arg, {_INNER_X: _RECT_X, _INNER_Y: _RECT_Y}.get(d.block, d.block)) for d in spec.descriptors
-        ),
-    )
-    for kind, spec in RECT_SPECS.items()
-}
+# The weight gradient over rectangles, what small batches take (reported as "-rect" rows).
+_WGRAD_RECTANGLES = dataclasses.replace(
+    RECT_SPECS["conv_wgrad"],
+    extra_constexprs={"PHASED": False, "WRAP_W": False, "BATCH_INNER": False},  # RECT_IMAGE's rows: GW == 1
+    descriptors=(Desc("dy_desc", _RECT_Y), Desc("x_desc", _RECT_X)),
+)
 # The rectangle the check compiles the descriptor kernels with: that of 14x14 images (the issue's conv
-# layer, 3x3 256->256 @14, batch 256). The loop code does not depend on them, the choice of tiles
-# does (token_tiling): for this batch one pixel of BLOCK_M images, over one image 16x16 pixels for
-# 256 tokens (the "-rect" rows).
+# layer, 3x3 256->256 @14, batch 256), e.g. 16x16 pixels for 256 tokens. The loop code does not depend
+# on it, but the weight gradient's choice of tiles does (wgrad_tiling): for this batch, one pixel of
+# BLOCK_M images.
 RECT_IMAGE = (14, 14)
 RECT_BATCH = 256
 
@@ -310,8 +303,8 @@ def job_kernel(job: dict):
     fn = kernel_fn(job["kind"], rect)
     spec = RECT_SPECS[job["kind"]] if rect else spec_for(job["kind"], fn)
     inner = job_batch_inner(job)
-    if rect and not inner:
-        spec = _RECTANGLES[job["kind"]]
+    if rect and job["kind"] == "conv_wgrad" and not inner:
+        spec = _WGRAD_RECTANGLES
     if rect and job.get("phased"):  # a strided conv: x through the 5-D stride-phase view
         box = _INNER_X_PHASED if inner else _RECT_X_PHASED
         descs = tuple(Desc(d.arg, box) if d.arg == "x_desc" else d for d in spec.descriptors)
@@ -320,13 +313,13 @@ def job_kernel(job: dict):
 
 
 def job_batch_inner(job: dict) -> bool:
-    """Whether a descriptor conv job compiles the one-pixel tiles: what RECT_BATCH images of RECT_IMAGE
-    take with its ``BLOCK_M`` (``bsconv_tma.token_tiling``), unless it is a ``-rect`` row."""
-    if not job.get("rect") or job.get("rectangles"):
+    """Whether a job is the descriptor weight gradient on one-pixel tiles: what RECT_BATCH images of
+    RECT_IMAGE take with its ``BLOCK_M`` (``bsconv_tma.wgrad_tiling``), unless it is a ``-rect`` row."""
+    if not job.get("rect") or job["kind"] != "conv_wgrad" or job.get("rectangles"):
         return False
-    from sparsekern.kernels.bsconv_tma import token_tiling
+    from sparsekern.kernels.bsconv_tma import wgrad_tiling
 
-    return token_tiling(job["kwargs"]["BLOCK_M"], RECT_BATCH, *RECT_IMAGE)[2]
+    return wgrad_tiling(job["kwargs"]["BLOCK_M"], RECT_BATCH, *RECT_IMAGE)[2]
 
 
 def job_tiles(job: dict) -> dict:

@@ -17,8 +17,8 @@ activations). A kernel (``HAS_MIXED=False``) FAILS the proof when, in its MMA lo
 ``HAS_MIXED=True`` variants are compiled and reported (a slower path is allowed there), and so are the
 pointer conv kernels that sm_90 falls back to when the activations cannot sit behind descriptors (NCHW,
 unaligned channels; ``-pointer`` rows) and the descriptor kernels of strided convs (``-strided``: ``x``
-through the 5-D stride-phase view) and the descriptor kernels over rectangles of pixels, what batches
-too small for one-pixel tiles take (``-rect``): the gated conv kernels on sm_90 are the stride-1
+through the 5-D stride-phase view) and the descriptor weight gradient over rectangles of pixels, what
+batches too small for one-pixel tiles take (``-rect``): the gated conv kernels on sm_90 are the stride-1
 descriptor kernels of ``kernels/bsconv_tma.py`` as they run for the issue's layer (``specs.RECT_IMAGE``,
 ``specs.RECT_BATCH``). On sm_80 the kernel alone is judged: buffers and no wait-all.
 """
@@ -68,7 +68,8 @@ def label(job: dict) -> str:
     if job.get("config", "default").split("=")[0] != "default":
         text += "-" + job["config"]
     if job.get("proof") in ("fallback", "strided", "rectangles"):
-        return text + {"fallback": "-pointer", "strided": "-strided", "rectangles": "-rect"}[job["proof"]]
+        strided = "-strided" if job.get("phased") else ""
+        return text + {"fallback": "-pointer", "strided": "-strided", "rectangles": strided + "-rect"}[job["proof"]]
     return text + ("-twin" if job.get("twin") else "-mixed" if job.get("has_mixed") else "")
 
 
@@ -105,10 +106,11 @@ def build_proof_jobs(scope: str = "default", only: str | None = None, dump: str 
                             strided = dict(kernel, phased=True, proof="strided")
                             strided["label"] = label(strided)
                             group.append(strided)
-                        if kernel.get("rect"):  # small batches: rectangles of pixels
-                            rects = dict(kernel, rectangles=True, proof="rectangles")
-                            rects["label"] = label(rects)
-                            group.append(rects)
+                        if kernel.get("rect") and kind == "conv_wgrad":  # small batches: rectangles of pixels
+                            for phased in (False, True):
+                                rects = dict(kernel, rectangles=True, phased=phased, proof="rectangles")
+                                rects["label"] = label(rects)
+                                group.append(rects)
                     for job in group:
                         job["dump"] = dump
                     jobs += group
