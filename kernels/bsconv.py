@@ -102,9 +102,10 @@ Known limits:
   through TMA on sm_90). On sm_90 the launchers run the descriptor kernels
   of ``bsconv_tma.py`` instead whenever the activations allow it (channels
   contiguous, 16-byte pixels; strided convs also need ``H``, ``W`` multiples
-  of the stride): there a program's tokens are a rectangle of pixels and
-  TMA's zero fill does the image bounds, so no per-row mask is left in the
-  loop. Otherwise a warning names the reason once and these kernels run.
+  of the stride): there a program's tokens are a rectangle of pixels (in
+  the weight gradient of a large batch, one pixel of many images) and TMA's
+  zero fill does the image bounds, so no per-row mask is left in the loop.
+  Otherwise a warning names the reason once and these kernels run.
   Pointwise convs (1x1, stride 1, no padding) with channels_last operands
   run on the linear kernels of ``bsmm.py`` instead, on every device: their
   pixels are the tokens of a matmul (``conv_routes.py``).

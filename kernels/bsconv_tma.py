@@ -1,4 +1,4 @@
-"""The sm_90 conv kernels: every operand through a tensor descriptor, tokens as rectangles of pixels.
+"""The sm_90 conv kernels: every operand through a tensor descriptor, tokens as boxes of pixels.
 
 Import path: ``sparsekern.kernels.bsconv_tma`` (this folder, ``kernels/``, installs as ``sparsekern.kernels``).
 
@@ -12,7 +12,8 @@ row, 8 rows per thread, so their main loop ran ~216 non-MMA instructions against
 the same tile (``python -m sparsekern.check --twins``). Here a program's tokens are a rectangle of output
 pixels, ``TN`` images x ``TH`` rows x ``TW`` columns (``BLOCK_M = TN*TH*TW``), so a tap's input tile is one
 box of ``x`` and TMA does the bounds: boxes that hang over the image edge (padding) are zero-filled by the
-hardware. No per-row mask is left in any main loop.
+hardware. No per-row mask is left in any main loop. The weight gradient of a large batch takes one output
+pixel of ``BLOCK_M`` images instead (``wgrad_tiling``, and the limits below say why).
 
 Strides: ``x`` is read through a 5-D view ``[N, H/sh, sh, W/sw, sw*C]`` with strides ``[sN, sh*sH, sH,
 sw*sW, 1]`` (``sh``, ``sw`` the conv strides). Input row ``hi = ho*sh + d`` (``d = r*dil_h - pad_h``) is
