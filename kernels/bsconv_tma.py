@@ -80,11 +80,11 @@ Limits:
 
   Why the merge goes through registers: when Triton picks the wgmma's operand sources, A stays in
   shared memory only if it comes from a load through layout conversions and transposes alone, and a
-  merging ``reshape`` is neither (a unit-dimension one is folded into the load). Measured and dropped
-  before the one-pixel tiles (sm_90, Triton 3.9, 64x64 fp16, non-MMA instructions per iteration
-  against the dense twin's 81-83): ``dy`` through pointers (``cp.async``, A in shared memory) 126
-  with the masks that zero past-image pixels, 103 without them; one box and one dot per pixel row
-  238 (each row's dot waited for the one before, each box had its own barrier).
+  merging ``reshape`` is neither (one that drops leading unit dimensions is folded into the load).
+  Measured and dropped before the one-pixel tiles (sm_90, Triton 3.9, 64x64 fp16, non-MMA
+  instructions per iteration against the dense twin's 81-83): ``dy`` through pointers (``cp.async``,
+  A in shared memory) 126 with the masks that zero past-image pixels, 103 without them; one box and
+  one dot per pixel row 238 (each row's dot waited for the one before, each box had its own barrier).
 * Pointwise convs (1x1, stride 1, no padding) never come here: ``bsconv.py`` runs them on the linear
   kernels, whose tokens are pixels.
 """
